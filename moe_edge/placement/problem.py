@@ -165,7 +165,9 @@ class Placement:
     hosts: ``[N, L, E]`` bool.
     route: ``[N, L, E]`` int32, destination server (``n`` itself iff hosted locally).
     slot_expert: ``[N, L, S]`` int32, expert id in each slot of server n, layer l; ``-1`` empty.
-      Slots hold a server's experts of a layer in increasing expert id, left-packed.
+      :meth:`from_hosts` left-packs a server's experts of a layer in increasing expert id; any
+      table that holds each hosted expert in exactly one slot and no other expert is valid
+      (migration keeps unchanged experts in their old slots, see :func:`check_slot_table`).
     method: name of the method that made it.
     info: free-form diagnostics (timings, objective, ILP gap, ...), JSON-serialisable.
   """
@@ -244,8 +246,7 @@ class Placement:
     if np.any(h & (self.route != nn)):
       raise PlacementError("a server routes a locally hosted expert away; local choices must "
                            "stay local.")
-    if not np.array_equal(self.slot_expert, slot_table(h, self.num_slots)):
-      raise PlacementError("slot tables do not match hosts; rebuild with Placement.from_hosts.")
+    check_slot_table(h, self.slot_expert)
     if problem is not None:
       over = self.experts_per_server - problem.capacity
       if np.any(over > 0):
@@ -321,6 +322,27 @@ def slot_table(hosts: np.ndarray, num_slots: int | None = None) -> np.ndarray:
   if s > e:
     out = np.concatenate([out, np.full((n, l, s - e), -1, np.int32)], axis=2)
   return out
+
+
+def check_slot_table(hosts: np.ndarray, slot_expert: np.ndarray) -> None:
+  """Raise PlacementError unless ``slot_expert [N, L, S]`` is consistent with ``hosts [N, L, E]``:
+  each hosted expert sits in exactly one slot of its (server, layer) and no other expert does."""
+  h, s = np.asarray(hosts, dtype=bool), np.asarray(slot_expert)
+  n, l, e = h.shape
+  if s.ndim != 3 or s.shape[:2] != (n, l):
+    raise PlacementError(f"slot tables must be [N, L, S] with [N, L] = [{n}, {l}], got shape "
+                         f"{s.shape}; rebuild with Placement.from_hosts.")
+  if np.any((s < -1) | (s >= e)):
+    raise PlacementError(f"slot tables hold expert ids outside [-1, {e}).")
+  occupied = np.zeros(h.shape, dtype=np.int64)
+  nn, ll, ss = np.nonzero(s >= 0)
+  np.add.at(occupied, (nn, ll, s[nn, ll, ss]), 1)
+  if not np.array_equal(occupied, h.astype(np.int64)):
+    bad = tuple(int(x) for x in np.argwhere(occupied != h)[0])
+    raise PlacementError(
+        f"slot tables do not match hosts: server {bad[0]}, layer {bad[1]}, expert {bad[2]} "
+        f"is hosted {int(h[bad])} time(s) but sits in {int(occupied[bad])} slot(s); rebuild "
+        f"with Placement.from_hosts (or migration.assign_slots_stable).")
 
 
 def _json_default(o):

@@ -1,0 +1,134 @@
+"""Baseline placements: ``uniform_ep``, ``random``, ``greedy_local`` and ``topology_aware``.
+
+Each is a pure function ``method(problem, seed=0, **options) -> Placement``; routing is the
+default nearest-replica route (``problem.nearest_replica_route``, computed by
+``routing.nearest_replica_route_fast``). Capacities are respected and every expert is hosted at
+least once; ``info`` records the wall time and the objective numbers (``objective.py``).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from moe_edge.placement.common import finish, greedy_assign
+from moe_edge.placement.problem import Placement, PlacementProblem, link_time_per_token
+
+
+def uniform_ep(problem: PlacementProblem, seed: int = 0) -> Placement:
+  """Vanilla expert parallelism: expert e of every layer on server ``e % N``, no replicas.
+
+  When that server is full the expert spills to the next server (``+1 mod N``) with room.
+  ``seed`` is unused (the method is deterministic).
+  """
+  start = time.perf_counter()
+  n, l, e = problem.shape
+  room = problem.capacity.astype(np.int64).copy()
+  hosts = np.zeros((n, l, e), dtype=bool)
+  spilled = 0
+  for li in range(l):
+    for ei in range(e):
+      s = ei % n
+      while room[s] <= 0:
+        s = (s + 1) % n
+      spilled += s != ei % n
+      hosts[s, li, ei] = True
+      room[s] -= 1
+  return finish(problem, hosts, "uniform_ep", start, dict(seed=seed, spilled=int(spilled)))
+
+
+def random_placement(problem: PlacementProblem, seed: int = 0) -> Placement:
+  """Every expert once on a random server with room, then random replicas fill the rest.
+
+  The first copies take a random permutation of all free slots (so a server is picked in
+  proportion to its room); each server then fills its remaining slots with experts drawn
+  uniformly, without replacement, among those it does not hold yet.
+  """
+  start = time.perf_counter()
+  rng = np.random.default_rng(seed)
+  n, l, e = problem.shape
+  cap = problem.capacity.astype(np.int64)
+  slots = rng.permutation(np.repeat(np.arange(n), cap))[:l * e]
+  hosts = np.zeros((n, l * e), dtype=bool)
+  hosts[slots, rng.permutation(l * e)] = True
+  for s in range(n):
+    free = np.flatnonzero(~hosts[s])
+    room = int(cap[s] - hosts[s].sum())
+    if room > 0 and free.size:
+      hosts[s, rng.choice(free, size=min(room, free.size), replace=False)] = True
+  return finish(problem, hosts.reshape(n, l, e), "random", start, dict(seed=seed))
+
+
+def greedy_local(problem: PlacementProblem, seed: int = 0) -> Placement:
+  """Each server fills its memory with its own hottest experts; then the rest are spread.
+
+  1. Server n holds its ``capacity[n]`` experts of largest traffic ``T[n, l, e]`` (any layers).
+  2. Step 1 leaves no room (a server that could hold every expert holds them all, and then
+     every expert is hosted). Each expert u hosted nowhere, hottest (total traffic) first,
+     replaces on server n the coldest expert x of n (by n's own traffic) that has another
+     replica elsewhere, choosing the n that minimises ``T[n, x] - T[n, u]``. The total
+     capacity covers every expert, so such an x always exists and every expert ends up hosted.
+
+  ``seed`` is unused (the method is deterministic). ``info["evicted"]`` counts evictions per
+  server.
+  """
+  start = time.perf_counter()
+  n, l, e = problem.shape
+  k = l * e
+  t = problem.traffic.reshape(n, k)
+  cap = np.minimum(problem.capacity.astype(np.int64), k)
+  hosts = np.zeros((n, k), dtype=bool)
+  rank = np.argsort(-t, axis=1, kind="stable")
+  for s in range(n):
+    hosts[s, rank[s, :cap[s]]] = True
+  count = hosts.sum(axis=0)
+
+  # Per server, its held experts coldest first, and a pointer to the coldest evictable one.
+  held = [rank[s, :cap[s]][::-1] for s in range(n)]
+  ptr = np.zeros(n, dtype=np.int64)
+  cold = np.full(n, np.inf)
+
+  def advance(s):
+    lst = held[s]
+    while ptr[s] < lst.size and (not hosts[s, lst[ptr[s]]] or count[lst[ptr[s]]] < 2):
+      ptr[s] += 1
+    cold[s] = t[s, lst[ptr[s]]] if ptr[s] < lst.size else np.inf
+
+  for s in range(n):
+    advance(s)
+  evicted = np.zeros(n, dtype=np.int64)
+  uncovered = np.flatnonzero(count == 0)
+  uncovered = uncovered[np.argsort(-t[:, uncovered].sum(axis=0), kind="stable")]
+  for u in uncovered:
+    s = int(np.argmin(cold - t[:, u]))
+    x = held[s][ptr[s]]
+    hosts[s, x] = False
+    count[x] -= 1
+    evicted[s] += 1
+    advance(s)
+    if count[x] == 1:
+      h = int(np.argmax(hosts[:, x]))
+      if ptr[h] < held[h].size and held[h][ptr[h]] == x:
+        advance(h)
+    hosts[s, u] = True
+    count[u] = 1
+  return finish(problem, hosts.reshape(n, l, e), "greedy_local", start,
+                dict(seed=seed, evicted=evicted.tolist()))
+
+
+def topology_aware(problem: PlacementProblem, seed: int = 0) -> Placement:
+  """Each expert, hottest first, once on the server with the least link time to its traffic.
+
+  Expert (l, e) goes to ``argmin_n sum_m T[m, l, e] * link_time[m, n]`` among servers with room
+  (no replicas). ``seed`` is unused (the method is deterministic).
+  """
+  start = time.perf_counter()
+  n, l, e = problem.shape
+  t = problem.traffic.reshape(n, l * e)
+  tau = link_time_per_token(problem.model, problem.cluster)
+  cost = np.einsum("mk,mn->kn", t, tau)
+  order = np.argsort(-t.sum(axis=0), kind="stable")
+  owner = greedy_assign(cost, order, problem.capacity)
+  hosts = np.zeros((n, l * e), dtype=bool)
+  hosts[owner, np.arange(l * e)] = True
+  return finish(problem, hosts.reshape(n, l, e), "topology_aware", start, dict(seed=seed))

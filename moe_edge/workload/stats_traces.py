@@ -1,0 +1,361 @@
+"""Statistics-driven activation traces from the real routing counts of OLMoE and Mixtral.
+
+The counts (``data_dir()/routing_stats/<model>_domain_counts.npz``, see
+``third_party/olmoe_routing_and_corpus/README.md``) give, per domain, how often each expert was
+chosen at three recorded layers (0, 7, 15) of OLMoE-1B-7B (16 layers, 64 experts, top-8) and
+Mixtral-8x7B (32 layers, 8 experts, top-2). From them this module builds an
+:class:`~moe_edge.workload.traces.ActivationTrace` at the real model's shape for any number of
+servers, locality ``alpha`` and drift, so placement can be studied on real routing skew without
+the real weights.
+
+Construction (each step documented where it happens):
+
+1. :func:`layer_distributions`: a per-domain expert distribution for *every* layer. Recorded
+   layers are the measured ones; an unrecorded layer copies the nearest recorded layer with its
+   experts relabelled by a fixed seeded permutation (no interpolation: expert identities are not
+   aligned across layers, so mixing two layers' vectors would blend unrelated experts).
+2. Domains: request ``i`` of server ``n`` (``request_len`` tokens, at step ``i``) draws its domain
+   with :func:`moe_edge.workload.streams.draw_domains` (home domain with probability ``alpha``,
+   the others uniformly; drift changes the homes), the same rule as the corpus streams.
+3. Experts: every token draws ``top_k`` distinct experts per layer, independently across tokens
+   and layers given its domain, with the Gumbel-top-k trick on weights *calibrated* so that each
+   expert's inclusion frequency equals the real one (:mod:`moe_edge.workload.sampling`).
+4. Ranks and gates (the counts carry no gate values; this is a stand-in): the chosen experts are
+   ordered by decreasing domain probability ``p`` and get gates ``p / sum(p over the k chosen)``,
+   which decrease with rank and sum to one like a renormalised softmax.
+
+Not used: ``cross`` / ``cross_top1`` (co-activation between layer pairs). They are rank-aligned
+sums over two layer pairs only, not a joint distribution of the k-sets, so layers are sampled
+independently given the domain; cross-layer correlation in these traces comes only from the
+shared domain of a request. ``counts_top1`` is used only to validate the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from moe_edge.config import ConfigError, model_config
+from moe_edge.workload.corpus import DOMAINS, data_dir
+from moe_edge.workload.sampling import calibrate_inclusion, gumbel_top_k
+from moe_edge.workload.streams import DriftSchedule, default_homes, draw_domains, normalize_home
+from moe_edge.workload.traces import ActivationTrace
+
+STATS_MODELS = ("olmoe_1b_7b", "mixtral_8x7b")
+_CHUNK_ELEMENTS = 1 << 22  # token chunk size of the sampler: about 16 MB of float32 keys
+
+
+class StatsError(ValueError):
+  """A routing-statistics file is missing or malformed, or a request for a trace is."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class RoutingStats:
+  """Measured routing counts of one model over the five domains.
+
+  Attributes:
+    name: model name (``configs/models/<name>.py``).
+    path: the file it was read from.
+    domains: ``D`` domain names (= :data:`DOMAINS`).
+    layers: ``R`` recorded layer indices, increasing.
+    num_layers, num_experts, top_k: the model's ``L``, ``E``, ``k``.
+    counts: ``[D, R, E]`` int64 token-choices per expert (all k ranks).
+    counts_top1: ``[D, R, E]`` int64 first choices only.
+    cross_pairs: ``P`` recorded layer pairs ``(a, b)``.
+    cross: ``[D, P, E, E]`` int64 rank-aligned co-activation (see the data README).
+    cross_top1: ``[D, P, E, E]`` int64 the same for first choices.
+  """
+  name: str
+  path: str
+  domains: tuple[str, ...]
+  layers: tuple[int, ...]
+  num_layers: int
+  num_experts: int
+  top_k: int
+  counts: np.ndarray
+  counts_top1: np.ndarray
+  cross_pairs: tuple[tuple[int, int], ...]
+  cross: np.ndarray
+  cross_top1: np.ndarray
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def tokens_per_domain(self) -> np.ndarray:
+    """``[D]`` int64 tokens measured per domain."""
+    return self.counts_top1[:, 0].sum(-1)
+
+  def distributions(self) -> np.ndarray:
+    """``[D, R, E]`` float64 share of token-choices per expert (rows sum to one)."""
+    c = self.counts.astype(np.float64)
+    return c / c.sum(-1, keepdims=True)
+
+  def inclusion(self) -> np.ndarray:
+    """``[D, R, E]`` float64 fraction of tokens that pick each expert (rows sum to ``top_k``)."""
+    return self.counts / self.tokens_per_domain[:, None, None].astype(np.float64)
+
+  def validate(self) -> None:
+    """Check shapes and the count identities; raise StatsError naming the problem."""
+    where = f"routing stats {self.path}"
+    d, r, e, k = len(self.domains), len(self.layers), self.num_experts, self.top_k
+    if tuple(self.domains) != DOMAINS:
+      raise StatsError(f"{where}: domains {list(self.domains)} differ from {list(DOMAINS)} "
+                       f"(order matters: domain ids index DOMAINS).")
+    if not 0 < k <= e:
+      raise StatsError(f"{where}: need 0 < top_k <= num_experts, got top_k={k}, E={e}.")
+    lay = np.asarray(self.layers)
+    if r == 0 or np.any(np.diff(lay) <= 0) or lay[0] < 0 or lay[-1] >= self.num_layers:
+      raise StatsError(f"{where}: recorded layers {list(self.layers)} must be increasing and "
+                       f"inside [0, {self.num_layers}).")
+    for key, shape in (("counts", (d, r, e)), ("counts_top1", (d, r, e)),
+                       ("cross", (d, len(self.cross_pairs), e, e)),
+                       ("cross_top1", (d, len(self.cross_pairs), e, e))):
+      a = getattr(self, key)
+      if a.shape != shape:
+        raise StatsError(f"{where}: {key} has shape {a.shape}, expected {shape}.")
+      if not np.issubdtype(a.dtype, np.integer) or (a.size and a.min() < 0):
+        raise StatsError(f"{where}: {key} must hold non-negative integer counts.")
+    tokens = self.counts_top1.sum(-1)  # [D, R]
+    if np.any(tokens != tokens[:, :1]) or np.any(tokens[:, 0] <= 0):
+      raise StatsError(f"{where}: counts_top1 must count the same positive number of tokens at "
+                       f"every layer of a domain, got {tokens.tolist()}.")
+    if np.any(self.counts.sum(-1) != k * tokens):
+      raise StatsError(f"{where}: counts rows must sum to top_k * tokens = {k} x "
+                       f"{tokens[:, 0].tolist()}, got {self.counts.sum(-1).tolist()}.")
+    if np.any(self.counts > tokens[..., None]) or np.any(self.counts_top1 > self.counts):
+      raise StatsError(f"{where}: an expert is counted more often than there are tokens (or "
+                       f"first choices exceed all choices); the file is corrupt.")
+    for p, (a, b) in enumerate(self.cross_pairs):
+      if a not in self.layers or b not in self.layers:
+        raise StatsError(f"{where}: cross pair {(a, b)} uses a layer that was not recorded "
+                         f"({list(self.layers)}).")
+      ia, ib = self.layers.index(a), self.layers.index(b)
+      for key, ref in (("cross", self.counts), ("cross_top1", self.counts_top1)):
+        x = getattr(self, key)[:, p]
+        if (not np.array_equal(x.sum(-1), ref[:, ia]) or
+            not np.array_equal(x.sum(-2), ref[:, ib])):
+          raise StatsError(f"{where}: the marginals of {key} for layer pair {(a, b)} do not "
+                           f"equal the per-layer counts; the file is corrupt.")
+    try:
+      cfg = model_config(self.name)
+    except ConfigError:
+      return  # no preset of this name: nothing to compare with
+    want = (cfg.n_moe_layers, cfg.n_experts, cfg.top_k)
+    if want != (self.num_layers, e, k):
+      raise StatsError(f"{where}: shape (L, E, k) = {(self.num_layers, e, k)} differs from "
+                       f"configs/models/{self.name}.py {want}.")
+
+
+def stats_path(name: str) -> Path:
+  return data_dir() / "routing_stats" / f"{name}_domain_counts.npz"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str, path: str) -> RoutingStats:
+  need = ("domains", "layers", "num_layers", "num_experts", "top_k", "counts", "counts_top1",
+          "cross_pairs", "cross", "cross_top1")
+  with np.load(path, allow_pickle=False) as z:
+    missing = [k for k in need if k not in z.files]
+    if missing:
+      raise StatsError(f"routing stats {path} lacks arrays {missing}; expected the keys of "
+                       f"third_party/olmoe_routing_and_corpus/README.md.")
+    a = {k: np.asarray(z[k]) for k in need}
+  pairs = a["cross_pairs"].reshape(-1, 2) if a["cross_pairs"].size else np.zeros((0, 2), int)
+  return RoutingStats(
+      name=name, path=path, domains=tuple(str(x) for x in a["domains"]),
+      layers=tuple(int(x) for x in a["layers"]), num_layers=int(a["num_layers"]),
+      num_experts=int(a["num_experts"]), top_k=int(a["top_k"]),
+      counts=a["counts"].astype(np.int64), counts_top1=a["counts_top1"].astype(np.int64),
+      cross_pairs=tuple((int(x), int(y)) for x, y in pairs), cross=a["cross"].astype(np.int64),
+      cross_top1=a["cross_top1"].astype(np.int64))
+
+
+def load_routing_stats(name: str, path: str | Path | None = None) -> RoutingStats:
+  """Load and validate ``<data_dir>/routing_stats/<name>_domain_counts.npz`` (or ``path``).
+
+  Loads are cached per file. Unknown names raise StatsError listing the files that exist.
+  """
+  p = Path(path) if path is not None else stats_path(name)
+  if not p.is_file():
+    have = sorted(f.name.replace("_domain_counts.npz", "")
+                  for f in p.parent.glob("*_domain_counts.npz")) if p.parent.is_dir() else []
+    raise StatsError(f"no routing statistics for {name!r} at {p}; available: "
+                     f"{', '.join(have) or '(none)'} (expected {', '.join(STATS_MODELS)}).")
+  return _load(name, str(p.resolve()))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer distributions
+# --------------------------------------------------------------------------------------------
+def layer_plan(stats: RoutingStats, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """How every layer is filled: ``source [L] int`` (index into ``stats.layers``) and
+  ``perm [L, E] int`` (expert ``e`` of the source layer becomes expert ``perm[l, e]``).
+
+  ``source[l]`` is the recorded layer nearest to ``l`` (ties go to the earlier one). Recorded
+  layers keep their own counts with the identity permutation; unrecorded layer ``l`` uses
+  ``np.random.default_rng([seed, l]).permutation(E)``.
+  """
+  rec = np.asarray(stats.layers)
+  l_all = np.arange(stats.num_layers)
+  source = np.argmin(np.abs(l_all[:, None] - rec[None, :]), axis=1)  # argmin takes the first tie
+  perm = np.empty((stats.num_layers, stats.num_experts), dtype=np.int64)
+  for l in l_all:
+    recorded = l in stats.layers
+    perm[l] = (np.arange(stats.num_experts) if recorded else
+               np.random.default_rng([seed, int(l)]).permutation(stats.num_experts))
+  return source, perm
+
+
+def _expand(per_recorded: np.ndarray, source: np.ndarray, perm: np.ndarray) -> np.ndarray:
+  """``[D, R, E]`` -> ``[D, L, E]`` with ``out[:, l, perm[l, e]] = x[:, source[l], e]``."""
+  d, _, e = per_recorded.shape
+  out = np.empty((d, len(source), e), dtype=per_recorded.dtype)
+  for l, (s, p) in enumerate(zip(source, perm)):
+    out[:, l, p] = per_recorded[:, s]
+  return out
+
+
+def layer_distributions(stats: RoutingStats, seed: int = 0) -> np.ndarray:
+  """``[D, L, E]`` float64: each domain's expert distribution at every one of the ``L`` layers.
+
+  Rows sum to one (share of token-choices; times ``top_k`` it is the inclusion frequency).
+  Recorded layers are exactly the measured distributions. An unrecorded layer ``l`` is a copy of
+  the nearest recorded layer (ties to the earlier: for recorded 0, 7, 15, layers 1-3 copy 0,
+  4-11 copy 7, 12-31 copy 15) whose expert ids are relabelled by one fixed permutation per layer
+  (seeded by ``(seed, l)``, the same for all domains); see :func:`layer_plan`. Consequences,
+  which the tests check: every permutation-invariant statistic of a domain at layer ``l`` (its
+  sorted distribution, entropy, hot-set coverage) and every between-domain statistic (the total
+  variation distance, overlap of hot sets) equals that of the source layer exactly, while
+  different layers do not share hot expert ids. No value is invented by interpolation.
+  """
+  source, perm = layer_plan(stats, seed)
+  return _expand(stats.distributions(), source, perm)
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrated(stats: RoutingStats) -> np.ndarray:
+  """``[D, R, E]`` Plackett-Luce log weights whose top-k inclusion equals the real counts."""
+  d, r, e = stats.counts.shape
+  log_w = calibrate_inclusion(stats.inclusion().reshape(d * r, e), stats.top_k)
+  return log_w.reshape(d, r, e)
+
+
+def sampling_log_weights(stats: RoutingStats, seed: int = 0) -> np.ndarray:
+  """``[D, L, E]`` log weights for Gumbel-top-k sampling: calibrated at the recorded layers,
+  expanded like :func:`layer_distributions` (calibration commutes with relabelling)."""
+  source, perm = layer_plan(stats, seed)
+  return _expand(_calibrated(stats), source, perm)
+
+
+def domain_tv(counts: np.ndarray) -> np.ndarray:
+  """``[R, D, D]`` total-variation distance ``0.5 * sum_e |p_a - p_b|`` between the domains'
+  expert distributions at each layer, from ``counts [D, R, E]``."""
+  counts = np.asarray(counts, dtype=np.float64)
+  if counts.ndim != 3:
+    raise StatsError(f"counts must be [D, R, E], got shape {counts.shape}.")
+  p = counts / np.maximum(counts.sum(-1, keepdims=True), 1e-300)
+  return 0.5 * np.abs(p[:, None] - p[None, :]).sum(-1).transpose(2, 0, 1)
+
+
+def format_domain_tv(stats: RoutingStats) -> str:
+  """Readable table of :func:`domain_tv` and the hottest expert's load at each recorded layer."""
+  tv = domain_tv(stats.counts)
+  dist = stats.distributions()
+  d = len(stats.domains)
+  iu = np.triu_indices(d, 1)
+  lines = [f"{stats.name}: {stats.num_layers} layers, {stats.num_experts} experts, "
+           f"top-{stats.top_k}; real counts of {int(stats.tokens_per_domain[0]):,} tokens per "
+           f"domain at layers {list(stats.layers)}",
+           "  total-variation distance between the domains' expert distributions (over domain "
+           "pairs), and the hottest expert's load / mean load per domain:",
+           f"  {'layer':>5}  {'TV min':>6}  {'TV mean':>7}  {'TV max':>6}  " +
+           "  ".join(f"{n:>9}" for n in stats.domains)]
+  for r, layer in enumerate(stats.layers):
+    pairs = tv[r][iu]
+    hot = dist[:, r].max(-1) * stats.num_experts
+    lines.append(f"  {layer:>5}  {pairs.min():>6.3f}  {pairs.mean():>7.3f}  {pairs.max():>6.3f}  "
+                 + "  ".join(f"{h:>8.1f}x" for h in hot))
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling a trace
+# --------------------------------------------------------------------------------------------
+def sample_stats_trace(name: str, num_servers: int, tokens_per_server: int, alpha: float,
+                       seed: int, home_domains: Sequence | None = None,
+                       drift: DriftSchedule | None = None, request_len: int = 128,
+                       layer_seed: int = 0) -> ActivationTrace:
+  """A trace of the real model ``name`` (``olmoe_1b_7b`` or ``mixtral_8x7b``) for a cluster.
+
+  Args:
+    name: routing-statistics / model config name.
+    num_servers: ``N``.
+    tokens_per_server: tokens in each server's stream; split into requests of ``request_len``
+      (the last one shorter when it does not divide).
+    alpha: locality in [0, 1] (:mod:`moe_edge.workload.streams`).
+    seed: randomness of domains and expert draws.
+    home_domains: ``N`` homes (default server ``i`` -> ``DOMAINS[i % 5]``).
+    drift: home changes at request steps.
+    request_len: tokens per request.
+    layer_seed: seed of the expert relabelling of unrecorded layers (:func:`layer_plan`).
+
+  Returns:
+    An :class:`ActivationTrace` with ``T = N * tokens_per_server`` tokens in time order (by
+    step, then server, then position), ``step`` = the request's index in its server's stream,
+    model metadata ``name``. How experts, ranks and gates are drawn: module docstring.
+  """
+  if num_servers <= 0 or tokens_per_server <= 0 or request_len <= 0:
+    raise StatsError(f"num_servers, tokens_per_server and request_len must be positive, got "
+                     f"{num_servers}, {tokens_per_server}, {request_len}.")
+  stats = load_routing_stats(name)
+  log_w = sampling_log_weights(stats, layer_seed).astype(np.float32)  # [D, L, E]
+  dist = layer_distributions(stats, layer_seed)  # [D, L, E]
+  rng = np.random.default_rng(seed)
+
+  n_req = -(-tokens_per_server // request_len)
+  lengths = np.full(n_req, request_len)
+  lengths[-1] = tokens_per_server - (n_req - 1) * request_len
+  rows = np.stack(np.meshgrid(np.arange(num_servers), np.arange(n_req), indexing="xy"),
+                  -1).reshape(-1, 2)  # [M, 2] (server, step), sorted by step then server
+  req_domain = draw_domains(num_servers, rows, alpha, rng, home_domains, drift)  # [M]
+  req_len = lengths[rows[:, 1]]
+  server = np.repeat(rows[:, 0], req_len).astype(np.int32)
+  step = np.repeat(rows[:, 1], req_len).astype(np.int32)
+  request = np.repeat(np.arange(len(rows)), req_len).astype(np.int32)
+  starts = np.cumsum(req_len) - req_len
+  position = (np.arange(req_len.sum()) - np.repeat(starts, req_len)).astype(np.int32)
+  domain = np.repeat(req_domain, req_len)
+
+  t, l, k = len(server), stats.num_layers, stats.top_k
+  ids = np.empty((t, l, k), dtype=np.int32)
+  gates = np.empty((t, l, k), dtype=np.float32)
+  chunk = max(1, _CHUNK_ELEMENTS // (l * stats.num_experts))
+  for lo in range(0, t, chunk):
+    dom = domain[lo:lo + chunk]
+    pick = gumbel_top_k(log_w[dom], k, rng)  # [C, L, k]
+    p = dist[dom[:, None, None], np.arange(l)[None, :, None], pick]  # [C, L, k]
+    order = np.argsort(-p, axis=-1, kind="stable")
+    ids[lo:lo + chunk] = np.take_along_axis(pick, order, axis=-1)
+    p = np.take_along_axis(p, order, axis=-1)
+    gates[lo:lo + chunk] = p / p.sum(-1, keepdims=True)
+
+  homes = default_homes(num_servers) if home_domains is None else tuple(
+      normalize_home(h) for h in home_domains)
+  note = dict(generator="moe_edge.workload.stats_traces.sample_stats_trace", alpha=alpha,
+              seed=seed, homes=[h if isinstance(h, str) else list(h) for h in homes],
+              drift=drift.describe() if drift is not None else "", request_len=request_len,
+              layer_seed=layer_seed,
+              layer_source=[stats.layers[s] for s in layer_plan(stats, layer_seed)[0]])
+  source = f"routing_stats/{Path(stats.path).name} (real counts, allenai/OLMoE 357454f)"
+  return ActivationTrace(expert_ids=ids, gate_weights=gates, server=server, request=request,
+                         position=position, step=step, model=name,
+                         num_experts=stats.num_experts, num_servers=num_servers, source=source,
+                         note=json.dumps(note))
