@@ -28,7 +28,7 @@ from absl import app, flags
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
 from moe_edge.cost import Calibration, decode_batches, evaluate, prefill_batches
-from moe_edge.placement.problem import PlacementProblem
+from moe_edge.placement.problem import PlacementError, PlacementProblem
 from moe_edge.workload.traces import ActivationTrace
 
 FLAGS = flags.FLAGS
@@ -96,7 +96,11 @@ def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConf
   rows = []
   for name in methods:
     t0 = time.perf_counter()
-    placement = place(name, problem, seed=seed)
+    try:
+      placement = place(name, problem, seed=seed)
+    except PlacementError as e:  # e.g. an instance too large for ilp: report it, go on
+      rows.append(dict(method=name, error=str(e)))
+      continue
     seconds = time.perf_counter() - t0
     placement.validate(problem)
     row = dict(method=name, place_s=seconds)
@@ -159,7 +163,10 @@ def main(argv):
         f"{calibration.source if calibration else 'datasheet'}")
   rows = run_methods(trace, model, cluster, methods, FLAGS.out, FLAGS.phase, FLAGS.decode_batch,
                      FLAGS.prefill_requests, FLAGS.seed, calibration)
-  print(format_table(rows))
+  print(format_table([r for r in rows if "error" not in r]))
+  for r in rows:
+    if "error" in r:
+      print(f"{r['method']}: not run: {r['error']}")
   print(f"placements and summary.json in {FLAGS.out}")
 
 

@@ -1,0 +1,46 @@
+"""Expert placement: the problem (``problem.py``), one objective (``objective.py``) and the
+methods, all ``method(problem, seed=0, **options) -> Placement``:
+
+  dancemoe        activation-aware: entropy budgets, coverage, greedy marginal-gain replicas
+  uniform_ep      vanilla expert parallelism (round robin, no replicas)
+  random          random copies, then random replicas
+  greedy_local    each server its own hottest experts, then the rest spread
+  eplb            DeepSeek EPLB (load-balanced replication, no locality)
+  topology_aware  each expert once where its traffic's link time is least
+  ilp             the exact optimum of the objective (small instances)
+
+``place(name, problem, seed=0, **options)`` runs one by name.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from moe_edge.placement.baselines import greedy_local, random_placement, topology_aware
+from moe_edge.placement.baselines import uniform_ep
+from moe_edge.placement.dancemoe import dancemoe
+from moe_edge.placement.eplb import eplb
+from moe_edge.placement.ilp import ilp
+from moe_edge.placement.objective import objective, objective_terms
+from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+
+METHODS: dict[str, Callable[..., Placement]] = {
+    "dancemoe": dancemoe,
+    "uniform_ep": uniform_ep,
+    "random": random_placement,
+    "greedy_local": greedy_local,
+    "eplb": eplb,
+    "topology_aware": topology_aware,
+    "ilp": ilp,
+}
+
+
+def place(name: str, problem: PlacementProblem, seed: int = 0, **options) -> Placement:
+  """Run placement method ``name`` on ``problem``; unknown names list the known ones."""
+  if name not in METHODS:
+    raise PlacementError(f"unknown placement method {name!r}; known methods: "
+                         f"{', '.join(METHODS)}.")
+  return METHODS[name](problem, seed=seed, **options)
+
+
+__all__ = ["METHODS", "Placement", "PlacementError", "PlacementProblem", "objective",
+           "objective_terms", "place"]

@@ -102,6 +102,20 @@ def check_alpha(alpha: float) -> None:
                       f"in [0, 1], got {alpha}; alpha = {1 / len(DOMAINS):g} means no locality.")
 
 
+def _parse_home(text: str):
+  """``"c4"`` -> ``"c4"``; ``"arxiv=0.7+c4=0.3"`` -> ``{"arxiv": 0.7, "c4": 0.3}``."""
+  if "=" not in text:
+    return text
+  mix = {}
+  for term in text.split("+"):
+    name, _, weight = term.partition("=")
+    try:
+      mix[name.strip()] = float(weight)
+    except ValueError:
+      raise StreamError(f"bad mix weight in {text!r}; write e.g. 'arxiv=0.7+c4=0.3'.") from None
+  return mix
+
+
 @dataclasses.dataclass(frozen=True)
 class DriftSchedule:
   """Home changes over time: ``changes = ((step, homes), ...)``, steps increasing.
@@ -138,20 +152,7 @@ class DriftSchedule:
       if not sep or not step.strip().isdigit():
         raise StreamError(f"cannot parse drift change {part!r}; expected "
                           f"'step:home0,home1,...' such as '50:book,c4,github,wikipedia'.")
-      parsed = []
-      for h in (h.strip() for h in homes.split(",")):
-        if "=" in h:
-          mix = {}
-          for term in h.split("+"):
-            name, _, w = term.partition("=")
-            try:
-              mix[name.strip()] = float(w)
-            except ValueError:
-              raise StreamError(f"bad mix weight in {h!r}; write e.g. 'arxiv=0.7+c4=0.3'.") from None
-          parsed.append(mix)
-        else:
-          parsed.append(h)
-      changes.append((int(step), tuple(parsed)))
+      changes.append((int(step), tuple(_parse_home(h.strip()) for h in homes.split(","))))
     if not changes:
       raise StreamError(f"drift spec {text!r} has no changes.")
     return cls(tuple(changes))
@@ -247,9 +248,10 @@ def make_streams(num_servers: int, requests_per_server: int, seq_len: int, alpha
     raise StreamError(f"seq_len={seq_len} is longer than the {split} text of {short} (tokens); "
                       f"use a shorter seq_len or the train split.")
   rng = np.random.default_rng(seed)
-  per = request_steps(requests_per_server, steps)
-  rows = np.array([(n, s) for s in np.unique(per) for n in range(num_servers)
-                   for _ in range(int((per == s).sum()))], dtype=np.int64).reshape(-1, 2)
+  per = request_steps(requests_per_server, steps)  # [R]
+  rows = np.stack([np.repeat(np.arange(num_servers), requests_per_server),
+                   np.tile(per, num_servers)], axis=1)  # [N * R, 2] (server, step)
+  rows = rows[np.lexsort((rows[:, 0], rows[:, 1]))]  # by step, then server (stable)
   doms = draw_domains(num_servers, rows, alpha, rng, home_domains, drift)
   out = []
   for rid, ((n, s), d) in enumerate(zip(rows, doms)):

@@ -27,10 +27,15 @@ def trained_model_and_opt_state():
   graphdef, params = nnx.split(model)
   opt_state = tx.init(params)
   tok = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 9)), jnp.int32)
-  grad_fn = jax.jit(jax.grad(lambda p: lm_loss(nnx.merge(graphdef, p), tok)[0]))
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(lambda p: lm_loss(nnx.merge(graphdef, p), tok)[0])(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
   for _ in range(2):
-    updates, opt_state = tx.update(grad_fn(params), opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = step(params, opt_state)
   return nnx.merge(graphdef, params), tx, opt_state
 
 
@@ -48,7 +53,7 @@ def test_round_trip_is_exact_with_optimizer_state(tmp_path):
   # without tx (or cfg) the params come back from the stored config alone
   only, none_opt, _ = ckpt.restore_checkpoint(tmp_path / "c")
   assert none_opt is None and only.cfg == TINY
-  tok = jnp.arange(8, dtype=jnp.int32)[None]
+  tok = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
   np.testing.assert_array_equal(np.asarray(only(tok)[0]), np.asarray(model(tok)[0]))
 
 

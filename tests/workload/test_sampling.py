@@ -81,3 +81,9 @@ def test_gumbel_top_k_never_draws_zero_weight():
 def test_calibration_errors(target, k, match):
   with pytest.raises(SamplingError, match=match):
     calibrate_inclusion(target, k)
+
+
+def test_gumbel_top_k_needs_k_positive_weights():
+  log_w = np.array([[0.0, -np.inf, -np.inf]])
+  with pytest.raises(SamplingError, match="fewer than k=2"):
+    gumbel_top_k(log_w, 2, np.random.default_rng(0))
