@@ -88,7 +88,7 @@ def model_from_params(cfg: ModelConfig, params: dict, dtype=jnp.float32) -> MoET
         f"parameters do not fit model config {cfg.name!r}: missing {missing or 'none'}; "
         f"unexpected {extra or 'none'}; wrong shapes {bad or 'none'}.")
   ref = nnx.to_pure_dict(state)
-  params = jax.tree.map(lambda a, r: jnp.asarray(a, r.dtype), params, ref)
+  params = jax.tree.map(lambda a, r: jnp.asarray(np.asarray(a).astype(r.dtype)), params, ref)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 
@@ -121,8 +121,8 @@ def save_checkpoint(directory: str | Path, model: MoETransformer, opt_state=None
                             f"overwrite it. Choose an empty or new directory.")
   directory.mkdir(parents=True, exist_ok=True)
   params = params_dict(model)
-  if dtype is not None:
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  if dtype is not None:  # cast on the host: no device compile per shape
+    params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)), params)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory / "params", params)
   if opt_state is not None:
@@ -188,7 +188,7 @@ def restore_checkpoint(directory: str | Path, cfg: ModelConfig | str | None = No
   saved_dtype = jnp.dtype(meta["param_dtype"])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype), want)
   params = ckptr.restore(directory / "params", target)
-  params = jax.tree.map(lambda a, ref: a.astype(ref.dtype), params, want)
+  params = jax.tree.map(lambda a, ref: jnp.asarray(np.asarray(a).astype(ref.dtype)), params, want)
   nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
   opt_state = None

@@ -20,7 +20,8 @@ def leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def trained_model_and_opt_state():
+@pytest.fixture(scope="module")
+def trained():
   """A model and AdamW state after two real optimizer steps (non-trivial moments)."""
   model = MoETransformer(TINY, nnx.Rngs(0))
   tx = optax.adamw(1e-2)
@@ -39,8 +40,8 @@ def trained_model_and_opt_state():
   return nnx.merge(graphdef, params), tx, opt_state
 
 
-def test_round_trip_is_exact_with_optimizer_state(tmp_path):
-  model, tx, opt_state = trained_model_and_opt_state()
+def test_round_trip_is_exact_with_optimizer_state(tmp_path, trained):
+  model, tx, opt_state = trained
   ckpt.save_checkpoint(tmp_path / "c", model, opt_state, step=7)
   back, back_opt, step = ckpt.restore_checkpoint(tmp_path / "c", TINY, tx=tx)
   assert step == 7
@@ -80,7 +81,7 @@ def test_latest_and_prune(tmp_path):
   assert ckpt.latest_checkpoint(tmp_path / "nothing") is None
 
 
-def test_errors(tmp_path):
+def test_errors(tmp_path, trained):
   model = MoETransformer(TINY, nnx.Rngs(3))
   ckpt.save_checkpoint(tmp_path / "c", model)
   wider = dataclasses.replace(TINY, d_ff_expert=TINY.d_ff_expert * 2)
@@ -92,7 +93,7 @@ def test_errors(tmp_path):
   (tmp_path / "other" / "notes.txt").write_text("keep me")
   with pytest.raises(ckpt.CheckpointError, match="not a moe-edge checkpoint"):
     ckpt.save_checkpoint(tmp_path / "other", model)
-  _, tx, opt_state = trained_model_and_opt_state()
+  _, tx, opt_state = trained
   ckpt.save_checkpoint(tmp_path / "o", model, opt_state)
   with pytest.raises(ckpt.CheckpointError, match="optimizer state"):
     ckpt.restore_checkpoint(tmp_path / "o", tx=optax.chain(optax.clip(1.0), optax.adam(1e-3),
