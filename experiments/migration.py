@@ -66,8 +66,11 @@ flags.DEFINE_integer("seed", 0, "Seed of the sampled trace and of the placement 
 flags.DEFINE_integer("request_len", 64, "Tokens per request = tokens per server per step.")
 flags.DEFINE_integer("steps", 96, "Trace steps (requests per server) for --source stats.")
 flags.DEFINE_integer("interval", 8, "Trace steps per interval (the statistics window W).")
-flags.DEFINE_string("drift", None, "Home changes 'step:home0,home1,...;...' (default: swap "
-                    "neighbours at steps/3, rotate at 2*steps/3, on interval boundaries).")
+flags.DEFINE_string("drift", None, "Home changes 'step:home0,home1,...;...' (default: "
+                    "--drift_preset).")
+flags.DEFINE_enum("drift_preset", "pairs", ["pairs", "all"], "Default drift. pairs: servers 0 "
+                  "and 1 swap homes at steps/3, servers 2 and 3 at 2*steps/3; all: every pair of "
+                  "neighbours swaps at steps/3 and all homes rotate by one at 2*steps/3.")
 flags.DEFINE_float("serving_steps_per_interval", 2000, "Serving steps an interval stands for "
                    "(the trigger weighs the saving over these against the transfer time).")
 flags.DEFINE_integer("max_moves", 24, "Incremental policy: most expert copies per interval.")
@@ -77,6 +80,8 @@ flags.DEFINE_float("interference", 1.0, "Trigger: fraction of serving time lost 
 flags.DEFINE_float("lam", 1.0, "Load-balance weight of the placement objective (DanceMoE and "
                    "the incremental planner).")
 flags.DEFINE_enum("stats_kind", "window", ["window", "ema"], "Online statistics to plan on.")
+flags.DEFINE_bool("cross_validate", True, "Trigger on the held-out (two-fold) saving estimate "
+                  "instead of scoring the plan on the window it was fitted to.")
 flags.DEFINE_float("ema_decay", 0.9, "EMA decay per trace step (for --stats_kind ema).")
 flags.DEFINE_integer("max_concurrent_per_link", 1, "Weight copies a link carries at once.")
 flags.DEFINE_integer("fail_server", -1, "Failure drill: server to lose (-1 = no drill).")
@@ -94,14 +99,24 @@ POLICIES = ("none", "full", "incremental")
 # --------------------------------------------------------------------------------------------
 # Workload
 # --------------------------------------------------------------------------------------------
-def default_drift(num_servers: int, steps: int, interval: int) -> DriftSchedule:
-  """Neighbours swap homes at ~steps/3, homes rotate by one at ~2 steps/3 (interval-aligned)."""
+def default_drift(num_servers: int, steps: int, interval: int,
+                  preset: str = "pairs") -> DriftSchedule:
+  """Two home changes at ~steps/3 and ~2 steps/3 (interval-aligned; see --drift_preset)."""
   homes = [DOMAINS[i % len(DOMAINS)] for i in range(num_servers)]
+  at = [max(1, round(steps * f / 3 / interval)) * interval for f in (1, 2)]
+  if preset == "pairs":
+    if num_servers < 2:
+      raise app.UsageError("--drift_preset pairs needs at least two servers.")
+    first = list(homes)
+    first[0], first[1] = homes[1], homes[0]
+    second = list(first)
+    a, b = (2, 3) if num_servers >= 4 else (0, 1)
+    second[a], second[b] = first[b], first[a]
+    return DriftSchedule(((at[0], tuple(first)), (at[1], tuple(second))))
   swapped = list(homes)
   for i in range(0, num_servers - 1, 2):
     swapped[i], swapped[i + 1] = homes[i + 1], homes[i]
   rotated = homes[1:] + homes[:1]
-  at = [max(1, round(steps * f / 3 / interval)) * interval for f in (1, 2)]
   return DriftSchedule(((at[0], tuple(swapped)), (at[1], tuple(rotated))))
 
 
@@ -110,7 +125,7 @@ def load_workload(num_servers: int) -> tuple[ActivationTrace, list[int], str]:
   if FLAGS.source == "stats":
     from moe_edge.workload.stats_traces import sample_stats_trace
     drift = (DriftSchedule.parse(FLAGS.drift) if FLAGS.drift
-             else default_drift(num_servers, FLAGS.steps, FLAGS.interval))
+             else default_drift(num_servers, FLAGS.steps, FLAGS.interval, FLAGS.drift_preset))
     trace = sample_stats_trace(FLAGS.model, num_servers, FLAGS.steps * FLAGS.request_len,
                                FLAGS.alpha, FLAGS.seed, drift=drift,
                                request_len=FLAGS.request_len)
@@ -197,13 +212,20 @@ def replay(trace, model, cluster, capacity):
                                 "re-plan")
 
     cur = state["incremental"].placement
-    cand = mig.plan_incremental(seen, cur, FLAGS.max_moves,
-                                None if FLAGS.max_mb is None else FLAGS.max_mb * 1e6,
-                                lam=FLAGS.lam)
+    planner = lambda prob, cur=cur: mig.plan_incremental(  # noqa: E731
+        prob, cur, FLAGS.max_moves, None if FLAGS.max_mb is None else FLAGS.max_mb * 1e6,
+        lam=FLAGS.lam)
+    cand = planner(seen)
     plan = mig.move_cost(cur, cand, model, cluster, capacity, FLAGS.max_concurrent_per_link,
                          order=[tuple(m) for m in cand.info["moves"]])
+    saving = None
+    if FLAGS.cross_validate:
+      half_a, half_b = (_problem(model, cluster, f, step_tokens(win), capacity)
+                        for f in stats.window_halves())
+      saving = mig.cross_validated_saving(half_a, half_b, cur, planner)
     dec = mig.should_migrate(seen, cur, cand, FLAGS.serving_steps_per_interval, plan,
-                             FLAGS.safety, FLAGS.interference, FLAGS.max_concurrent_per_link)
+                             FLAGS.safety, FLAGS.interference, FLAGS.max_concurrent_per_link,
+                             saving_per_step=saving)
     if dec.migrate:
       if not mig.hosted_at_every_moment(cur.hosts, plan.steps, capacity):
         raise mig.MigrationError("incremental plan would leave an expert unhosted; this is a bug.")

@@ -60,7 +60,11 @@ class KernelMeasurement:
     copy_bandwidth: bytes/s of an elementwise pass over a large array (read + write).
     d_model, d_ff: shape of the timed expert (weights ``3 * d_model * d_ff`` elements).
     token_counts: ``[C]`` tokens per timed expert call.
-    ffn_seconds: ``[C]`` median seconds of one expert call at each token count.
+    ffn_seconds: ``[C]`` median seconds per expert at each token count (a jitted call runs
+      ``experts_per_call[c]`` distinct experts as one batched matmul, as an MoE layer does, and
+      its time is divided by that number; this amortises the host's per-call overhead and keeps
+      the weights from being served by a cache).
+    experts_per_call: ``[C]`` distinct experts per timed call.
   """
   device_kind: str
   platform: str
@@ -72,6 +76,7 @@ class KernelMeasurement:
   d_ff: int
   token_counts: tuple[int, ...]
   ffn_seconds: tuple[float, ...]
+  experts_per_call: tuple[int, ...] = ()
 
   @property
   def expert_weight_bytes(self) -> int:
@@ -95,7 +100,8 @@ class KernelMeasurement:
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    d["token_counts"], d["ffn_seconds"] = list(self.token_counts), list(self.ffn_seconds)
+    for key in ("token_counts", "ffn_seconds", "experts_per_call"):
+      d[key] = list(getattr(self, key))
     return d
 
   @classmethod
@@ -103,6 +109,7 @@ class KernelMeasurement:
     d = dict(d)
     d["token_counts"] = tuple(int(c) for c in d["token_counts"])
     d["ffn_seconds"] = tuple(float(s) for s in d["ffn_seconds"])
+    d["experts_per_call"] = tuple(int(r) for r in d.get("experts_per_call", ()))
     return cls(**d)
 
 
@@ -146,11 +153,14 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, min_seconds: float = 0.
 def measure_local(d_model: int = 1024, d_ff: int = 512,
                   token_counts: Sequence[int] = (1, 8, 64, 512), dtype: str | None = None,
                   matmul_size: int | None = None, copy_bytes: int | None = None,
-                  repeats: int = 5, seed: int = 0) -> KernelMeasurement:
+                  expert_bytes_per_call: int | None = None, repeats: int = 5,
+                  seed: int = 0) -> KernelMeasurement:
   """Time a matmul, an elementwise copy and a jitted SwiGLU expert FFN on ``jax.devices()[0]``.
 
-  Defaults are sized to take a few seconds: on CPU a 1024^2 matmul and a 64 MB copy in float32;
-  on an accelerator an 8192^2 matmul and a 1 GB copy in bfloat16.
+  Defaults are sized to take a few seconds: on CPU a 1024^2 matmul, a 64 MB copy and 32 MB of
+  expert weights per FFN call in float32; on an accelerator an 8192^2 matmul, a 1 GB copy and
+  512 MB of expert weights per call (several experts as one batched matmul, at most 64 experts
+  and 65,536 tokens per call) in bfloat16.
 
   Args:
     d_model, d_ff: expert shape; weights are ``[d_model, d_ff]`` (gate, up) and
@@ -184,24 +194,31 @@ def measure_local(d_model: int = 1024, d_ff: int = 512,
       lambda: inc(v).block_until_ready(), repeats)
 
   scale = 1.0 / np.sqrt(d_model)
-  wg = jax.random.normal(keys[2], (d_model, d_ff), jdt) * scale
-  wu = jax.random.normal(keys[3], (d_model, d_ff), jdt) * scale
-  wd = jax.random.normal(keys[4], (d_ff, d_model), jdt) * scale
+  per_call = expert_bytes_per_call or ((32 if cpu else 512) * 2**20)
+  max_experts = int(np.clip(per_call // (3 * d_model * d_ff * jdt.itemsize), 1, 64))
 
   @jax.jit
-  def ffn(x, wg, wu, wd):
-    h = jax.nn.silu(jnp.einsum("td,df->tf", x, wg)) * jnp.einsum("td,df->tf", x, wu)
-    return jnp.einsum("tf,fd->td", h, wd)
+  def ffn(x, wg, wu, wd):  # R experts, each on its own [c, d] tokens: [R, c, d] -> [R, c, d]
+    h = jax.nn.silu(jnp.einsum("rtd,rdf->rtf", x, wg)) * jnp.einsum("rtd,rdf->rtf", x, wu)
+    return jnp.einsum("rtf,rfd->rtd", h, wd)
 
-  seconds = []
+  seconds, experts = [], []
   for c in token_counts:
-    x = jax.random.normal(keys[5], (int(c), d_model), jdt)
-    seconds.append(_median_seconds(lambda: ffn(x, wg, wu, wd).block_until_ready(), repeats))
+    r = int(max(1, min(max_experts, 65536 // int(c))))
+    wg = jax.random.normal(keys[2], (r, d_model, d_ff), jdt) * scale
+    wu = jax.random.normal(keys[3], (r, d_model, d_ff), jdt) * scale
+    wd = jax.random.normal(keys[4], (r, d_ff, d_model), jdt) * scale
+    x = jax.random.normal(keys[5], (r, int(c), d_model), jdt)
+    t = _median_seconds(lambda: ffn(x, wg, wu, wd).block_until_ready(), repeats)
+    seconds.append(t / r)
+    experts.append(r)
+    del wg, wu, wd, x
   return KernelMeasurement(
       device_kind=str(dev.device_kind), platform=str(dev.platform),
       date=datetime.date.today().isoformat(), dtype=dtype, matmul_flops=float(matmul_flops),
       copy_bandwidth=float(copy_bw), d_model=int(d_model), d_ff=int(d_ff),
-      token_counts=tuple(int(c) for c in token_counts), ffn_seconds=tuple(seconds))
+      token_counts=tuple(int(c) for c in token_counts), ffn_seconds=tuple(seconds),
+      experts_per_call=tuple(experts))
 
 
 def local_server_spec(measurement: KernelMeasurement, memory_bytes: float = 16e9,
@@ -401,8 +418,9 @@ def _main(argv):
   print(f"matmul {m.matmul_flops / 1e12:.2f} TFLOP/s, copy {m.copy_bandwidth / 1e9:.1f} GB/s")
   print(f"expert FFN d={m.d_model} f={m.d_ff} ({m.expert_weight_bytes / 1e6:.2f} MB):")
   for c, s in zip(m.token_counts, m.ffn_seconds):
-    print(f"  {c:6d} tokens  {1e6 * s:10.1f} us  {c * m.expert_flops_per_token / s / 1e12:8.3f} "
-          f"TFLOP/s  {m.expert_weight_bytes / s / 1e9:9.1f} GB/s of weights")
+    print(f"  {c:6d} tokens  {1e6 * s:10.1f} us/expert  "
+          f"{c * m.expert_flops_per_token / s / 1e12:8.3f} TFLOP/s  "
+          f"{m.expert_weight_bytes / s / 1e9:9.1f} GB/s of weights")
   print(f"fitted roofline: {bw / 1e9:.1f} GB/s, {flops / 1e12:.2f} TFLOP/s")
   if f.cluster:
     cal = calibrate_local(cluster_config(f.cluster), f.server_index, measurement=m)

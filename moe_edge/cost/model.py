@@ -86,7 +86,7 @@ from moe_edge.placement.problem import Placement, PlacementError, PlacementProbl
 from moe_edge.workload.traces import ActivationTrace
 
 PHASES = ("decode", "prefill")
-_CHUNK_CHOICES = 1 << 23   # token-choices per chunk of steps (bounds temporary memory)
+_CHUNK_CHOICES = 1 << 21   # token-choices per chunk of steps (bounds temporary memory)
 _CHUNK_FLOWS = 1 << 22     # entries of the dense [S_c, L, N, N] flow counts per chunk
 
 
@@ -276,22 +276,38 @@ def _memory(model: ModelConfig, cluster: ClusterConfig,
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _RouteMaps:
-  """The route table as flat index maps over ``(n, l, e)`` (``NLE = N * L * E`` entries)."""
+  """The route table ``[N, L, E]`` in the forms the counting paths need."""
   shape: tuple[int, int, int]
   dest: np.ndarray          # [N, L, E] int64 computing server m
-  remote: np.ndarray        # [N, L, E] bool, m != n
   on_index: np.ndarray      # [N, L * E] int64 flat index (m * L + l) * E + e of the computation
-  to_remote: np.ndarray     # [N, L, E, N] float64 one-hot of remote destinations
+  to: np.ndarray            # [N, L, E, M] float64 one-hot of the destination
+  bits: np.ndarray          # [N, L, M, W] uint64 bit e % 64 of word e // 64: experts sent to m
 
   @classmethod
   def build(cls, route: np.ndarray) -> "_RouteMaps":
     n_srv, n_lay, n_exp = route.shape
     dest = route.astype(np.int64)
-    remote = dest != np.arange(n_srv)[:, None, None]
     le = np.arange(n_lay * n_exp, dtype=np.int64).reshape(n_lay, n_exp)
     on_index = (dest * n_lay * n_exp + le[None]).reshape(n_srv, -1)
-    to_remote = np.eye(n_srv)[dest] * remote[..., None]
-    return cls(route.shape, dest, remote, on_index, to_remote)
+    to = np.eye(n_srv)[dest]
+    e = np.arange(n_exp)
+    words = -(-n_exp // 64)
+    bit = np.left_shift(np.uint64(1), (e % 64).astype(np.uint64))                 # [E]
+    in_word = (e // 64)[:, None] == np.arange(words)[None, :]                      # [E, W]
+    sel = to.astype(bool)[..., None] & in_word[None, None, :, None, :]             # [N,L,E,M,W]
+    bits = np.bitwise_or.reduce(np.where(sel, bit[:, None, None], np.uint64(0)), axis=2)
+    return cls(route.shape, dest, on_index, to, bits)
+
+
+_BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))   # [64] single-bit words
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+  """Set bits of each uint64 (uint8 result)."""
+  if hasattr(np, "bitwise_count"):
+    return np.bitwise_count(x)
+  table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+  return table[x[..., None].view(np.uint8)].sum(axis=-1, dtype=np.uint8)
 
 
 def _chunks(step_tokens: np.ndarray, choices_per_token: int, flows_per_step: int):
@@ -307,67 +323,110 @@ def _chunks(step_tokens: np.ndarray, choices_per_token: int, flows_per_step: int
     s0 = s1
 
 
-def _chunk_dense(keys: np.ndarray, n_steps: int, maps: _RouteMaps, hw: _Hardware):
-  """Counts of a chunk whose key space is small: dense ``[S_c, N, L, E]`` arrays.
-
-  Args:
-    keys: ``[choices]`` int64 ``((s * N + n) * L + l) * E + e`` of every token-choice.
-  Returns:
-    ``(src [N, L, E] counts summed over steps, flows [S_c, L, N, N], per [S_c, N, L] seconds)``.
-  """
+# Each path counts one chunk of steps and returns (link-major layouts keep the reductions over
+# servers, which are short, on the outer axes):
+#   routed [N, M, S_c, L] float64: token-choices of n's tokens computed on m (m == n: local),
+#   per    [M, S_c, L]    float64: expert compute seconds of server m at layer l.
+def _chunk_dense(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: int,
+                 maps: _RouteMaps, hw: _Hardware):
+  """Few large steps: dense counts over (step, server, layer, expert)."""
   n_srv, n_lay, n_exp = maps.shape
   le = n_lay * n_exp
-  src = np.bincount(keys, minlength=n_steps * n_srv * le).reshape(n_steps, n_srv * le)
-  src = np.ascontiguousarray(src.T)                    # [N * L * E, S_c]: rows move fast
+  row = (sloc * n_srv + srv)[:, None] * le + np.arange(0, le, n_exp)[None, :]   # [T_c, L]
+  src = np.bincount((row[:, :, None] + ids).ravel(), minlength=n_steps * n_srv * le)
+  src = np.ascontiguousarray(src.reshape(n_steps, n_srv * le).T)    # [N * L * E, S_c]
   on = np.zeros_like(src)
   for n in range(n_srv):  # (l, e) -> (m, l, e) is one-to-one for a fixed source n
     on[maps.on_index[n]] += src[n * le:(n + 1) * le]
   on = on.reshape(n_srv, n_lay, n_exp, n_steps)
   srcf = src.reshape(n_srv, n_lay, n_exp, n_steps).astype(np.float64)
-  flows = np.empty((n_steps, n_lay, n_srv, n_srv))
+  routed = np.empty((n_srv, n_srv, n_steps, n_lay))
   for n in range(n_srv):  # [L, S_c, E] @ [L, E, M] -> [L, S_c, M]
-    flows[:, :, n, :] = np.matmul(srcf[n].transpose(0, 2, 1), maps.to_remote[n]).transpose(
-        1, 0, 2)
+    routed[n] = np.matmul(srcf[n].transpose(0, 2, 1), maps.to[n]).transpose(2, 1, 0)
   read = hw.expert_read[:, None, None, None]
   flop = hw.expert_flop[:, None, None, None]
   per = np.maximum((on > 0) * read, on * flop).sum(axis=2)   # max(.,.) is 0 where unused
-  return src.sum(axis=1).reshape(maps.shape), flows, per.transpose(2, 0, 1)
+  return routed, per.transpose(0, 2, 1)
 
 
-def _chunk_sparse(keys: np.ndarray, n_steps: int, maps: _RouteMaps, hw: _Hardware):
-  """Same as :func:`_chunk_dense` for a chunk of many small steps, via sorting the keys."""
+def _chunk_small(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: int,
+                 maps: _RouteMaps, hw: _Hardware):
+  """Many small steps in which every used expert is weight-read bound (``B[s] * F_e / peak[m]
+  <= W_e / mbw[m]``, so an expert costs its weight read whatever its count): per
+  (step, server, layer) only the *set* of experts matters, kept as 64-bit masks."""
   n_srv, n_lay, n_exp = maps.shape
-  uk, inv = np.unique(keys, return_inverse=True)
+  words = maps.bits.shape[-1]
+  group = sloc * n_srv + srv
+  order = np.argsort(group, kind="stable")             # tokens by (step, source server)
+  group, ids, srv = group[order], ids[order], srv[order]
+  bit = _BIT[ids % 64]                                  # [T_c, L, k] uint64
+  if words == 1:
+    tok = bit.sum(axis=-1)[:, :, None]                  # distinct bits: sum == or
+  else:
+    word = ids // 64
+    tok = np.stack([np.where(word == w, bit, np.uint64(0)).sum(axis=-1)
+                    for w in range(words)], axis=-1)    # [T_c, L, W]
+  # Token masks restricted to the experts each destination m computes: [L, M, W, T_c].
+  hit = tok.transpose(1, 2, 0)[:, None] & np.take(maps.bits.transpose(1, 2, 3, 0), srv, axis=-1)
+  starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+  count = _popcount(hit)
+  count = count.sum(axis=2, dtype=np.int64) if words > 1 else count[:, :, 0]
+  routed = np.zeros((n_srv, n_srv, n_steps, n_lay))
+  routed[group[starts] % n_srv, :, group[starts] // n_srv, :] = np.add.reduceat(
+      count, starts, axis=-1, dtype=np.int64).transpose(2, 1, 0)    # [G, M, L]
+  step_starts = np.flatnonzero(np.concatenate([[True], sloc[order][1:] != sloc[order][:-1]]))
+  used = _popcount(np.bitwise_or.reduceat(hit, step_starts, axis=-1)).sum(
+      axis=2, dtype=np.int64)                                         # [L, M, S_c]
+  return routed, (used * hw.expert_read[None, :, None]).transpose(1, 2, 0)
+
+
+def _chunk_sparse(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: int,
+                  maps: _RouteMaps, hw: _Hardware):
+  """Many small steps in general: counts by sorting the (step, server, layer, expert) keys."""
+  n_srv, n_lay, n_exp = maps.shape
+  nle = n_srv * n_lay * n_exp
+  row = (sloc * n_srv + srv)[:, None] * n_lay + np.arange(n_lay)[None, :]
+  uk, inv = np.unique((row[:, :, None] * n_exp + ids).ravel(), return_inverse=True)
   cnt = np.bincount(inv.ravel(), minlength=uk.size).astype(np.float64)
-  nle = uk % (n_srv * n_lay * n_exp)       # flat (n, l, e)
-  s = uk // (n_srv * n_lay * n_exp)
-  n, l, e = np.unravel_index(nle, maps.shape)
-  m = maps.dest.ravel()[nle]
-  src = np.bincount(nle, weights=cnt, minlength=n_srv * n_lay * n_exp)
-  remote = m != n
-  fkey = ((s * n_lay + l) * n_srv + n) * n_srv + m
-  flows = np.bincount(fkey[remote], weights=cnt[remote],
-                      minlength=n_steps * n_lay * n_srv * n_srv)
+  s = uk // nle
+  n, l, e = np.unravel_index(uk % nle, maps.shape)
+  m = maps.dest[n, l, e]
+  routed = np.bincount(((n * n_srv + m) * n_steps + s) * n_lay + l, weights=cnt,
+                       minlength=n_steps * n_lay * n_srv * n_srv)
   ok, oinv = np.unique(((s * n_srv + m) * n_lay + l) * n_exp + e, return_inverse=True)
   on = np.bincount(oinv.ravel(), weights=cnt, minlength=ok.size)
   om = (ok // (n_lay * n_exp)) % n_srv
   t_exp = np.maximum(hw.expert_read[om], on * hw.expert_flop[om])
-  per = np.bincount(ok // n_exp, weights=t_exp, minlength=n_steps * n_srv * n_lay)
-  return (np.rint(src).astype(np.int64).reshape(maps.shape),
-          flows.reshape(n_steps, n_lay, n_srv, n_srv), per.reshape(n_steps, n_srv, n_lay))
+  s, ml = ok // (n_srv * n_lay * n_exp), ok // n_exp % (n_srv * n_lay)  # ml = m * L + l
+  per = np.bincount(((ml // n_lay) * n_steps + s) * n_lay + ml % n_lay, weights=t_exp,
+                    minlength=n_steps * n_srv * n_lay)
+  return routed.reshape(n_srv, n_srv, n_steps, n_lay), per.reshape(n_srv, n_steps, n_lay)
+
+
+def _counting_path(n_steps: int, choices: int, max_step_tokens: int, maps: _RouteMaps,
+                   hw: _Hardware):
+  """The cheapest exact counting path for a chunk."""
+  n_srv, n_lay, n_exp = maps.shape
+  if n_steps * n_srv * n_lay * n_exp <= 4 * choices + (1 << 16):
+    return _chunk_dense
+  if np.all(max_step_tokens * hw.expert_flop <= hw.expert_read):
+    return _chunk_small
+  return _chunk_sparse
 
 
 def _exchange_times(vol: np.ndarray, hw: _Hardware,
                     link_used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Dispatch and combine seconds ``[...]`` from volumes ``vol [..., N, N]`` (bytes n -> m in
-  the dispatch) and ``link_used [..., N, N]`` (weight of each link's latency, 0..1)."""
-  send = np.einsum("...nm,nm->...n", vol, hw.inv_bw)
-  wait = np.max(link_used * hw.lat, axis=-1)
-  dispatch = np.max(send + wait, axis=-1)
-  back = np.einsum("...nm,mn->...m", vol, hw.inv_bw)
-  wait_back = np.max(link_used * hw.lat.T, axis=-2)
-  combine = np.max(back + wait_back, axis=-1)
-  return dispatch, combine
+  """Dispatch and combine seconds ``[X]`` of ``X`` exchanges.
+
+  Args:
+    vol: ``[N, M, X]`` dispatch bytes ``n -> m`` (diagonal zero); the combine sends them back.
+    link_used: ``[N, M, X]`` weight (0..1) of each link's latency.
+  """
+  send = np.einsum("nmx,nm->nx", vol, hw.inv_bw)
+  wait = (link_used * hw.lat[:, :, None]).max(axis=1)
+  back = np.einsum("nmx,mn->mx", vol, hw.inv_bw)
+  wait_back = (link_used * hw.lat.T[:, :, None]).max(axis=0)
+  return (send + wait).max(axis=0), (back + wait_back).max(axis=0)
 
 
 def _dense_times(tokens: np.ndarray, hw: _Hardware) -> np.ndarray:
@@ -419,35 +478,36 @@ def evaluate(trace: ActivationTrace, model: ModelConfig | str, cluster: ClusterC
   act = _activation_bytes(model, activation_bytes)
   hw = _hardware(model, cluster, calibration)
   maps = _RouteMaps.build(placement.route)
-  k, nle = model.top_k, n_srv * n_lay * n_exp
+  k = model.top_k
 
   sidx, order = _step_order(trace)
   ids = trace.expert_ids if order is None else trace.expert_ids[order]
   srv = (trace.server if order is None else trace.server[order]).astype(np.int64)
   n_steps = int(sidx[-1]) + 1
   tokens = np.bincount(sidx * n_srv + srv, minlength=n_steps * n_srv).reshape(n_steps, n_srv)
-  lay = np.arange(n_lay, dtype=np.int64)
 
   dispatch = np.zeros((n_steps, n_lay))
   combine = np.zeros((n_steps, n_lay))
   compute = np.zeros((n_steps, n_lay))
   server_compute = np.zeros((n_srv, n_lay))
-  src = np.zeros((n_srv, n_lay, n_exp), dtype=np.int64)
-  for s0, s1, t0, t1 in _chunks(tokens.sum(axis=1), n_lay * k, n_lay * n_srv * n_srv):
-    sc = s1 - s0
-    row = ((sidx[t0:t1] - s0) * n_srv + srv[t0:t1])[:, None] * n_lay + lay[None, :]
-    keys = (row[:, :, None] * n_exp + ids[t0:t1]).ravel()
-    dense = sc * nle <= 4 * keys.size + (1 << 16)
-    csrc, flows, per = (_chunk_dense if dense else _chunk_sparse)(keys, sc, maps, hw)
-    src += csrc
-    dispatch[s0:s1], combine[s0:s1] = _exchange_times(act * flows, hw, flows > 0)
-    compute[s0:s1] = per.max(axis=1)
-    server_compute += per.sum(axis=0)
+  routed_total = np.zeros((n_srv, n_srv, n_lay))
+  off_diag = (1.0 - np.eye(n_srv))[:, :, None, None]
+  step_tokens = tokens.sum(axis=1)
+  for s0, s1, t0, t1 in _chunks(step_tokens, n_lay * k, n_lay * n_srv * n_srv):
+    path = _counting_path(s1 - s0, (t1 - t0) * n_lay * k, int(step_tokens[s0:s1].max()), maps,
+                          hw)
+    routed, per = path(ids[t0:t1], srv[t0:t1], sidx[t0:t1] - s0, s1 - s0, maps, hw)
+    routed_total += routed.sum(axis=2)
+    flows = (routed * off_diag).reshape(n_srv, n_srv, -1)
+    disp, comb = _exchange_times(act * flows, hw, flows > 0)
+    dispatch[s0:s1], combine[s0:s1] = disp.reshape(-1, n_lay), comb.reshape(-1, n_lay)
+    compute[s0:s1] = per.max(axis=0)
+    server_compute += per.sum(axis=1)
 
-  local = np.where(maps.remote, 0, src).sum(axis=(1, 2))
-  dest_count = np.eye(n_srv, dtype=np.int64)[maps.dest] * src[..., None]    # [N, L, E, M]
-  load = dest_count.sum(axis=(0, 2)).T                                       # [M, L]
-  flows_total = np.where(maps.remote[..., None], dest_count, 0).sum(axis=2)  # [N, L, M]
+  routed_total = np.rint(routed_total).astype(np.int64).transpose(2, 0, 1)  # [L, N, M]
+  local = np.einsum("lnn->n", routed_total)
+  load = routed_total.sum(axis=1).T                                          # [M, L]
+  dispatch_bytes = routed_total * (1 - np.eye(n_srv, dtype=np.int64)) * act
   used, cap = _memory(model, cluster, placement)
   dense_t = _dense_times(tokens, hw)
   return CostReport(
@@ -455,11 +515,11 @@ def evaluate(trace: ActivationTrace, model: ModelConfig | str, cluster: ClusterC
       activation_bytes=act, step_latency=dense_t + (dispatch + compute + combine).sum(axis=1),
       dense_time=dense_t, dispatch_time=dispatch.mean(axis=0),
       compute_time=compute.mean(axis=0), combine_time=combine.mean(axis=0),
-      server_compute=server_compute / n_steps, load=load,
-      dispatch_bytes=flows_total.transpose(1, 0, 2) * act,
+      server_compute=server_compute / n_steps, load=load, dispatch_bytes=dispatch_bytes,
       tokens_per_server=trace.tokens_per_server().astype(np.float64),
-      local_choices=local.astype(np.float64), total_choices=src.sum(axis=(1, 2)).astype(
-          np.float64), memory_used=used, memory_capacity=cap, calibration_source=hw.source)
+      local_choices=local.astype(np.float64),
+      total_choices=routed_total.sum(axis=(0, 2)).astype(np.float64), memory_used=used,
+      memory_capacity=cap, calibration_source=hw.source)
 
 
 def expected_cost(problem: PlacementProblem, placement: Placement,
@@ -491,7 +551,8 @@ def expected_cost(problem: PlacementProblem, placement: Placement,
   t_exp = np.maximum(hw.expert_read[:, None, None] * -np.expm1(-on),
                      on * hw.expert_flop[:, None, None])
   per = t_exp.sum(axis=2)                                              # [M, L]
-  dispatch, combine = _exchange_times(act * flows, hw, -np.expm1(-flows))
+  flows_nm = flows.transpose(1, 2, 0)                                  # [N, M, L]
+  dispatch, combine = _exchange_times(act * flows_nm, hw, -np.expm1(-flows_nm))
   dense = _dense_times(b[None, :], hw)
   step = dense + (dispatch + per.max(axis=0) + combine).sum()
   total = b * problem.freq.sum(axis=(1, 2))

@@ -186,7 +186,11 @@ def restore_checkpoint(directory: str | Path, cfg: ModelConfig | str | None = No
         f"{cfg.name!r}: missing {missing or 'none'}; unexpected {extra or 'none'}; wrong shapes "
         f"{bad or 'none'}. Restore with cfg=None to use the checkpoint's own config.")
   saved_dtype = jnp.dtype(meta["param_dtype"])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype), want)
+  # Explicit single-device shardings make a checkpoint written on any backend or device count
+  # (e.g. trained on a GPU) restorable here.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, saved_dtype, sharding=local), want)
   params = ckptr.restore(directory / "params", target)
   params = jax.tree.map(lambda a, ref: jnp.asarray(np.asarray(a).astype(ref.dtype)), params, want)
   nnx.replace_by_pure_dict(state, params)
@@ -203,7 +207,8 @@ def restore_checkpoint(directory: str | Path, cfg: ModelConfig | str | None = No
           f"optimizer state in {directory} has {len(got)} arrays that do not match the given "
           f"optimizer ({len(exp)} arrays expected); restore with the same optax transformation "
           f"that was used for training, or pass tx=None to load the parameters only.")
-    target = {"leaves": [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]}
+    target = {"leaves": [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
+                         for x in leaves]}
     restored = ckptr.restore(directory / "opt_state", target)["leaves"]
     opt_state = jax.tree.unflatten(treedef, restored)
   return model, opt_state, int(meta["step"])

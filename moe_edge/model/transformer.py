@@ -20,6 +20,7 @@ Two hooks make the model usable for placement research:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Optional
 
@@ -374,8 +375,8 @@ def generate(model: MoETransformer, prompt_tokens: jax.Array, max_new: int,
   """Sample ``max_new`` tokens after ``prompt_tokens [B, S0]``; returns ``[B, S0 + max_new]``.
 
   No KV cache: every step re-runs the model on a fixed ``[B, S0 + max_new]`` buffer (causal
-  masking makes the not-yet-written tail irrelevant), so one compiled forward serves all steps
-  at ``O(max_new)`` full forwards of cost. Fine for the small models here; not a serving path.
+  masking makes the not-yet-written tail irrelevant), so one compiled forward (cached per
+  ``moe_fn`` and temperature) serves all steps at ``O(max_new)`` full forwards of cost. Fine for the small models here; not a serving path.
   ``temperature == 0`` is greedy; otherwise sample from ``softmax(logits / temperature)`` with
   ``rng`` (required).
   """
@@ -395,10 +396,20 @@ def generate(model: MoETransformer, prompt_tokens: jax.Array, max_new: int,
                      f"cfg.max_seq_len={model.cfg.max_seq_len}.")
   buf = jnp.zeros((b, total), jnp.int32).at[:, :s0].set(prompt_tokens.astype(jnp.int32))
   rng = jax.random.key(0) if rng is None else rng
+  step = _generate_step(moe_fn, float(temperature))
+  for t in range(s0, total):
+    rng, key = jax.random.split(rng)
+    buf = step(model, buf, jnp.int32(t), key)
+  return buf
+
+
+@functools.lru_cache(maxsize=32)
+def _generate_step(moe_fn: MoeFn | None, temperature: float):
+  """One jitted decoding step ``(model, buf [B, T], t, key) -> buf`` (cached per hook/temp)."""
 
   @nnx.jit
-  def step(m, buf, t, key):
-    logits, _ = m(buf, moe_fn=moe_fn)
+  def step(model, buf, t, key):
+    logits, _ = model(buf, moe_fn=moe_fn)
     last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)  # [B, V]
     if temperature > 0:
       nxt = jax.random.categorical(key, last / temperature, axis=-1)
@@ -406,7 +417,4 @@ def generate(model: MoETransformer, prompt_tokens: jax.Array, max_new: int,
       nxt = jnp.argmax(last, axis=-1)
     return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(jnp.int32)[:, None], t, axis=1)
 
-  for t in range(s0, total):
-    rng, key = jax.random.split(rng)
-    buf = step(model, buf, jnp.int32(t), key)
-  return buf
+  return step

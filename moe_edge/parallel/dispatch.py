@@ -38,7 +38,9 @@ Public API:
   MoEDispatch(x, expert_ids, gates, w_gate, w_up, w_down, mask=None, layer=None)
       -> (y [N*T, d], DispatchStats)
   distributed_moe_fn(mesh, tables, slot_weights, transport, capacity) -> moe_fn for
-      ``MoETransformer(..., moe_fn=...)``
+      ``MoETransformer(..., moe_fn=...)`` (slot weights per layer or stacked)
+  layer_program(mesh, transport, capacity) -> the jitted layer with tables and weights as
+      arguments (for runtimes that keep them on device, e.g. ``moe_edge.parallel.runtime``)
   required_capacity(tables, layer, expert_ids, mask) -> int, bucket_capacity(rows) -> int
 """
 from __future__ import annotations
@@ -402,6 +404,57 @@ def bucket_capacity(rows: int, minimum: int = 8) -> int:
 # --------------------------------------------------------------------------------------------
 # Whole model
 # --------------------------------------------------------------------------------------------
+def layer_weights(tables: SlotTables, slot_weights) -> tuple[dict[str, jax.Array], ...]:
+  """Per-layer slot weights ``L x {name: [N, S, ...]}`` from either layout.
+
+  ``slot_weights`` is :func:`~moe_edge.parallel.mesh.shard_layer_weights`' tuple of per-layer
+  dicts (returned as is) or :func:`~moe_edge.parallel.mesh.shard_expert_weights`' stacked dict
+  ``{name: [N, L, S, ...]}`` (sliced once, here: a copy of the slot weights).
+  """
+  n, l, s = tables.num_servers, tables.num_layers, tables.num_slots
+  if isinstance(slot_weights, dict):
+    missing = [k for k in WEIGHT_NAMES if k not in slot_weights]
+    if missing:
+      raise DispatchError(f"slot_weights lacks {missing}; build it with shard_expert_weights.")
+    for name in WEIGHT_NAMES:
+      w = slot_weights[name]
+      if w.ndim != 5 or w.shape[:3] != (n, l, s):
+        raise DispatchError(f"slot_weights[{name!r}] must be [N, L, S, ...] = [{n}, {l}, {s}, "
+                            f"...], got {w.shape}; rebuild it from these tables.")
+    return tuple({name: slot_weights[name][:, layer] for name in WEIGHT_NAMES}
+                 for layer in range(l))
+  per = tuple(slot_weights)
+  if len(per) != l:
+    raise DispatchError(f"per-layer slot_weights has {len(per)} layers but the tables have {l}; "
+                        f"build it with shard_layer_weights from these tables.")
+  for layer, wl in enumerate(per):
+    missing = [k for k in WEIGHT_NAMES if k not in wl]
+    if missing:
+      raise DispatchError(f"slot_weights[{layer}] lacks {missing}; build it with "
+                          f"shard_layer_weights.")
+    for name in WEIGHT_NAMES:
+      w = wl[name]
+      if w.ndim != 4 or w.shape[:2] != (n, s):
+        raise DispatchError(f"slot_weights[{layer}][{name!r}] must be [N, S, ...] = [{n}, {s}, "
+                            f"...], got {w.shape}; rebuild it from these tables.")
+  return per
+
+
+def layer_program(mesh: Mesh, transport: str = "padded",
+                  capacity: int | None = None) -> Callable:
+  """The jitted ``shard_map`` MoE layer, for callers that keep tables and weights on device.
+
+  ``fn(x [N*T, d], expert_ids [N*T, k] int32, gates [N*T, k], mask [N*T] bool,
+  route [N, E] int32, dest_slot [N, E] int32, w_gate [N, S, d, f], w_up [N, S, d, f],
+  w_down [N, S, f, d]) -> (y [N*T, d], DispatchStats)``, every argument sharded over
+  ``server`` (leading axis). Usable inside an outer ``jax.jit`` with traced tables and weights,
+  so one compiled program serves every placement of the same shapes. No input checks: use
+  :class:`MoEDispatch` for checked calls.
+  """
+  check_transport(mesh, transport)
+  return _compiled_layer(mesh, transport, _check_capacity(capacity))
+
+
 class DistributedMoE:
   """A ``moe_fn`` for ``MoETransformer(tokens, moe_fn=...)`` that dispatches per placement.
 
@@ -410,22 +463,19 @@ class DistributedMoE:
   slot weights given here; the model's own dense expert weights passed to the call are only
   shape-checked. Usable inside ``jax.jit``. Inside a jitted model an overflowing explicit
   ``capacity`` cannot raise: the layer output is NaN instead.
+
+  ``slot_weights`` is per layer (:func:`~moe_edge.parallel.mesh.shard_layer_weights`, used as
+  is) or stacked (:func:`~moe_edge.parallel.mesh.shard_expert_weights`, split into per-layer
+  arrays once here), so each layer's expert matmuls read whole buffers rather than a slice
+  taken inside the program (see :func:`layer_weights`).
   """
 
-  def __init__(self, mesh: Mesh, tables: SlotTables, slot_weights: dict[str, jax.Array],
+  def __init__(self, mesh: Mesh, tables: SlotTables, slot_weights,
                transport: str = "padded", capacity: int | None = None):
     tables.check_mesh(mesh)
     check_transport(mesh, transport)
-    missing = [k for k in WEIGHT_NAMES if k not in slot_weights]
-    if missing:
-      raise DispatchError(f"slot_weights lacks {missing}; build it with shard_expert_weights.")
-    n, l, s = tables.num_servers, tables.num_layers, tables.num_slots
-    for name in WEIGHT_NAMES:
-      w = slot_weights[name]
-      if w.ndim != 5 or w.shape[:3] != (n, l, s):
-        raise DispatchError(f"slot_weights[{name!r}] must be [N, L, S, ...] = [{n}, {l}, {s}, "
-                            f"...], got {w.shape}; rebuild it from these tables.")
-    self.mesh, self.tables, self.slot_weights = mesh, tables, slot_weights
+    self.mesh, self.tables = mesh, tables
+    self.layer_weights = layer_weights(tables, slot_weights)
     self.transport, self.capacity = transport, _check_capacity(capacity)
     self._tables = tables_on_mesh(tables, mesh)
     self._fn = _compiled_layer(mesh, transport, self.capacity)
@@ -437,22 +487,24 @@ class DistributedMoE:
     if b % n:
       raise DispatchError(f"batch of {b} sequences is not a multiple of the {n} servers; every "
                           f"server needs the same number of sequences (pad the batch).")
+    w = self.layer_weights[layer]
     if w_gate is not None:
-      want = (self.tables.num_experts, d, self.slot_weights["w_gate"].shape[-1])
+      want = (self.tables.num_experts, d, w["w_gate"].shape[-1])
       if tuple(w_gate.shape) != want:
         raise DispatchError(f"the model's layer-{layer} experts are {tuple(w_gate.shape)} but "
                             f"the slot weights are for [E, d, f] = {list(want)}; the placement "
                             f"or its weights belong to another model.")
     k = expert_ids.shape[-1]
-    w = [self.slot_weights[name][:, layer] for name in WEIGHT_NAMES]
     y, _ = self._fn(x.reshape(b * sq, d), expert_ids.reshape(b * sq, k).astype(jnp.int32),
                     gates.reshape(b * sq, k), jnp.ones((b * sq,), bool),
-                    self._tables["route"][:, layer], self._tables["dest_slot"][:, layer], *w)
+                    self._tables["route"][:, layer], self._tables["dest_slot"][:, layer],
+                    *(w[name] for name in WEIGHT_NAMES))
     return y.reshape(b, sq, d)
 
 
-def distributed_moe_fn(mesh: Mesh, tables: SlotTables, slot_weights: dict[str, jax.Array],
+def distributed_moe_fn(mesh: Mesh, tables: SlotTables, slot_weights,
                        transport: str = "padded", capacity: int | None = None) -> DistributedMoE:
   """``moe_fn(layer, x [B,S,d], expert_ids [B,S,k], gates [B,S,k], w_gate, w_up, w_down)``
-  running every MoE layer distributed per ``tables`` (see :class:`DistributedMoE`)."""
+  running every MoE layer distributed per ``tables`` (see :class:`DistributedMoE`);
+  ``slot_weights`` per layer or stacked (:func:`layer_weights`)."""
   return DistributedMoE(mesh, tables, slot_weights, transport, capacity)

@@ -230,6 +230,36 @@ def tables_from_placement(placement: Placement, num_slots: int | None = None,
 WEIGHT_NAMES = ("w_gate", "w_up", "w_down")
 
 
+def _checked_weights(w_gate, w_up, w_down, tables: SlotTables) -> dict[str, np.ndarray]:
+  """The three ``[L, E, ...]`` expert weight arrays as host arrays, checked against ``tables``."""
+  weights = dict(w_gate=np.asarray(w_gate), w_up=np.asarray(w_up), w_down=np.asarray(w_down))
+  l, e = tables.num_layers, tables.num_experts
+  for name, w in weights.items():
+    if w.ndim != 4:
+      raise MeshError(f"{name} must be [L, E, ...] with 4 axes, got shape {w.shape}.")
+    if w.shape[:2] != (l, e):
+      raise MeshError(f"{name} has [L, E] = {list(w.shape[:2])} but the placement covers "
+                      f"[{l}, {e}]; the placement and the weights are for different models.")
+  d, f = weights["w_gate"].shape[2:]
+  if weights["w_up"].shape[2:] != (d, f) or weights["w_down"].shape[2:] != (f, d):
+    raise MeshError(f"expert weights disagree: w_gate {weights['w_gate'].shape}, w_up "
+                    f"{weights['w_up'].shape}, w_down {weights['w_down'].shape}; expected "
+                    f"[L, E, d, f], [L, E, d, f], [L, E, f, d].")
+  return weights
+
+
+def _slot_rows(w: np.ndarray, slot: np.ndarray, servers, layers) -> np.ndarray:
+  """``[len(servers), len(layers), S, ...]``: the experts in the slots (zeros where empty).
+
+  ``w [L, E, ...]`` host weights, ``slot [N, L, S]`` the slot table.
+  """
+  servers, layers = list(servers), list(layers)
+  sub = slot[np.ix_(servers, layers)]                                   # [n, l, S]
+  rows = w[np.asarray(layers)[None, :, None], np.maximum(sub, 0)]        # [n, l, S, ...]
+  keep = (sub >= 0).reshape(sub.shape + (1,) * (w.ndim - 2))
+  return np.where(keep, rows, np.zeros((), w.dtype)).astype(w.dtype)
+
+
 def shard_expert_weights(w_gate, w_up, w_down, tables: SlotTables,
                          mesh: Mesh) -> dict[str, jax.Array]:
   """Gather every server's experts into its slots and place them on its device.
@@ -244,38 +274,52 @@ def shard_expert_weights(w_gate, w_up, w_down, tables: SlotTables,
     ``{"w_gate": [N, L, S, d, f], "w_up": [N, L, S, d, f], "w_down": [N, L, S, f, d]}``, leading
     axis sharded over ``server``; slot ``s`` of server ``n`` holds expert
     ``slot_expert[n, l, s]``, empty slots are zero. Each device's block is built on its own (and
-    under ``jax.distributed`` each process builds only its devices' blocks).
+    under ``jax.distributed`` each process builds only its devices' blocks). For serving, prefer
+    :func:`shard_layer_weights` (one array per layer: no per-layer slicing inside the program).
   """
   tables.check_mesh(mesh)
-  weights = dict(w_gate=np.asarray(w_gate), w_up=np.asarray(w_up), w_down=np.asarray(w_down))
-  l, e = tables.num_layers, tables.num_experts
-  for name, w in weights.items():
-    if w.ndim != 4:
-      raise MeshError(f"{name} must be [L, E, ...] with 4 axes, got shape {w.shape}.")
-    if w.shape[:2] != (l, e):
-      raise MeshError(f"{name} has [L, E] = {list(w.shape[:2])} but the placement covers "
-                      f"[{l}, {e}]; the placement and the weights are for different models.")
-  d, f = weights["w_gate"].shape[2:]
-  if weights["w_up"].shape[2:] != (d, f) or weights["w_down"].shape[2:] != (f, d):
-    raise MeshError(f"expert weights disagree: w_gate {weights['w_gate'].shape}, w_up "
-                    f"{weights['w_up'].shape}, w_down {weights['w_down'].shape}; expected "
-                    f"[L, E, d, f], [L, E, d, f], [L, E, f, d].")
-  slot = tables.slot_expert  # [N, L, S]
-  used = slot >= 0
-  safe = np.where(used, slot, 0)
+  weights = _checked_weights(w_gate, w_up, w_down, tables)
+  n, l = tables.num_servers, tables.num_layers
   sharding = row_sharding(mesh)
   out = {}
   for name, w in weights.items():
-    shape = (tables.num_servers, l, tables.num_slots) + w.shape[2:]
+    shape = (n, l, tables.num_slots) + w.shape[2:]
 
     def block(index, w=w):
-      servers = range(*index[0].indices(tables.num_servers))
-      rows = [np.where(used[n][..., None, None], w[np.arange(l)[:, None], safe[n]], 0)
-              for n in servers]
-      return np.stack(rows).astype(w.dtype)[(slice(None),) + tuple(index[1:])]
+      rows = _slot_rows(w, tables.slot_expert, range(*index[0].indices(n)), range(l))
+      return rows[(slice(None),) + tuple(index[1:])]
 
     out[name] = jax.make_array_from_callback(shape, sharding, block)
   return out
+
+
+def shard_layer_weights(w_gate, w_up, w_down, tables: SlotTables,
+                        mesh: Mesh) -> tuple[dict[str, jax.Array], ...]:
+  """Like :func:`shard_expert_weights`, but one separate array per MoE layer.
+
+  Returns:
+    ``L`` dicts ``{"w_gate": [N, S, d, f], "w_up": [N, S, d, f], "w_down": [N, S, f, d]}``,
+    leading axis sharded over ``server``. A layer's expert matmuls then read their weights
+    straight from these buffers; slicing a stacked ``[N, L, S, ...]`` array per layer inside a
+    jitted model is a separate slice op that a backend may materialise as a copy.
+  """
+  tables.check_mesh(mesh)
+  weights = _checked_weights(w_gate, w_up, w_down, tables)
+  n = tables.num_servers
+  sharding = row_sharding(mesh)
+  out = []
+  for layer in range(tables.num_layers):
+    per = {}
+    for name, w in weights.items():
+      shape = (n, tables.num_slots) + w.shape[2:]
+
+      def block(index, w=w, layer=layer):
+        rows = _slot_rows(w, tables.slot_expert, range(*index[0].indices(n)), [layer])[:, 0]
+        return rows[(slice(None),) + tuple(index[1:])]
+
+      per[name] = jax.make_array_from_callback(shape, sharding, block)
+    out.append(per)
+  return tuple(out)
 
 
 def tables_on_mesh(tables: SlotTables, mesh: Mesh) -> dict[str, jax.Array]:
@@ -285,5 +329,5 @@ def tables_on_mesh(tables: SlotTables, mesh: Mesh) -> dict[str, jax.Array]:
 
 
 __all__ = ["AXIS", "MeshError", "SlotTables", "WEIGHT_NAMES", "pack_rows", "row_sharding",
-           "server_mesh", "shard_expert_weights", "shard_rows", "tables_from_placement",
-           "tables_on_mesh", "unpack_rows"]
+           "server_mesh", "shard_expert_weights", "shard_layer_weights", "shard_rows",
+           "tables_from_placement", "tables_on_mesh", "unpack_rows"]

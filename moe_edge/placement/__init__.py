@@ -15,22 +15,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-from moe_edge.placement.baselines import greedy_local, random_placement, topology_aware
-from moe_edge.placement.baselines import uniform_ep
-from moe_edge.placement.dancemoe import dancemoe
-from moe_edge.placement.eplb import eplb
-from moe_edge.placement.ilp import ilp
+from moe_edge.placement import baselines, dancemoe, eplb, ilp
 from moe_edge.placement.objective import objective, objective_terms
 from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
 
 METHODS: dict[str, Callable[..., Placement]] = {
-    "dancemoe": dancemoe,
-    "uniform_ep": uniform_ep,
-    "random": random_placement,
-    "greedy_local": greedy_local,
-    "eplb": eplb,
-    "topology_aware": topology_aware,
-    "ilp": ilp,
+    "dancemoe": dancemoe.dancemoe,
+    "uniform_ep": baselines.uniform_ep,
+    "random": baselines.random_placement,
+    "greedy_local": baselines.greedy_local,
+    "eplb": eplb.eplb,
+    "topology_aware": baselines.topology_aware,
+    "ilp": ilp.ilp,
 }
 
 

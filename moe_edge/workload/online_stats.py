@@ -257,6 +257,17 @@ class OnlineStats:
       return _safe_ratio(self.ema_counts, self.ema_tokens)
     return _safe_ratio(self.ring_counts.sum(axis=0), self.ring_tokens.sum(axis=0))
 
+  def window_halves(self) -> tuple[np.ndarray, np.ndarray]:
+    """Window frequencies ``[N, L, E]`` of two disjoint, interleaved halves of the window's steps
+    (ring slots of even and of odd index). A plan fitted on one half and scored on the other
+    gives a gain estimate free of the optimism of scoring a plan on its own sample
+    (:func:`moe_edge.placement.migration.cross_validated_saving`)."""
+    if min(self.steps, self.window) < 2:
+      raise StatsError("window_halves needs at least two steps in the window.")
+    even, odd = self.ring_counts[0::2].sum(axis=0), self.ring_counts[1::2].sum(axis=0)
+    return (_safe_ratio(even, self.ring_tokens[0::2].sum(axis=0)),
+            _safe_ratio(odd, self.ring_tokens[1::2].sum(axis=0)))
+
   def tokens(self, kind: str = "ema") -> np.ndarray:
     """``[N]`` float64 tokens per step of each server (EMA, or mean over the filled window)."""
     _check_kind(kind)

@@ -37,6 +37,7 @@ def test_measure_local_is_sane(measurement):
   m = measurement
   assert m.matmul_flops > 0 and m.copy_bandwidth > 0
   assert len(m.ffn_seconds) == 3 and all(s > 0 for s in m.ffn_seconds)
+  assert len(m.experts_per_call) == 3 and min(m.experts_per_call) >= 1
   bw, flops = m.fitted()
   # The fit is the best of the measured rates, by definition.
   assert bw == pytest.approx(max(m.expert_weight_bytes / s for s in m.ffn_seconds))

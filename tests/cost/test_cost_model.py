@@ -228,18 +228,30 @@ def test_matches_reference_many_chunks(tiny, monkeypatch):
   assert_matches_reference(rep, reference(trace, tiny, cluster, placement))
 
 
-def test_matches_reference_sparse_steps(tiny):
-  # One token per step over 1500 steps: the key space (steps * N * L * E) is far larger than
-  # the token-choices, so the sort-based counting path runs.
-  rng = np.random.default_rng(7)
+@pytest.mark.parametrize("n_experts,tokens_per_step,peak_scale,path", [
+    (8, 1, 1.0, "_chunk_sparse"), (40, 1, 1e3, "_chunk_small"), (128, 3, 1e3, "_chunk_small"),
+    (128, 3, 1e-3, "_chunk_sparse")])
+def test_matches_reference_small_steps(n_experts, tokens_per_step, peak_scale, path):
+  # Many steps of few tokens: the key space (steps * N * L * E) is far larger than the
+  # token-choices, so the counting runs on expert bit masks (every used expert weight-read
+  # bound: fast servers) or on sorted keys (slow servers). 128 experts take two mask words.
+  model = ModelConfig(name="wide", vocab_size=16, d_model=8, n_layers=2, n_heads=1,
+                      n_kv_heads=1, head_dim=8, n_experts=n_experts, top_k=2, d_ff_expert=4)
+  rng = np.random.default_rng(n_experts)
   cluster = random_cluster(rng, 4)
-  placement = random_placement(rng, tiny, cluster)
-  n = 1500
-  trace = random_trace(rng, tiny, 4, n, 1)
-  trace = dataclasses.replace(trace, step=rng.permutation(n).astype(np.int32))
-  assert n * 4 * tiny.n_moe_layers * tiny.n_experts > 4 * n * tiny.n_moe_layers * 2 + (1 << 16)
-  rep = evaluate(trace, tiny, cluster, placement)
-  assert_matches_reference(rep, reference(trace, tiny, cluster, placement))
+  cluster = dataclasses.replace(cluster, servers=tuple(
+      dataclasses.replace(s, peak_flops=s.peak_flops * peak_scale) for s in cluster.servers))
+  placement = random_placement(rng, model, cluster)
+  n_steps = {8: 1500, 40: 400, 128: 200}[n_experts]
+  trace = random_trace(rng, model, 4, n_steps * tokens_per_step, 1)
+  trace = dataclasses.replace(trace, step=rng.permutation(
+      np.repeat(np.arange(n_steps), tokens_per_step)).astype(np.int32))
+  hw = cost_model._hardware(model, cluster, None)
+  chosen = cost_model._counting_path(n_steps, trace.num_tokens * 2 * 2, tokens_per_step,
+                                     cost_model._RouteMaps.build(placement.route), hw)
+  assert chosen.__name__ == path  # the premise of this case
+  rep = evaluate(trace, model, cluster, placement)
+  assert_matches_reference(rep, reference(trace, model, cluster, placement))
 
 
 # --------------------------------------------------------------------------------------------
