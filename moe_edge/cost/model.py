@@ -69,9 +69,17 @@ take maxima of expectations where the expectation of a maximum is meant; as ``E[
 (Jensen), the expected step time is a lower bound of the mean step time under the Poisson model,
 and it approaches :func:`evaluate` as batches grow and relative fluctuations shrink.
 
-Implementation: token-choices are counted per (step, source server, layer, expert) with one
-``bincount`` (dense or sort-based, whichever is smaller), then pushed through the route table on
-the counted keys, not on every choice; steps are processed in chunks to bound memory.
+Implementation (vectorised numpy; steps are processed in chunks to bound memory), one of three
+exact counting paths per chunk:
+
+* few large steps: token-choices counted densely per (step, source server, layer, expert) with
+  one ``bincount``, then pushed through the route table on the counted table (not per choice);
+* many small steps where no expert can reach its FLOP-bound regime (``B[s] F_e / peak <= W_e /
+  mbw``, every used expert costs its weight read): each token's experts as 64-bit masks, OR-ed
+  per (step, computing server) and counted with ``popcount``;
+* otherwise: the (step, server, layer, expert) keys are sorted (``np.unique``).
+
+``benchmarks/bench_cost.py`` measures the throughput.
 """
 from __future__ import annotations
 
@@ -280,7 +288,7 @@ class _RouteMaps:
   shape: tuple[int, int, int]
   dest: np.ndarray          # [N, L, E] int64 computing server m
   on_index: np.ndarray      # [N, L * E] int64 flat index (m * L + l) * E + e of the computation
-  to: np.ndarray            # [N, L, E, M] float64 one-hot of the destination
+  to32: np.ndarray          # [N, L, E, M] float32 one-hot of the destination
   bits: np.ndarray          # [N, L, M, W] uint64 bit e % 64 of word e // 64: experts sent to m
 
   @classmethod
@@ -289,7 +297,7 @@ class _RouteMaps:
     dest = route.astype(np.int64)
     le = np.arange(n_lay * n_exp, dtype=np.int64).reshape(n_lay, n_exp)
     on_index = (dest * n_lay * n_exp + le[None]).reshape(n_srv, -1)
-    to = np.eye(n_srv)[dest]
+    to = np.eye(n_srv, dtype=np.float32)[dest]
     e = np.arange(n_exp)
     words = -(-n_exp // 64)
     bit = np.left_shift(np.uint64(1), (e % 64).astype(np.uint64))                 # [E]
@@ -329,23 +337,40 @@ def _chunks(step_tokens: np.ndarray, choices_per_token: int, flows_per_step: int
 #   per    [M, S_c, L]    float64: expert compute seconds of server m at layer l.
 def _chunk_dense(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: int,
                  maps: _RouteMaps, hw: _Hardware):
-  """Few large steps: dense counts over (step, server, layer, expert)."""
+  """Few large steps: dense counts over (step, server, layer, expert).
+
+  Counts go through float32 where that is exact (every count below 2**24: at most the step's
+  tokens times k). When no step has enough tokens for an expert to become FLOP bound, only
+  whether an expert is used matters and a boolean table replaces the counts.
+  """
   n_srv, n_lay, n_exp = maps.shape
   le = n_lay * n_exp
+  biggest = int(np.bincount(sloc).max())                  # tokens of the largest step
+  exact32 = biggest * ids.shape[2] < 2**24
   row = (sloc * n_srv + srv)[:, None] * le + np.arange(0, le, n_exp)[None, :]   # [T_c, L]
   src = np.bincount((row[:, :, None] + ids).ravel(), minlength=n_steps * n_srv * le)
-  src = np.ascontiguousarray(src.reshape(n_steps, n_srv * le).T)    # [N * L * E, S_c]
-  on = np.zeros_like(src)
-  for n in range(n_srv):  # (l, e) -> (m, l, e) is one-to-one for a fixed source n
-    on[maps.on_index[n]] += src[n * le:(n + 1) * le]
-  on = on.reshape(n_srv, n_lay, n_exp, n_steps)
-  srcf = src.reshape(n_srv, n_lay, n_exp, n_steps).astype(np.float64)
+  src = np.ascontiguousarray(src.reshape(n_steps, n_srv * le).T,
+                             dtype=np.float32 if exact32 else np.float64)
+  srcn = src.reshape(n_srv, n_lay, n_exp, n_steps)        # [N, L, E, S_c]
   routed = np.empty((n_srv, n_srv, n_steps, n_lay))
   for n in range(n_srv):  # [L, S_c, E] @ [L, E, M] -> [L, S_c, M]
-    routed[n] = np.matmul(srcf[n].transpose(0, 2, 1), maps.to[n]).transpose(2, 1, 0)
-  read = hw.expert_read[:, None, None, None]
-  flop = hw.expert_flop[:, None, None, None]
-  per = np.maximum((on > 0) * read, on * flop).sum(axis=2)   # max(.,.) is 0 where unused
+    routed[n] = np.matmul(srcn[n].transpose(0, 2, 1), maps.to32[n].astype(src.dtype)).transpose(
+        2, 1, 0)
+  read_bound = np.all(biggest * hw.expert_flop <= hw.expert_read)
+  on = np.zeros(src.shape, dtype=bool if read_bound else src.dtype)
+  for n in range(n_srv):  # (l, e) -> (m, l, e) is one-to-one for a fixed source n
+    part = src[n * le:(n + 1) * le]
+    if read_bound:
+      on[maps.on_index[n]] |= part > 0
+    else:
+      on[maps.on_index[n]] += part
+  on = on.reshape(n_srv, n_lay, n_exp, n_steps)
+  if read_bound:
+    per = on.sum(axis=2) * hw.expert_read[:, None, None]
+  else:
+    read = hw.expert_read[:, None, None, None]
+    flop = hw.expert_flop[:, None, None, None]
+    per = np.maximum((on > 0) * read, on * flop).sum(axis=2)   # max(.,.) is 0 where unused
   return routed, per.transpose(0, 2, 1)
 
 
@@ -359,21 +384,25 @@ def _chunk_small(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: in
   group = sloc * n_srv + srv
   order = np.argsort(group, kind="stable")             # tokens by (step, source server)
   group, ids, srv = group[order], ids[order], srv[order]
-  bit = _BIT[ids % 64]                                  # [T_c, L, k] uint64
-  if words == 1:
-    tok = bit.sum(axis=-1)[:, :, None]                  # distinct bits: sum == or
-  else:
-    word = ids // 64
-    tok = np.stack([np.where(word == w, bit, np.uint64(0)).sum(axis=-1)
-                    for w in range(words)], axis=-1)    # [T_c, L, W]
+  tok = np.zeros(ids.shape[:2] + (words,), dtype=np.uint64)   # [T_c, L, W] expert masks
+  for r in range(ids.shape[2]):
+    e = ids[:, :, r]
+    if words == 1:
+      tok[:, :, 0] |= _BIT[e]
+    else:
+      bit, word = _BIT[e % 64], e // 64
+      for w in range(words):
+        tok[:, :, w] |= np.where(word == w, bit, np.uint64(0))
   # Token masks restricted to the experts each destination m computes: [L, M, W, T_c].
   hit = tok.transpose(1, 2, 0)[:, None] & np.take(maps.bits.transpose(1, 2, 3, 0), srv, axis=-1)
   starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
   count = _popcount(hit)
   count = count.sum(axis=2, dtype=np.int64) if words > 1 else count[:, :, 0]
   routed = np.zeros((n_srv, n_srv, n_steps, n_lay))
+  biggest = int(np.diff(np.append(starts, len(group))).max())
+  acc = np.uint16 if biggest * ids.shape[2] < 2**16 else np.int64   # exact group sums
   routed[group[starts] % n_srv, :, group[starts] // n_srv, :] = np.add.reduceat(
-      count, starts, axis=-1, dtype=np.int64).transpose(2, 1, 0)    # [G, M, L]
+      count, starts, axis=-1, dtype=acc).transpose(2, 1, 0)         # [G, M, L]
   step_starts = np.flatnonzero(np.concatenate([[True], sloc[order][1:] != sloc[order][:-1]]))
   used = _popcount(np.bitwise_or.reduceat(hit, step_starts, axis=-1)).sum(
       axis=2, dtype=np.int64)                                         # [L, M, S_c]

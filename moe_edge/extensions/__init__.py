@@ -15,7 +15,8 @@ from moe_edge.extensions.similarity import (SimilarityError, calibration_similar
                                             capture_moe_inputs, layer_weight_similarity,
                                             output_similarity, rank_correlation,
                                             routed_weights, weight_similarity)
-from moe_edge.extensions.substitution import (local_preference_moe_fn,
+from moe_edge.extensions.substitution import (drop_remote, drop_remote_transform,
+                                              local_preference_moe_fn,
                                               local_preference_transform, prefer_local,
                                               router_weights, substitute, substitution_moe_fn,
                                               substitution_transform)
@@ -26,6 +27,7 @@ __all__ = [
     "BudgetError", "BudgetSelection", "EnergyModel", "SimilarityError", "TransformError",
     "TransformedMoE", "budget_moe_fn", "budget_transform", "budgeted_selection",
     "calibration_similarity", "capture_moe_inputs", "choice_cost_matrix", "dense_moe_fn",
+    "drop_remote", "drop_remote_transform",
     "identity_transform", "kept_mass", "layer_weight_similarity", "local_preference_moe_fn",
     "local_preference_transform", "output_similarity", "prefer_local", "rank_correlation",
     "replica_costs", "routed_weights", "router_weights", "solve_exact", "solve_greedy",

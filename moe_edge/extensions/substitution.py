@@ -8,16 +8,22 @@ arXiv:2508.18983, where the "local" set is the experts cached in GPU memory):
 * :func:`substitute` -- *importance-driven substitution*: a choice ``(t, r)`` that is remote and
   unimportant (gate ``< threshold``) is replaced by the locally hosted expert of the same layer
   most similar to ``e`` (``sim [E, E]`` from ``similarity.py``) that the token has not already
-  chosen. Important or local choices are never touched. The substitute *inherits the gate* of
-  the choice it replaces (gates are not renormalised: the token still has ``k`` choices with the
-  same weights, so with ``norm_topk_prob`` they still sum to one). ``threshold = 0`` changes
-  nothing; ``threshold > max gate`` substitutes every remote choice that has a local candidate.
+  chosen. Important or local choices are never touched. By default the substitute *inherits the
+  gate* of the choice it replaces (gates are not renormalised: the token still has ``k`` choices
+  with the same weights, so with ``norm_topk_prob`` they still sum to one). With
+  ``scale_gates=True`` the inherited gate is multiplied by ``clip(sim[e, e'], 0, 1)``: for output
+  cosines this is a crude least-squares shrinkage (a substitute whose output is orthogonal to the
+  original's contributes nothing, i.e. the choice is dropped). ``threshold = 0`` changes nothing;
+  ``threshold > max gate`` substitutes every remote choice that has a local candidate.
 * :func:`prefer_local` -- *local-preferring top-k*: re-run the top-k selection on the router
   probabilities; at each rank, if the best remaining expert is remote and a remaining local
   expert's probability is within a relative ``tolerance`` of it (``p_local > (1 - tol) *
   p_best``), take the local one. Gates are the router probabilities of the picked experts,
   renormalised like the model's router (``norm_topk_prob``). ``tolerance = 0`` is exactly the
   model's own top-k (same experts, same order, bitwise the same gates).
+* :func:`drop_remote` -- the control both are judged against: remote choices with gate
+  ``< threshold`` are simply skipped (gate 0, expert parked on an unused local expert so nothing
+  travels), the remaining gates optionally renormalised to the original mass.
 
 :func:`substitution_moe_fn` and :func:`local_preference_moe_fn` wrap them as a ``moe_fn`` for
 the model (``transform.py``), composable with any other ``moe_fn`` such as the distributed
@@ -41,8 +47,8 @@ def _check_tables(hosts, sim) -> None:
 
 
 def substitute(expert_ids: jax.Array, gates: jax.Array, server: jax.Array, hosts: jax.Array,
-               sim: jax.Array, threshold, min_similarity: float = -jnp.inf
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+               sim: jax.Array, threshold, min_similarity: float = -jnp.inf,
+               scale_gates: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Replace remote low-gate choices by the most similar local expert (module docstring).
 
   Args:
@@ -53,9 +59,11 @@ def substitute(expert_ids: jax.Array, gates: jax.Array, server: jax.Array, hosts
     sim: ``[E, E]`` similarity, row ``e`` = how well each expert stands in for ``e``.
     threshold: a choice is a candidate iff remote and ``gate < threshold``.
     min_similarity: substitutes less similar than this are not used (the choice stays remote).
+    scale_gates: multiply a substitute's gate by ``clip(sim, 0, 1)`` (default: inherit it).
 
   Returns:
-    ``(new_ids [T, k] int32, gates [T, k] (unchanged), substituted [T, k] bool)``. No token
+    ``(new_ids [T, k] int32, gates [T, k], substituted [T, k] bool)``; gates are unchanged
+    unless ``scale_gates``. No token
     ever holds the same expert twice: a substitute is local, so it differs from the remote
     expert it replaces, and it is never one of the token's other choices or substitutes.
   """
@@ -67,7 +75,7 @@ def substitute(expert_ids: jax.Array, gates: jax.Array, server: jax.Array, hosts
   eligible = ~is_local & (gates < threshold)
   taken = jnp.any(jax.nn.one_hot(ids, n_exp, dtype=bool), axis=1)     # [T, E]
   sim = sim.astype(jnp.float32)
-  cols, done = [], []
+  cols, done, scale = [], [], []
   for r in range(ids.shape[1]):
     score = jnp.where(local & ~taken, sim[ids[:, r]], -jnp.inf)        # [T, E]
     best = jnp.argmax(score, axis=1).astype(jnp.int32)
@@ -75,7 +83,10 @@ def substitute(expert_ids: jax.Array, gates: jax.Array, server: jax.Array, hosts
     do = eligible[:, r] & (best_score > -jnp.inf) & (best_score >= min_similarity)
     cols.append(jnp.where(do, best, ids[:, r]))
     done.append(do)
+    scale.append(jnp.where(do, jnp.clip(best_score, 0.0, 1.0), 1.0))
     taken = taken | (do[:, None] & jax.nn.one_hot(best, n_exp, dtype=bool))
+  if scale_gates:
+    gates = gates * jnp.stack(scale, axis=1).astype(gates.dtype)
   return jnp.stack(cols, axis=1), gates, jnp.stack(done, axis=1)
 
 
@@ -118,18 +129,51 @@ def prefer_local(probs: jax.Array, server: jax.Array, hosts: jax.Array, top_k: i
   return jnp.stack(ids, axis=1), gates
 
 
+def drop_remote(expert_ids: jax.Array, gates: jax.Array, server: jax.Array, hosts: jax.Array,
+                threshold, renormalize: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Skip remote choices with gate ``< threshold`` (the no-substitute control).
+
+  Args: as :func:`substitute`; ``renormalize`` rescales the kept gates of a token to its
+  original gate mass.
+
+  Returns:
+    ``(ids [T, k] int32, gates [T, k], dropped [T, k] bool)``: a dropped choice has gate 0 and
+    is re-pointed to the lowest-id local expert the token does not use (if any), so a real
+    dispatch sends nothing for it; ids stay distinct.
+  """
+  ids = expert_ids.astype(jnp.int32)
+  n_exp = hosts.shape[1]
+  local = hosts.astype(bool)[server]
+  drop = ~jnp.take_along_axis(local, ids, axis=1) & (gates < threshold)
+  g = jnp.where(drop, 0.0, gates.astype(jnp.float32))
+  if renormalize:
+    kept = jnp.sum(g, axis=-1, keepdims=True)
+    total = jnp.sum(gates.astype(jnp.float32), axis=-1, keepdims=True)
+    g = jnp.where(kept > 0, g * (total / jnp.where(kept > 0, kept, 1.0)), 0.0)
+  taken = jnp.any(jax.nn.one_hot(ids, n_exp, dtype=bool), axis=1)
+  cols = []
+  for r in range(ids.shape[1]):
+    spare = local & ~taken
+    slot = jnp.argmax(spare, axis=1).astype(jnp.int32)
+    park = drop[:, r] & jnp.any(spare, axis=1)
+    cols.append(jnp.where(park, slot, ids[:, r]))
+    taken = taken | (park[:, None] & jax.nn.one_hot(slot, n_exp, dtype=bool))
+  return jnp.stack(cols, axis=1), g, drop
+
+
 # --------------------------------------------------------------------------------------------
 # As routing transforms / moe_fn wrappers
 # --------------------------------------------------------------------------------------------
-def substitution_transform(hosts, sim, server, threshold,
-                           min_similarity: float = -jnp.inf) -> RoutingTransform:
+def substitution_transform(hosts, sim, server, threshold, min_similarity: float = -jnp.inf,
+                           scale_gates: bool = False) -> RoutingTransform:
   """Routing transform applying :func:`substitute` at every MoE layer.
 
   Args:
     hosts: ``[N, L, E] bool`` the placement; sim: ``[L, E, E]``.
     server: server of each batch row ``[B]`` or token ``[B, S]`` (batch-row layout of the
       distributed dispatch: row ``b`` is on server ``b // (B / N)``).
-    threshold, min_similarity: see :func:`substitute` (may be traced values).
+    threshold, min_similarity, scale_gates: see :func:`substitute` (the first two may be
+      traced values).
   """
   hosts, sim = jnp.asarray(hosts, bool), jnp.asarray(sim, jnp.float32)
   if sim.ndim != 3 or hosts.ndim != 3 or sim.shape != (hosts.shape[1],) + hosts.shape[2:] * 2:
@@ -140,18 +184,37 @@ def substitution_transform(hosts, sim, server, threshold,
     b, s, k = expert_ids.shape
     srv = token_servers(server, (b, s))
     ids, g, ch = substitute(expert_ids.reshape(b * s, k), gates.reshape(b * s, k), srv,
-                            hosts[:, layer], sim[layer], threshold, min_similarity)
+                            hosts[:, layer], sim[layer], threshold, min_similarity,
+                            scale_gates)
     return ids.reshape(b, s, k), g.reshape(b, s, k), ch.reshape(b, s, k)
 
   return with_shape(transform, *hosts.shape[1:])
 
 
 def substitution_moe_fn(hosts, sim, server, threshold, moe_fn: MoeFn | None = None,
-                        record: bool = False, min_similarity: float = -jnp.inf
-                        ) -> TransformedMoE:
+                        record: bool = False, min_similarity: float = -jnp.inf,
+                        scale_gates: bool = False) -> TransformedMoE:
   """``moe_fn`` that substitutes (:func:`substitution_transform`) and then runs ``moe_fn``."""
-  return TransformedMoE(substitution_transform(hosts, sim, server, threshold, min_similarity),
-                        moe_fn, record)
+  return TransformedMoE(substitution_transform(hosts, sim, server, threshold, min_similarity,
+                                               scale_gates), moe_fn, record)
+
+
+def drop_remote_transform(hosts, server, threshold, renormalize: bool = True
+                          ) -> RoutingTransform:
+  """Routing transform applying :func:`drop_remote` at every MoE layer (``hosts [N, L, E]``)."""
+  hosts = jnp.asarray(hosts, bool)
+  if hosts.ndim != 3:
+    raise TransformError(f"hosts must be [N, L, E], got {tuple(hosts.shape)}.")
+
+  def transform(layer, x, expert_ids, gates):
+    del x
+    b, s, k = expert_ids.shape
+    ids, g, ch = drop_remote(expert_ids.reshape(b * s, k), gates.reshape(b * s, k),
+                             token_servers(server, (b, s)), hosts[:, layer], threshold,
+                             renormalize)
+    return ids.reshape(b, s, k), g.reshape(b, s, k), ch.reshape(b, s, k)
+
+  return with_shape(transform, *hosts.shape[1:])
 
 
 def local_preference_transform(router_weights, hosts, server, top_k: int, tolerance,

@@ -83,14 +83,6 @@ def layer_budgets(freq: np.ndarray, capacity: np.ndarray) -> np.ndarray:
   return budget
 
 
-def _group_sum(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Unique ``keys [P]`` and the sums of ``values [P, ...]`` over equal keys."""
-  order = np.argsort(keys, kind="stable")
-  k = keys[order]
-  start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
-  return k[start], np.add.reduceat(values[order], start, axis=0)
-
-
 class _Greedy:
   """State of steps 2 and 3 in layer-major layout ``[L, N, E]`` (module docstring).
 
@@ -118,8 +110,9 @@ class _Greedy:
     self.d = np.broadcast_to(self.far[None, :, None], self.tl.shape).copy()
     self.a = np.full(self.tl.shape, -1, dtype=np.int64)
     r = self.far[:, None] - tau  # [source m, new copy n]
-    self.c = np.einsum("lme,mn->lne", self.tl, np.maximum(r, 0.0))
-    self.delta = np.einsum("lme,mn->lne", self.tl, (r > 0).astype(np.float64))
+    t_le = self.tl.transpose(0, 2, 1)  # [L, E, source]
+    self.c = np.ascontiguousarray((t_le @ np.maximum(r, 0.0)).transpose(0, 2, 1))
+    self.delta = np.ascontiguousarray((t_le @ (r > 0).astype(np.float64)).transpose(0, 2, 1))
     self.load = np.zeros((nl, n))
     g = self.c - self.penalty(np.arange(nl)[:, None, None], np.arange(n)[None, :, None],
                               self.delta)
@@ -149,46 +142,72 @@ class _Greedy:
     self.past[lk, nk] = np.take_along_axis(g, order, axis=1)
     self.ptr[lk, nk] = 0
 
-  def heads(self, lk, nk):
-    """Best candidate ``(expert, gain)`` of rows (lk, nk); ``gain = -inf`` when none is left."""
+  def heads(self, lk, nk, window=16):
+    """Best candidate ``(expert, gain)`` of rows (lk, nk); ``gain = -inf`` when none is left.
+
+    A head whose gain fell below the next past gain is unsettled: the next ``window``
+    candidates are re-evaluated and re-sorted, which settles the row when their best is at least
+    the past gain after the window; rows that are still unsettled are re-sorted in full.
+    """
     e = self.tl.shape[2]
-    for attempt in range(2):
-      p = np.minimum(self.ptr[lk, nk], e - 1)
-      ek = self.order[lk, nk, p]
-      g = np.where(self.ptr[lk, nk] < e, self.gain(lk, nk, ek), -np.inf)
-      nxt = np.where(p + 1 < e, self.past[lk, nk, np.minimum(p + 1, e - 1)], -np.inf)
-      unsettled = (g < nxt) & (self.ptr[lk, nk] < e)
-      if attempt or not unsettled.any():
-        return ek, g
-      self._resort(lk[unsettled], nk[unsettled])  # exact afterwards
+    ptr = self.ptr[lk, nk]
+    p = np.minimum(ptr, e - 1)
+    ek = self.order[lk, nk, p]
+    g = np.where(ptr < e, self.gain(lk, nk, ek), -np.inf)
+    nxt = np.where(p + 1 < e, self.past[lk, nk, np.minimum(p + 1, e - 1)], -np.inf)
+    bad = np.flatnonzero((g < nxt) & (ptr < e))
+    if bad.size == 0:
+      return ek, g
+    bl, bn, bp = lk[bad], nk[bad], p[bad]
+    idx = np.minimum(bp[:, None] + np.arange(window)[None, :], e - 1)  # [B, W]
+    valid = bp[:, None] + np.arange(window)[None, :] < e
+    we = self.order[bl[:, None], bn[:, None], idx]
+    wg = np.where(valid, self.gain(bl[:, None], bn[:, None], we), -np.inf)
+    after = bp + window
+    bound = np.where(after < e, self.past[bl, bn, np.minimum(after, e - 1)], -np.inf)
+    ok = wg.max(axis=1) >= bound
+    srt = np.argsort(-wg, axis=1, kind="stable")
+    we, wg = np.take_along_axis(we, srt, axis=1), np.take_along_axis(wg, srt, axis=1)
+    o = np.flatnonzero(ok)
+    keep = valid[o]  # write back only real positions (the window is left-aligned: a prefix)
+    rows_o = np.broadcast_to(o[:, None], keep.shape)[keep]
+    pos = idx[o][keep]
+    self.order[bl[rows_o], bn[rows_o], pos] = we[o][keep]
+    self.past[bl[rows_o], bn[rows_o], pos] = wg[o][keep]
+    if (~ok).any():
+      self._resort(bl[~ok], bn[~ok])
+    ek[bad] = self.order[bl, bn, np.where(ok, bp, 0)]
+    g[bad] = self.past[bl, bn, np.where(ok, bp, 0)]
     return ek, g
 
   def add(self, lk, nk, ek):
     """Add copies (lk, nk, ek) (distinct columns) and update every derived quantity."""
     n = self.tl.shape[1]
-    n_exp = self.tl.shape[2]
     old_a, old_d = self.a[lk, :, ek], self.d[lk, :, ek]  # [K, N]
     self.hosts[lk, nk, ek] = True
     self.covered[lk, ek] = True
-    kk, mm = np.nonzero(self.tau[:, nk].T < old_d)  # sources now closer to the new copy
+    kk, mm = np.nonzero(self.tau[:, nk].T < old_d)  # sources now closer, grouped by copy
     lp, ep, np_ = lk[kk], ek[kk], nk[kk]
     tp = self.tl[lp, mm, ep]
     src = old_a[kk, mm]
     away = src >= 0
-    cells, moved = _group_sum(np.concatenate([lp[away] * n + src[away], lp * n + np_]),
-                              np.concatenate([-tp[away], tp]))
-    self.load.reshape(-1)[cells] += moved
+    self.load += np.bincount(np.concatenate([lp[away] * n + src[away], lp * n + np_]),
+                             weights=np.concatenate([-tp[away], tp]),
+                             minlength=self.load.size).reshape(self.load.shape)
     d_old, d_new = old_d[kk, mm], self.tau[mm, np_]
     self.d[lp, mm, ep], self.a[lp, mm, ep] = d_new, np_
     # c[n] = sum_m T[m] relu(d[m] - tau[m, n]): add each moved source's change, for every n.
-    r_old = d_old[:, None] - self.tau[mm]  # [P, N]
-    r_new = d_new[:, None] - self.tau[mm]
-    dc = tp[:, None] * (np.maximum(r_new, 0.0) - np.maximum(r_old, 0.0))
-    dd = tp[:, None] * ((r_new > 0).astype(np.float64) - (r_old > 0))
-    cols, sums = _group_sum(lp * n_exp + ep, np.stack([dc, dd], axis=1))
-    cl, ce = cols // n_exp, cols % n_exp
-    self.c[cl, :, ce] += sums[:, 0]
-    self.delta[cl, :, ce] += sums[:, 1]
+    if kk.size == 0:
+      return
+    # relu(d_new - x) - relu(d_old - x) = -clip(d_old - x, 0, d_old - d_new), x = tau[m, n].
+    gap = d_old[:, None] - self.tau[mm]  # [P, N]
+    dc = np.clip(gap, 0.0, (d_old - d_new)[:, None]) * -tp[:, None]
+    start = np.flatnonzero(np.concatenate([[True], kk[1:] != kk[:-1]]))
+    k = kk[start]
+    self.c[lk[k], :, ek[k]] += np.add.reduceat(dc, start, axis=0)
+    if self.lam:  # delta loses the sources with d_new <= x < d_old
+      dd = ((gap > 0) & (self.tau[mm] >= d_new[:, None])) * -tp[:, None]
+      self.delta[lk[k], :, ek[k]] += np.add.reduceat(dd, start, axis=0)
 
   def fill(self, room, budget_left=None):
     """Greedy rounds until no positive gain fits; returns copies added. Modifies ``room``.
@@ -201,7 +220,7 @@ class _Greedy:
     n_lay, n = self.ptr.shape
     n_exp = self.tl.shape[2]
     while True:
-      ok = room[None, :] > 0
+      ok = np.broadcast_to(room[None, :] > 0, (n_lay, n))
       if budget_left is not None:
         ok = ok & (budget_left > 0)
       lk, nk = np.nonzero(ok)
@@ -236,13 +255,17 @@ class _Greedy:
   def removal_loss(self, lk, ek):
     """``[K, N]`` comm cost of dropping each copy of columns (lk, ek) (inf: not removable)."""
     h = self.hosts[lk, :, ek]  # [K, N]
-    dm = np.where(h[:, None, :], self.tau[None], np.inf)  # [K, source, copy]
-    near = dm.argmin(axis=2)
-    two = np.partition(dm, 1, axis=2)[:, :, :2] if dm.shape[2] > 1 else np.repeat(dm, 2, 2)
-    extra = np.where(np.isfinite(two[:, :, 1]), self.tl[lk, :, ek] * (two[:, :, 1]
-                                                                      - two[:, :, 0]), 0.0)
-    k = np.repeat(np.arange(lk.size), h.shape[1])
-    loss = np.bincount(k * h.shape[1] + near.ravel(), weights=extra.ravel(),
+    k, n = h.shape
+    r = max(int(h.sum(axis=1).max()), 2)
+    copies = np.argsort(~h, axis=1, kind="stable")[:, :r]  # [K, R] hosts first
+    real = np.take_along_axis(h, copies, axis=1)
+    dm = np.where(real[:, None, :], self.tau[:, copies].transpose(1, 0, 2), np.inf)  # [K, m, R]
+    near = np.take_along_axis(copies[:, None, :], dm.argmin(axis=2)[..., None], axis=2)[..., 0]
+    two = np.partition(dm, 1, axis=2)[:, :, :2]
+    extra = np.where(np.isfinite(two[:, :, 1]),
+                     self.tl[lk, :, ek] * (two[:, :, 1] - two[:, :, 0]), 0.0)  # [K, source]
+    rows = np.repeat(np.arange(k), n)
+    loss = np.bincount(rows * n + near.ravel(), weights=extra.ravel(),
                        minlength=h.size).reshape(h.shape)
     return np.where(h & (h.sum(axis=1, keepdims=True) >= 2), loss, np.inf)
 
@@ -280,6 +303,8 @@ class _Greedy:
     count = self.hosts.sum(axis=1)
 
     def refresh(cols_l, cols_e):
+      by_count = np.argsort(count[cols_l, cols_e], kind="stable")  # similar copy counts per block
+      cols_l, cols_e = cols_l[by_count], cols_e[by_count]
       for s in range(0, cols_l.size, _CHUNK):
         bl, be = cols_l[s:s + _CHUNK], cols_e[s:s + _CHUNK]
         lo = self.removal_loss(bl, be)  # [K, N]
@@ -287,14 +312,27 @@ class _Greedy:
         loss[nn, where[bl[kk], nn, be[kk]]] = lo[kk, nn]
 
     refresh(*np.nonzero(count >= 2))
-    pending = np.arange(free, lu.size)
+    pending = np.arange(free, lu.size)  # hottest first
     while pending.size:
-      cold = loss.min(axis=1)
-      srv = np.argmin(cold[None, :] - gain[pending], axis=1)  # [P]
-      first = np.unique(srv, return_index=True)[1]  # one eviction per server per round
-      take = pending[np.sort(first)]
-      srv = srv[np.sort(first)]
-      vj = loss[srv].argmin(axis=1)
+      # Each server's q cheapest copies; an orphan takes the k-th cheapest of its best server
+      # when it is the k-th orphan choosing that server and that still beats its second choice.
+      q = min(8, width)
+      part = np.argpartition(loss, q - 1, axis=1)[:, :q] if width > q else np.tile(
+          np.arange(width), (n, 1))
+      srt = np.argsort(np.take_along_axis(loss, part, axis=1), axis=1, kind="stable")
+      cheap_j = np.take_along_axis(part, srt, axis=1)  # [N, q]
+      cheap = np.take_along_axis(loss, cheap_j, axis=1)
+      score = cheap[None, :, 0] - gain[pending]  # [P, N]
+      srv = np.argmin(score, axis=1)
+      second = np.partition(score, 1, axis=1)[:, 1] if n > 1 else np.full(pending.size, np.inf)
+      by_srv = np.argsort(srv, kind="stable")
+      rank = np.empty_like(srv)
+      rank[by_srv] = np.arange(srv.size) - np.searchsorted(srv[by_srv], srv[by_srv])
+      rk = np.minimum(rank, q - 1)
+      victim_loss = cheap[srv, rk]
+      ok = (rank < q) & np.isfinite(victim_loss) & (
+          (rank == 0) | (victim_loss - gain[pending, srv] <= second))
+      take, srv, vj = pending[ok], srv[ok], cheap_j[srv[ok], rk[ok]]
       vl, ve = copy_l[srv, vj], copy_e[srv, vj]
       # A column keeps at least one copy: at most count - 1 of its copies go per round.
       key = vl * e + ve

@@ -621,6 +621,33 @@ def plan_incremental(problem: PlacementProblem, current: Placement,
   return p
 
 
+def local_coverage(problem: PlacementProblem, hosts: np.ndarray) -> float:
+  """Expected share of token-choices served locally: ``sum(x * hosts) / sum(x)``, ``x`` the
+  traffic (local choices always stay local, so this holds for every valid route)."""
+  total = problem.traffic.sum()
+  return float((problem.traffic * hosts).sum() / total) if total > 0 else 1.0
+
+
+def min_copies_for_coverage(problem: PlacementProblem, current: Placement,
+                            target: float) -> int | None:
+  """A lower bound on the copies any plan needs to lift ``current``'s expected local coverage to
+  ``target`` on ``problem``'s statistics.
+
+  A copy of ``(l, e)`` onto ``n`` makes at most ``x[n, l, e]`` more token-choices local and an
+  eviction only loses, so ``k`` copies reach at most the current coverage plus the ``k`` largest
+  non-local traffics. Returns the least such ``k`` (0 if already there), or None if even copying
+  everything cannot reach ``target``.
+  """
+  total = problem.traffic.sum()
+  cov = local_coverage(problem, current.hosts)
+  if cov >= target:
+    return 0
+  gains = np.sort(np.where(current.hosts, 0.0, problem.traffic).ravel())[::-1]
+  reach = cov + np.cumsum(gains) / total
+  k = int(np.searchsorted(reach, target - 1e-12)) + 1
+  return k if k <= np.count_nonzero(gains) else None
+
+
 def full_replan(problem: PlacementProblem, current: Placement, method: str = "dancemoe",
                 seed: int = 0, **opts) -> Placement:
   """Re-plan from scratch with a placement method (default DanceMoE), slots kept where the

@@ -84,11 +84,11 @@ def nearest_replica_route_fast(hosts: np.ndarray, model: ModelConfig, cluster: C
     near[a:a + _CHUNK] = cm <= cm.min(axis=2, keepdims=True) * (1.0 + slack)
   f_col = col_id[f_lay, f_exp]
   mi = np.flatnonzero(multi)
-  mask = near[f_col[mi], f_srv[mi]]  # [M, N]
-  n_near = mask.sum(axis=1)
-  dest[mi[n_near == 1]] = np.argmax(mask[n_near == 1], axis=1)
+  n_near = near.sum(axis=2)[f_col[mi], f_srv[mi]]  # [M]
+  one = n_near == 1
+  dest[mi[one]] = np.argmax(near, axis=2)[f_col[mi[one]], f_srv[mi[one]]]
   contested = np.zeros(len(f_t), dtype=bool)
-  contested[mi[n_near > 1]] = True
+  contested[mi[~one]] = True
   busy = contested & (f_t > 0)
 
   # Step of each flow: how many busy contested flows of its layer come before it.
@@ -99,7 +99,10 @@ def nearest_replica_route_fast(hosts: np.ndarray, model: ModelConfig, cluster: C
 
   fixed = ~contested & (f_t > 0)
   fx = np.flatnonzero(fixed)
-  fx = fx[np.argsort(before[fx], kind="stable")]
+  key = before[fx]
+  if steps < np.iinfo(np.uint16).max:  # small keys: numpy's stable sort is a radix sort
+    key = key.astype(np.uint16)
+  fx = fx[np.argsort(key, kind="stable")]
   fx_cell = f_lay[fx] * n_srv + dest[fx]
   fx_bounds = np.searchsorted(before[fx], np.arange(steps + 2))
   load_flat = load.reshape(-1)

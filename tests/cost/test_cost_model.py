@@ -34,6 +34,11 @@ def random_cluster(rng, n):
   return ClusterConfig("random", servers, tuple(map(tuple, bw)), tuple(map(tuple, lat)))
 
 
+def scaled_peak(cluster, scale):
+  return dataclasses.replace(cluster, servers=tuple(
+      dataclasses.replace(s, peak_flops=s.peak_flops * scale) for s in cluster.servers))
+
+
 def random_placement(rng, model, cluster, replicas=0.3):
   """Every expert on a random owner plus random replicas; remote tokens go to a random replica."""
   n, l, e = cluster.num_servers, model.n_moe_layers, model.n_experts
@@ -205,10 +210,13 @@ def test_two_server_toy_by_hand():
 # --------------------------------------------------------------------------------------------
 # Against the loop reference
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n_tokens,n_steps", [(120, 1), (150, 6), (40, 40)])
-def test_matches_reference(tiny, n_tokens, n_steps):
+@pytest.mark.parametrize("n_tokens,n_steps,peak_scale", [
+    (120, 1, 1.0), (150, 6, 1.0), (40, 40, 1.0), (150, 6, 1e3)])
+def test_matches_reference(tiny, n_tokens, n_steps, peak_scale):
+  # Few large steps: dense counting; with fast servers (peak_scale) every used expert is
+  # weight-read bound and only the sets of used experts are counted.
   rng = np.random.default_rng(n_tokens + n_steps)
-  cluster = random_cluster(rng, 4)
+  cluster = scaled_peak(random_cluster(rng, 4), peak_scale)
   placement = random_placement(rng, tiny, cluster)
   trace = random_trace(rng, tiny, 4, n_tokens, n_steps)
   fe, be = rng.uniform(0.3, 1.0, 4), rng.uniform(0.3, 1.0, 4)
@@ -238,9 +246,7 @@ def test_matches_reference_small_steps(n_experts, tokens_per_step, peak_scale, p
   model = ModelConfig(name="wide", vocab_size=16, d_model=8, n_layers=2, n_heads=1,
                       n_kv_heads=1, head_dim=8, n_experts=n_experts, top_k=2, d_ff_expert=4)
   rng = np.random.default_rng(n_experts)
-  cluster = random_cluster(rng, 4)
-  cluster = dataclasses.replace(cluster, servers=tuple(
-      dataclasses.replace(s, peak_flops=s.peak_flops * peak_scale) for s in cluster.servers))
+  cluster = scaled_peak(random_cluster(rng, 4), peak_scale)
   placement = random_placement(rng, model, cluster)
   n_steps = {8: 1500, 40: 400, 128: 200}[n_experts]
   trace = random_trace(rng, model, 4, n_steps * tokens_per_step, 1)

@@ -91,6 +91,26 @@ def test_substitute_matches_numpy_and_is_safe(threshold):
       assert set(np.flatnonzero(hosts[server[t]])) <= set(ids[t]) | set(new[t])
 
 
+def test_scaled_gates_and_drop_control():
+  rng = np.random.default_rng(11)
+  ids, gates, server, hosts, sim = random_case(rng, k=3)
+  new, g, mask = (np.asarray(a) for a in sub_lib.substitute(ids, gates, server, hosts, sim, 0.6,
+                                                            scale_gates=True))
+  want = np.where(mask, gates * np.clip(sim[ids, new], 0, 1), gates)
+  np.testing.assert_allclose(g, want, rtol=1e-6)
+  # drop_remote: exactly the remote choices below the threshold lose their gate, the rest are
+  # renormalised to the original mass; dropped choices are parked on unused local experts.
+  d_ids, d_g, drop = (np.asarray(a) for a in sub_lib.drop_remote(ids, gates, server, hosts, 0.6))
+  remote = ~hosts[server[:, None], ids]
+  np.testing.assert_array_equal(drop, remote & (gates < 0.6))
+  kept = np.where(drop, 0, gates)
+  scale = np.where(kept.sum(1) > 0, gates.sum(1) / np.where(kept.sum(1) > 0, kept.sum(1), 1), 0)
+  np.testing.assert_allclose(d_g, kept * scale[:, None], rtol=1e-5)
+  assert all(len(set(row)) == 3 for row in d_ids.tolist())
+  moved = d_ids != ids
+  assert np.all(drop[moved]) and np.all(hosts[server[:, None], d_ids][moved])
+
+
 def test_substitute_respects_min_similarity_and_empty_servers():
   rng = np.random.default_rng(1)
   ids, gates, server, hosts, sim = random_case(rng)

@@ -1,0 +1,821 @@
+"""Serving runtime: a placed MoE model on a ``server`` mesh, live migration and failover.
+
+:class:`ServingRuntime` keeps, per device (= server), the model's dense weights (replicated) and
+only that server's expert slots (one ``[N, S, ...]`` array per MoE layer, sharded over
+``server``), plus the placement's route and slot tables on device. Requests of each server are
+served on that server's device; every MoE layer runs the placement-driven dispatch of
+:mod:`moe_edge.parallel.dispatch`.
+
+Serving
+-------
+* :meth:`ServingRuntime.step` runs one forward pass over every server's batch (``[R_n, S]``
+  token ids per server; servers may have different ``R_n``, padded rows are masked and send
+  nothing) and returns logits, routing and the dispatch statistics of every layer.
+* :meth:`ServingRuntime.generate` decodes greedily. Like :func:`moe_edge.model.transformer.
+  generate` it has no KV cache: each new token re-runs the model over the fixed
+  ``[R, S0 + max_new]`` buffer, with the not-yet-written tail masked out of the dispatch (so it
+  sends nothing; causal attention keeps earlier positions exact).
+
+Both compile once per shape: tables and slot weights are program *arguments*, so a new
+placement with the same slot count reuses the program.
+
+Migration (double buffered)
+---------------------------
+:meth:`ServingRuntime.apply_placement` = :meth:`prepare_placement` + :meth:`commit`:
+
+1. *Slots.* Kept experts keep their slots (:func:`moe_edge.placement.migration.
+   assign_slots_stable` on the runtime's current slot table); new replicas take free slots.
+   ``S`` never shrinks (it may grow; the serving programs then compile once more).
+2. *Copy* (``prepare_placement``). One jitted ``shard_map`` program builds the new slot arrays
+   on every device: kept slots are copied locally, every added replica ``(n, l, e)`` is sent
+   from a current holder by ``jax.lax.ppermute``. Copies are grouped into rounds of one layer in
+   which every source sends to at most one target and every pair carries the same number of
+   rows, so each collective carries exactly the moved experts (no padding on the wire): the
+   bytes on the links are ``copies * expert_bytes``. Sources: the holder that finishes
+   earliest given the link times of ``problem.cluster`` and what it already sends (or the
+   least-busy holder when no problem is given). Replicas with no live holder (after a failure)
+   are read from the checkpointed weights instead (host storage to device).
+3. *Swap* (``commit``). Until then the old tables and old slot arrays stay in use: requests
+   served between copy and swap run on the old placement, unchanged. ``commit`` swaps the
+   tables and slot arrays in one reference assignment under a lock; every step reads them once.
+   Every expert is hosted at every moment (the old arrays hold the old placement until the
+   swap, the new arrays the new one after). The cost is memory: until the swap a device holds
+   its old and new slot arrays.
+
+The copy program is compiled per migration (its pairs and row counts are static).
+
+Failure drill
+-------------
+:meth:`ServingRuntime.fail_server` (needs ``problem``) follows
+:func:`moe_edge.placement.migration.fail_server`: at once the route tables switch to the
+surviving replicas (no data moves); experts the failed server held alone are *unreachable*
+until they are re-loaded from the checkpointed weights onto surviving servers with room (with
+``reload=True``, immediately; else by :meth:`recover`). While any expert is unreachable, a step
+whose tokens pick one raises :class:`UnreachableExpertError` (never a silently wrong output).
+The failed server keeps its place in the mesh (its device holds nothing and gets no tokens);
+on real hardware one rebuilds the mesh over the survivors, which these tables already allow.
+
+Several hosts (GPU)
+-------------------
+Start every host with the same program and join them before building the mesh::
+
+  jax.distributed.initialize(coordinator_address="10.0.0.1:12345", num_processes=P,
+                             process_id=RANK)           # or no arguments under Slurm
+  mesh = server_mesh(cluster.num_servers)            # global devices, device n = server n
+  rt = ServingRuntime(mesh, model, placement, transport="ragged", problem=problem)
+
+* Every process passes the *same* global inputs (model weights, placement, the per-server
+  request lists); each process copies only its own devices' rows, slots and dense replica
+  (``jax.make_array_from_callback``), so no host places another server's experts on its GPU.
+* Results come back per server: entries of servers on other processes are ``None``; the
+  dispatch statistics are replicated and complete on every process.
+* Migration copies and the dispatch are NCCL collectives between the GPUs (``ppermute`` /
+  ``ragged_all_to_all``); the failure drill's reloads read the checkpoint on the receiving
+  host only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe_edge.model.transformer import MoETransformer, expert_weights
+from moe_edge.parallel import dispatch as dispatch_lib
+from moe_edge.parallel.mesh import (AXIS, WEIGHT_NAMES, SlotTables, pack_rows, row_sharding,
+                                    shard_layer_weights, shard_rows, tables_from_placement,
+                                    tables_on_mesh)
+from moe_edge.placement import migration as mig
+from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+from moe_edge.placement.routing import nearest_replica_route_fast
+
+
+class ServingError(ValueError):
+  """A request, placement or migration does not fit the running cluster."""
+
+
+class UnreachableExpertError(ServingError):
+  """Tokens picked an expert that only a failed server held (until it is re-loaded)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+  """One forward pass over every server's batch.
+
+  Attributes:
+    logits: per server ``[R_n, S, V]`` float32 (``None`` for servers of other processes).
+    expert_ids: per server ``[R_n, S, L, k]`` int32, the experts each token picked.
+    send_rows: ``[L, N, N]`` int64 remote token-choices ``[layer, src, dst]`` (the dispatch
+      moves ``send_rows * activation_bytes``; the combine returns the same amount).
+    local_choices, remote_choices: ``[L, N]`` int64 valid token-choices per server and layer.
+  """
+  logits: tuple
+  expert_ids: tuple
+  send_rows: np.ndarray
+  local_choices: np.ndarray
+  remote_choices: np.ndarray
+
+  @property
+  def coverage(self) -> float:
+    """Fraction of token-choices served on the token's own server."""
+    total = self.local_choices.sum() + self.remote_choices.sum()
+    return float(self.local_choices.sum() / max(total, 1))
+
+  def dispatch_bytes(self, activation_bytes: int) -> np.ndarray:
+    """``[L, N, N]`` bytes of the dispatch ``src -> dst`` (``bytes_matrix`` of the cost model)."""
+    return self.send_rows * int(activation_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+  """Greedy generation on every server.
+
+  Attributes:
+    tokens: per server ``[R_n, S0 + max_new]`` int32, prompt and generated tokens.
+    send_rows: ``[N, N]`` int64 remote token-choices over all forwards and layers (what this
+      cache-free runtime really sent; a KV-cache server would send one forward's worth).
+    forwards: forward passes run (``max_new``).
+  """
+  tokens: tuple
+  send_rows: np.ndarray
+  forwards: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+  """One added replica: ``server`` receives expert ``(layer, expert)`` into ``slot`` from
+  ``source`` (its slot ``source_slot``), or from checkpoint storage when ``source == -1``."""
+  server: int
+  layer: int
+  expert: int
+  slot: int
+  source: int
+  source_slot: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationReport:
+  """What a migration moved.
+
+  Attributes:
+    copies: the added replicas, in schedule order.
+    kept: replicas that stayed in their slots (copied locally, nothing on the wire).
+    dropped: replicas freed.
+    expert_bytes: bytes of one expert (three matrices) in the runtime's dtype.
+    rounds: collective rounds (``ppermute`` calls) of the copy program.
+    wire_rows: expert rows the collectives carry (``= len(link_copies)``: no padding).
+    num_slots: ``(S before, S after)``.
+    seconds: wall time from launch until the new arrays were ready (``apply_placement`` only).
+  """
+  copies: tuple[Copy, ...]
+  kept: int
+  dropped: int
+  expert_bytes: int
+  rounds: int
+  wire_rows: int
+  num_slots: tuple[int, int]
+  seconds: float = float("nan")
+
+  @property
+  def moves(self) -> int:
+    return len(self.copies)
+
+  @property
+  def link_copies(self) -> tuple[Copy, ...]:
+    return tuple(c for c in self.copies if c.source >= 0)
+
+  @property
+  def storage_copies(self) -> tuple[Copy, ...]:
+    return tuple(c for c in self.copies if c.source < 0)
+
+  @property
+  def link_bytes(self) -> int:
+    """Expert bytes copied between devices."""
+    return len(self.link_copies) * self.expert_bytes
+
+  @property
+  def wire_bytes(self) -> int:
+    """Bytes the copy program's collectives carry (equals :attr:`link_bytes`)."""
+    return self.wire_rows * self.expert_bytes
+
+  @property
+  def storage_bytes(self) -> int:
+    """Expert bytes read from checkpoint storage (failure recovery)."""
+    return len(self.storage_copies) * self.expert_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class FailoverResult:
+  """A failure drill. ``unreachable``: experts no token could reach until re-loaded (empty when
+  every expert of the failed server had a replica); ``report``: the planner's account
+  (:class:`moe_edge.placement.migration.FailureReport`: rerouted share, reloads, evictions,
+  estimated recovery time); ``reload``: what the runtime moved to recover (None if not yet)."""
+  server: int
+  unreachable: tuple[tuple[int, int], ...]
+  report: mig.FailureReport
+  reload: MigrationReport | None
+
+
+# --------------------------------------------------------------------------------------------
+# Device state
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Active:
+  """What serving reads: one consistent placement, its tables and slot arrays."""
+  placement: Placement
+  tables: SlotTables
+  route: jax.Array
+  dest_slot: jax.Array
+  slots: tuple[dict[str, jax.Array], ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PendingMigration:
+  """New slot arrays being built (or built) for ``placement``; swap them in with
+  :meth:`ServingRuntime.commit`."""
+  placement: Placement
+  report: MigrationReport
+  _active: _Active
+  _base: _Active
+  _program: Callable
+  _args: tuple
+
+  def program_text(self) -> str:
+    """StableHLO of the copy program (to audit what crosses devices, see
+    :func:`collective_permute_bytes`)."""
+    return self._program.lower(*self._args).as_text()
+
+  def ready(self) -> bool:
+    """True when the copy program has finished on every local device."""
+    return all(a.is_ready() for a in jax.tree.leaves(self._active.slots))
+
+  def block(self) -> "PendingMigration":
+    """Wait until the new slot arrays are complete."""
+    jax.block_until_ready(self._active.slots)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class _Round:
+  """One ``ppermute`` of the copy program: ``rows`` experts per pair of layer ``layer``."""
+  layer: int
+  rows: int
+  pairs: tuple[tuple[int, int], ...]
+  send_slots: np.ndarray  # [N, rows] slot each source sends (0 on other devices)
+  recv_slots: np.ndarray  # [N, rows] slot each target writes (S_new = none)
+
+
+_PERMUTE = re.compile(r'"stablehlo\.collective_permute".*?source_target_pairs = dense<(.*?)> : '
+                      r'tensor<(\d+)x2xi64>.*?: \(tensor<([^>]*)>\)')
+_DTYPE_BYTES = dict(f64=8, f32=4, bf16=2, f16=2, i64=8, i32=4, i16=2, i8=1, ui8=1, i1=1)
+
+
+def collective_permute_bytes(stablehlo_text: str) -> int:
+  """Bytes all ``collective_permute`` ops of a lowered program send: for each op, its pairs
+  times its (per-device) operand size. Raises ServingError on an unknown element type."""
+  total = 0
+  for _, pairs, tensor in _PERMUTE.findall(stablehlo_text):
+    *dims, dtype = tensor.split("x")
+    if dtype not in _DTYPE_BYTES:
+      raise ServingError(f"collective_permute of element type {dtype!r} is not counted.")
+    total += int(pairs) * int(np.prod([int(x) for x in dims])) * _DTYPE_BYTES[dtype]
+  return total
+
+
+def _is_routed_expert(path, x) -> bool:
+  """nnx filter: the ``[E, d, f]`` / ``[E, f, d]`` routed-expert weights of MoE blocks."""
+  return bool(path) and path[-1] in WEIGHT_NAMES and len(x.shape) == 3
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(graphdef, experts_treedef, experts_leaves: tuple, mesh: Mesh, transport: str,
+              capacity: int | None) -> tuple[Callable, Callable]:
+  """The jitted ``(forward, decode)`` of one model structure on one mesh and transport.
+
+  Shared by every runtime of the same model shape (so tests and restarts compile once). The
+  routed expert weights of the model are replaced by zeros inside the program (the dispatch
+  reads the slot arrays instead; XLA drops the unused zeros), so the devices hold only the
+  dense weights and their own slots.
+  """
+  layer_fn = dispatch_lib.layer_program(mesh, transport, capacity)
+  abstract = jax.tree_util.tree_unflatten(
+      experts_treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in experts_leaves])
+
+  def forward(dense, slots, route, dest_slot, tokens, token_mask, routing):
+    """``tokens [B, S]``, ``token_mask [B, S]`` -> logits, expert ids, stacked DispatchStats."""
+    experts = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+    model = nnx.merge(graphdef, experts, dense)
+    b, s = tokens.shape
+    mask = token_mask.reshape(b * s)
+    stats = []
+
+    def moe_fn(layer, x, ids, gates, *unused):
+      d, k = x.shape[-1], ids.shape[-1]
+      w = slots[layer]
+      y, st = layer_fn(x.reshape(b * s, d), ids.reshape(b * s, k).astype(jnp.int32),
+                       gates.reshape(b * s, k), mask, route[:, layer], dest_slot[:, layer],
+                       w["w_gate"], w["w_up"], w["w_down"])
+      stats.append(st)
+      return y.reshape(b, s, d)
+
+    logits, aux = model(tokens, routing=routing, moe_fn=moe_fn)
+    return logits, aux["expert_ids"], jax.tree.map(lambda *a: jnp.stack(a), *stats)
+
+  def decode(dense, slots, route, dest_slot, buf, row_mask, t):
+    """One greedy step: token ``t`` of every row from the logits at ``t - 1``; the tail
+    (positions ``>= t``) is masked out of the dispatch."""
+    _, s = buf.shape
+    token_mask = row_mask[:, None] & (jnp.arange(s)[None, :] < t)
+    logits, _, st = forward(dense, slots, route, dest_slot, buf, token_mask, None)
+    last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
+    nxt = jnp.argmax(last, axis=-1).astype(jnp.int32)
+    buf = jax.lax.dynamic_update_index_in_dim(buf, nxt[:, None], t, axis=1)
+    return buf, st.send_rows.sum(axis=0)
+
+  return jax.jit(forward), jax.jit(decode)
+
+
+def _replicate(tree, mesh: Mesh):
+  """Every leaf copied to every device of ``mesh`` (each process copies its own devices)."""
+  sharding = NamedSharding(mesh, P())
+
+  def one(a):
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(one, tree)
+
+
+def _rows_by_server(a: jax.Array, num_servers: int) -> tuple:
+  """Split a row-sharded ``[N * R, ...]`` global array into per-server host arrays (``None``
+  for rows this process does not hold)."""
+  r = a.shape[0] // num_servers
+  out: list = [None] * num_servers
+  for shard in a.addressable_shards:
+    lo, hi, _ = shard.index[0].indices(a.shape[0])
+    data = np.asarray(shard.data)
+    for n in range(lo // r, hi // r):
+      if out[n] is None:
+        out[n] = data[n * r - lo:(n + 1) * r - lo]
+  return tuple(out)
+
+
+def _replicated_host(a: jax.Array) -> np.ndarray:
+  """Host copy of a replicated array (works under ``jax.distributed`` too)."""
+  return np.asarray(a.addressable_data(0))
+
+
+# --------------------------------------------------------------------------------------------
+# The runtime
+# --------------------------------------------------------------------------------------------
+class ServingRuntime:
+  """A placed MoE model serving every server's requests on its own device (module docstring).
+
+  Args:
+    mesh: ``server_mesh(N)``.
+    model: the :class:`~moe_edge.model.transformer.MoETransformer` to serve. Its routed expert
+      weights are the *checkpoint*: copied into the slots at start and re-read after failures;
+      the devices hold only their slots and the dense weights.
+    placement: the initial placement (``[N, L, E]`` for the model).
+    transport: ``"padded"`` (any backend) or ``"ragged"`` (GPU/TPU).
+    problem: statistics, capacities and cluster (:class:`PlacementProblem`); used to choose copy
+      sources by link time and needed by :meth:`fail_server`.
+    num_slots: slots per layer and server (default: the placement's); more leaves room to grow.
+    capacity: rows per server pair of the padded transport (default: the safe bound).
+  """
+
+  def __init__(self, mesh: Mesh, model: MoETransformer, placement: Placement,
+               transport: str = "padded", problem: PlacementProblem | None = None,
+               num_slots: int | None = None, capacity: int | None = None):
+    self.mesh, self.cfg, self.transport = mesh, model.cfg, transport
+    self.problem = problem
+    tables = tables_from_placement(placement, num_slots, model=self.cfg)
+    tables.check_mesh(mesh)
+    if problem is not None and problem.shape != placement.hosts.shape:
+      raise ServingError(f"problem is {list(problem.shape)} but the placement is "
+                         f"{list(placement.hosts.shape)}; they are for different clusters or "
+                         f"models.")
+    dispatch_lib.layer_program(mesh, transport, capacity)  # checks transport and capacity
+    graphdef, experts, dense = nnx.split(model, _is_routed_expert, ...)
+    leaves, treedef = jax.tree_util.tree_flatten(experts)
+    self._forward, self._decode = _programs(
+        graphdef, treedef, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves), mesh,
+        transport, None if capacity is None else int(capacity))
+    self._dense = _replicate(dense, mesh)
+    self._store = {k: np.asarray(v) for k, v in expert_weights(model).items()}  # [L, E, ...]
+    self.expert_bytes = int(sum(int(np.prod(w.shape[2:])) * w.dtype.itemsize
+                                for w in self._store.values()))
+    self._lock = threading.Lock()
+    self._failed: set[int] = set()
+    self._unreachable: tuple[tuple[int, int], ...] = ()
+    self._recovery: Placement | None = None
+    slots = shard_layer_weights(self._store["w_gate"], self._store["w_up"],
+                                self._store["w_down"], tables, mesh)
+    placement = Placement(placement.hosts, placement.route, tables.slot_expert,
+                          placement.method, dict(placement.info))
+    self._active = self._make_active(placement, tables, slots)
+
+  # ---- state -------------------------------------------------------------------------------
+  @property
+  def num_servers(self) -> int:
+    return self.mesh.shape[AXIS]
+
+  @property
+  def placement(self) -> Placement:
+    """The placement in use (its slot table is the runtime's slot layout)."""
+    return self._current().placement
+
+  @property
+  def tables(self) -> SlotTables:
+    return self._current().tables
+
+  @property
+  def num_slots(self) -> int:
+    return self.tables.num_slots
+
+  @property
+  def failed_servers(self) -> tuple[int, ...]:
+    return tuple(sorted(self._failed))
+
+  @property
+  def unreachable(self) -> tuple[tuple[int, int], ...]:
+    """``(layer, expert)`` held only by a failed server and not yet re-loaded."""
+    return self._unreachable
+
+  def slot_weights(self) -> tuple[dict[str, jax.Array], ...]:
+    """The current per-layer slot arrays ``{name: [N, S, ...]}`` (read-only use)."""
+    return self._current().slots
+
+  def _current(self) -> _Active:
+    with self._lock:
+      return self._active
+
+  def _make_active(self, placement: Placement, tables: SlotTables, slots) -> _Active:
+    dev = tables_on_mesh(tables, self.mesh)
+    return _Active(placement, tables, dev["route"], dev["dest_slot"], tuple(slots))
+
+  # ---- serving -----------------------------------------------------------------------------
+  def _pack(self, per_server: Sequence, rows: int | None, what: str):
+    n = self.num_servers
+    if len(per_server) != n:
+      raise ServingError(f"{what}: got batches for {len(per_server)} servers, the cluster has "
+                         f"{n}; pass one (possibly empty) batch per server.")
+    arrays = [np.asarray(a) for a in per_server]
+    for i, a in enumerate(arrays):
+      if a.ndim < 2:
+        raise ServingError(f"{what}: server {i}'s batch must be [R, S, ...], got shape "
+                           f"{a.shape}.")
+      if i in self._failed and a.shape[0]:
+        raise ServingError(f"{what}: server {i} has failed; send its {a.shape[0]} requests to a "
+                           f"surviving server.")
+    try:
+      return pack_rows(arrays, rows)
+    except ValueError as e:
+      raise ServingError(f"{what}: {e}") from None
+
+  def _check_tokens(self, tokens: np.ndarray):
+    if not np.issubdtype(tokens.dtype, np.integer):
+      raise ServingError(f"token ids must be integers, got {tokens.dtype}.")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
+      raise ServingError(f"token ids lie in [{tokens.min()}, {tokens.max()}] but model "
+                         f"{self.cfg.name!r} has vocab_size {self.cfg.vocab_size}.")
+
+  def _check_reachable(self, send_rows: np.ndarray) -> None:
+    """Raise if any token-choice went to a failed server (an unreachable expert)."""
+    if not self._failed:
+      return
+    dead = sorted(self._failed)
+    lost = int(send_rows[..., dead].sum())
+    if lost:
+      raise UnreachableExpertError(
+          f"{lost} token-choice(s) picked experts held only by failed server(s) {dead} "
+          f"(unreachable: {list(self._unreachable)}); call recover() to re-load them from the "
+          f"checkpoint, then serve again.")
+
+  def step(self, tokens_per_server: Sequence, routing: tuple[Sequence, Sequence] | None = None,
+           rows: int | None = None) -> StepResult:
+    """One distributed forward pass.
+
+    Args:
+      tokens_per_server: ``N`` int arrays ``[R_n, S]`` (same ``S``; ``R_n`` may differ, 0 for an
+        idle or failed server).
+      routing: optional ``(ids_per_server, gates_per_server)``, each ``N`` arrays
+        ``[R_n, S, L, k]``, replayed instead of the router (trace replay).
+      rows: pad every server to this many sequences (default the largest ``R_n``), so batches
+        of varying size share one compiled program.
+    """
+    tokens, row_mask = self._pack(tokens_per_server, rows, "step")
+    self._check_tokens(tokens)
+    r_dev = None
+    if routing is not None:
+      ids, _ = self._pack(routing[0], rows, "routing ids")
+      gates, _ = self._pack(routing[1], rows, "routing gates")
+      r_dev = (shard_rows(ids.astype(np.int32), self.mesh),
+               shard_rows(gates.astype(np.float32), self.mesh))
+    token_mask = np.repeat(row_mask[:, None], tokens.shape[1], axis=1)
+    active = self._current()
+    logits, ids, st = self._forward(self._dense, active.slots, active.route, active.dest_slot,
+                                    shard_rows(tokens.astype(np.int32), self.mesh),
+                                    shard_rows(token_mask, self.mesh), r_dev)
+    send = _replicated_host(st.send_rows).astype(np.int64)
+    self._check_reachable(send)
+    n = self.num_servers
+    counts = row_mask.reshape(n, -1).sum(axis=1)
+    cut = lambda parts: tuple(None if p is None else p[:c] for p, c in zip(parts, counts))
+    return StepResult(logits=cut(_rows_by_server(logits, n)),
+                      expert_ids=cut(_rows_by_server(ids, n)), send_rows=send,
+                      local_choices=_replicated_host(st.local_choices).astype(np.int64),
+                      remote_choices=_replicated_host(st.remote_choices).astype(np.int64))
+
+  def generate(self, prompts_per_server: Sequence, max_new_tokens: int,
+               rows: int | None = None,
+               on_step: Callable[[int], None] | None = None) -> GenerateResult:
+    """Greedy decoding of every server's prompts on its own device.
+
+    Args:
+      prompts_per_server: ``N`` int arrays ``[R_n, S0]`` (one prompt length for all).
+      max_new_tokens: tokens to generate per prompt.
+      rows: pad every server to this many prompts (default the largest ``R_n``).
+      on_step: called with the position just written after every decoding step (e.g. to
+        prepare or commit a migration between steps).
+    """
+    if max_new_tokens < 1:
+      raise ServingError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    prompts, row_mask = self._pack(prompts_per_server, rows, "generate")
+    self._check_tokens(prompts)
+    s0 = prompts.shape[1]
+    total = s0 + max_new_tokens
+    if total > self.cfg.max_seq_len:
+      raise ServingError(f"prompt ({s0}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                         f"max_seq_len={self.cfg.max_seq_len} of model {self.cfg.name!r}.")
+    buf = np.zeros((prompts.shape[0], total), np.int32)
+    buf[:, :s0] = prompts
+    buf = shard_rows(buf, self.mesh)
+    mask = shard_rows(row_mask, self.mesh)
+    sent = []
+    for t in range(s0, total):
+      active = self._current()
+      buf, rows_sent = self._decode(self._dense, active.slots, active.route, active.dest_slot,
+                                    buf, mask, jnp.int32(t))
+      if self._failed:
+        self._check_reachable(_replicated_host(rows_sent))
+      sent.append(rows_sent)
+      if on_step is not None:
+        on_step(t)
+    n = self.num_servers
+    counts = row_mask.reshape(n, -1).sum(axis=1)
+    tokens = tuple(None if p is None else p[:c]
+                   for p, c in zip(_rows_by_server(buf, n), counts))
+    total_sent = sum(_replicated_host(s).astype(np.int64) for s in sent)
+    return GenerateResult(tokens=tokens, send_rows=total_sent, forwards=len(sent))
+
+  # ---- migration ---------------------------------------------------------------------------
+  def _stable_target(self, base: _Active, new: Placement) -> Placement:
+    """``new`` with the runtime's stable slot assignment (kept experts keep their slots)."""
+    if new.hosts.shape != base.placement.hosts.shape:
+      raise ServingError(f"the new placement is {list(new.hosts.shape)} but the runtime serves "
+                         f"{list(base.placement.hosts.shape)} [N, L, E].")
+    dead = sorted(self._failed)
+    if dead and new.hosts[dead].any():
+      raise ServingError(f"server(s) {dead} failed; a new placement must hold nothing there "
+                         f"(plan it with migration.failed_problem).")
+    try:
+      new.validate(self.problem) if self.problem is not None else new.validate()
+      slots = mig.assign_slots_stable(base.tables.slot_expert, new.hosts)
+      target = Placement(new.hosts, new.route, slots, new.method, dict(new.info))
+      target.validate()
+    except PlacementError as e:
+      raise ServingError(f"cannot apply the placement: {e}") from e
+    return target
+
+  def _plan_copies(self, old: Placement, new: Placement) -> list[Copy]:
+    """Added replicas with their source: a live holder in ``old`` (least finishing time), or
+    checkpoint storage (``-1``) when no live server holds the expert."""
+    live = old.hosts.copy()
+    live[sorted(self._failed)] = False
+    old_slot, new_slot = old.expert_slot, new.expert_slot
+    n_srv = live.shape[0]
+    if self.problem is not None:
+      bw, lat = self.problem.cluster.bandwidth_matrix, self.problem.cluster.latency_matrix
+      one = self.expert_bytes / bw + lat  # [N, N] seconds for one copy alone
+    else:
+      one = np.ones((n_srv, n_srv))
+    busy = np.zeros(n_srv)  # seconds of copies each source already sends
+    out = []
+    for n, l, e in np.argwhere(new.hosts & ~old.hosts):
+      holders = np.flatnonzero(live[:, l, e])
+      if holders.size == 0:
+        out.append(Copy(int(n), int(l), int(e), int(new_slot[n, l, e]), -1))
+        continue
+      m = int(holders[np.argmin(busy[holders] + one[holders, n])])
+      busy[m] += one[m, n]
+      out.append(Copy(int(n), int(l), int(e), int(new_slot[n, l, e]), m,
+                      int(old_slot[m, l, e])))
+    return out
+
+  @staticmethod
+  def _rounds(copies: Sequence[Copy], n_srv: int, n_layers: int, s_new: int) -> list[_Round]:
+    """Group link copies into ``ppermute`` rounds: per layer, pairs of equal row counts with
+    distinct sources and distinct targets."""
+    rounds = []
+    for l in range(n_layers):
+      by_pair: dict[tuple[int, int], list[Copy]] = {}
+      for c in copies:
+        if c.layer == l and c.source >= 0:
+          by_pair.setdefault((c.source, c.server), []).append(c)
+      by_count: dict[int, list[tuple[int, int]]] = {}
+      for pair, cs in sorted(by_pair.items()):
+        by_count.setdefault(len(cs), []).append(pair)
+      for rows, pairs in sorted(by_count.items()):
+        left = list(pairs)
+        while left:
+          src, dst, this, rest = set(), set(), [], []
+          for m, n in left:
+            if m in src or n in dst:
+              rest.append((m, n))
+            else:
+              this.append((m, n))
+              src.add(m)
+              dst.add(n)
+          send = np.zeros((n_srv, rows), np.int32)
+          recv = np.full((n_srv, rows), s_new, np.int32)
+          for m, n in this:
+            send[m] = [c.source_slot for c in by_pair[(m, n)]]
+            recv[n] = [c.slot for c in by_pair[(m, n)]]
+          rounds.append(_Round(l, rows, tuple(this), send, recv))
+          left = rest
+    return rounds
+
+  def _storage_rows(self, copies: Sequence[Copy], n_layers: int, s_new: int):
+    """Per layer: ``({name: [N, R, ...]} rows read from the checkpoint, slots [N, R])`` or None."""
+    out = []
+    n_srv = self.num_servers
+    for l in range(n_layers):
+      mine = [[c for c in copies if c.layer == l and c.source < 0 and c.server == n]
+              for n in range(n_srv)]
+      r = max(len(m) for m in mine)
+      if r == 0:
+        out.append(None)
+        continue
+      experts = np.full((n_srv, r), -1, np.int64)
+      slots = np.full((n_srv, r), s_new, np.int32)
+      for n, cs in enumerate(mine):
+        experts[n, :len(cs)] = [c.expert for c in cs]
+        slots[n, :len(cs)] = [c.slot for c in cs]
+      rows = {}
+      for name, w in self._store.items():
+
+        def block(index, w=w, l=l, experts=experts):
+          ids = experts[index[0]]
+          got = w[l][np.maximum(ids, 0)]
+          keep = (ids >= 0).reshape(ids.shape + (1,) * (w.ndim - 2))
+          return np.where(keep, got, np.zeros((), w.dtype))[(slice(None),) + tuple(index[1:])]
+
+        rows[name] = jax.make_array_from_callback((n_srv, r) + w.shape[2:],
+                                                  row_sharding(self.mesh), block)
+      out.append((rows, slots))
+    return out
+
+  def _copy_program(self, keep: np.ndarray, rounds: Sequence[_Round], store_slots: Sequence,
+                    s_new: int) -> Callable:
+    """The jitted ``shard_map`` that builds the new slot arrays (module docstring, step 2).
+
+    ``keep [N, L, S_old]`` bool: old slots copied locally; ``rounds``: the collectives;
+    ``store_slots``: per layer ``[N, R]`` target slots of checkpoint rows, or None.
+    """
+    n_layers = keep.shape[1]
+
+    def device(old_slots, stored):
+      me = jax.lax.axis_index(AXIS)
+      out = []
+      for l in range(n_layers):
+        old = {k: v[0] for k, v in old_slots[l].items()}  # [S_old, ...]
+        s_old = old["w_gate"].shape[0]
+        kmask = jnp.asarray(keep[:, l])[me]  # [S_old]
+        new = {}
+        for k, v in old.items():
+          kept = jnp.where(kmask.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
+          new[k] = jnp.zeros((s_new,) + v.shape[1:], v.dtype).at[:s_old].set(kept)
+        for rnd in (r for r in rounds if r.layer == l):
+          src = jnp.asarray(rnd.send_slots)[me]
+          got = jax.lax.ppermute({k: v[src] for k, v in old.items()}, AXIS, list(rnd.pairs))
+          dst = jnp.asarray(rnd.recv_slots)[me]
+          new = {k: new[k].at[dst].set(got[k], mode="drop") for k in new}
+        if store_slots[l] is not None:
+          dst = jnp.asarray(store_slots[l])[me]
+          new = {k: new[k].at[dst].set(stored[l][k][0].astype(new[k].dtype), mode="drop")
+                 for k in new}
+        out.append({k: v[None] for k, v in new.items()})
+      return tuple(out)
+
+    fn = jax.shard_map(device, mesh=self.mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(AXIS),
+                       check_vma=False)
+    return jax.jit(fn)
+
+  def _prepare(self, base: _Active, target: Placement) -> PendingMigration:
+    old = base.placement
+    copies = self._plan_copies(old, target)
+    n_srv, n_layers, s_old = base.tables.slot_expert.shape
+    s_new = target.slot_expert.shape[2]
+    old_se, new_se = base.tables.slot_expert, target.slot_expert
+    keep = (old_se >= 0) & (old_se == new_se[:, :, :s_old])
+    dropped = int(((old_se >= 0) & ~keep).sum())
+    rounds = self._rounds(copies, n_srv, n_layers, s_new)
+    storage = self._storage_rows(copies, n_layers, s_new)
+    program = self._copy_program(keep, rounds, [None if s is None else s[1] for s in storage],
+                                 s_new)
+    args = (base.slots, tuple(None if s is None else s[0] for s in storage))
+    new_slots = program(*args)
+    tables = tables_from_placement(target, model=self.cfg)
+    report = MigrationReport(
+        copies=tuple(copies), kept=int(keep.sum()), dropped=dropped,
+        expert_bytes=self.expert_bytes, rounds=len(rounds),
+        wire_rows=sum(r.rows * len(r.pairs) for r in rounds), num_slots=(s_old, s_new))
+    return PendingMigration(target, report, self._make_active(target, tables, new_slots), base,
+                            program, args)
+
+  def prepare_placement(self, new: Placement) -> PendingMigration:
+    """Start building the slot arrays of ``new`` (kept experts keep their slots); serving
+    continues on the current placement until :meth:`commit`."""
+    base = self._current()
+    return self._prepare(base, self._stable_target(base, new))
+
+  def commit(self, pending: PendingMigration) -> MigrationReport:
+    """Swap in a prepared placement (tables and slot arrays at once)."""
+    with self._lock:
+      if self._active is not pending._base:
+        raise ServingError("another placement was committed after this migration was "
+                           "prepared; prepare it again from the current placement.")
+      self._active = pending._active
+    return pending.report
+
+  def apply_placement(self, new: Placement) -> MigrationReport:
+    """Move expert weights to ``new`` and swap it in (:meth:`prepare_placement`, wait,
+    :meth:`commit`); ``report.seconds`` is the time until the new arrays were ready."""
+    t0 = time.perf_counter()
+    pending = self.prepare_placement(new).block()
+    seconds = time.perf_counter() - t0
+    self.commit(pending)
+    return dataclasses.replace(pending.report, seconds=seconds)
+
+  # ---- failures ----------------------------------------------------------------------------
+  def fail_server(self, server: int, reload: bool = True) -> FailoverResult:
+    """Lose ``server`` (module docstring): reroute at once, then (``reload``) re-load the experts
+    it held alone from the checkpoint onto surviving servers with room."""
+    if self.problem is None:
+      raise ServingError("fail_server needs the placement problem (capacities, statistics and "
+                         "links): construct ServingRuntime(..., problem=problem).")
+    if server in self._failed:
+      raise ServingError(f"server {server} has already failed.")
+    with self._lock:
+      base = self._active
+      try:
+        target, report = mig.fail_server(base.placement, server, self.problem)
+      except PlacementError as e:
+        raise ServingError(f"cannot survive losing server {server}: {e}") from e
+      after = mig.failed_problem(self.problem, server)
+      hosts = base.placement.hosts.copy()
+      hosts[server] = False
+      orphan = ~hosts.any(axis=0)
+      hosts[server] = orphan  # orphans stay "on" the failed server: unreachable
+      route = nearest_replica_route_fast(hosts, self.cfg, self.problem.cluster, after.traffic)
+      slot = base.tables.slot_expert.copy()
+      held = slot[server] >= 0
+      ll = np.nonzero(held)[0]
+      slot[server][held] = np.where(orphan[ll, slot[server][held]], slot[server][held], -1)
+      interim = Placement(hosts, route, slot, f"{base.placement.method}-fallback",
+                          dict(failed_server=server))
+      interim.validate()
+      tables = tables_from_placement(interim, model=self.cfg)
+      self._active = self._make_active(interim, tables, base.slots)
+      self._failed.add(server)
+      self.problem = after
+      self._unreachable = tuple(report.orphans)
+      self._recovery = target
+    reload_report = self.recover() if reload else None
+    return FailoverResult(server, tuple(report.orphans), report, reload_report)
+
+  def recover(self) -> MigrationReport | None:
+    """Re-load the experts of failed servers from the checkpoint and swap in the recovered
+    placement (None when there is nothing to recover)."""
+    if self._recovery is None:
+      return None
+    report = self.apply_placement(self._recovery)
+    self._recovery = None
+    self._unreachable = ()
+    return report
+
+
+__all__ = ["Copy", "FailoverResult", "collective_permute_bytes", "GenerateResult", "MigrationReport", "PendingMigration",
+           "ServingError", "ServingRuntime", "StepResult", "UnreachableExpertError"]
