@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ flags.DEFINE_integer("calib_requests_per_server", 8, "Calibration requests per s
 flags.DEFINE_integer("seq_len", 256, "Tokens per request (model input length).")
 flags.DEFINE_integer("seed", 0, "Seed of the held-out streams (calibration uses seed + 1).")
 flags.DEFINE_list("kinds", ["latency", "energy"], "Budget kinds: latency, energy.")
-flags.DEFINE_list("budget_units", ["0", "0.05", "0.5", "1.05", "1.5", "2.1", "inf"],
+flags.DEFINE_list("budget_units", ["0", "0.1", "0.5", "1.05", "1.5", "2.1", "inf"],
                   "Budgets per token and layer, in units of one remote choice's mean cost.")
 flags.DEFINE_list("variants", ["force+renorm", "force+raw", "free+renorm"],
                   "force|free (top-1 forced or not) + renorm|raw (kept gates rescaled or not).")
@@ -149,10 +150,11 @@ def plot(rows: list[dict], path: Path) -> None:
     u = f"{unit * 1e3:.3f} ms" if kind == "latency" else f"{unit * 1e6:.2f} uJ"
     for j, (lab, title) in enumerate((("kept share of gate mass", "kept gate mass"),
                                       ("NLL (nats/byte)", "next-token loss"))):
-      ax[i, j].set(xlabel=f"{kind} budget per token and layer (units of one remote choice = {u})",
+      ax[i, j].set(xlabel=f"{kind} budget per token and layer (1 = one remote choice = {u})",
                    ylabel=lab, title=f"{title} vs {kind} budget (dotted: no budget)")
       ax[i, j].grid(alpha=0.3)
       ax[i, j].legend(fontsize=8)
+    ax[i, 1].set_yscale("log")
   fig.tight_layout()
   fig.savefig(path, dpi=130)
   plt.close(fig)
@@ -244,7 +246,8 @@ def main(argv):
             f"{100 * r['optimal_frac']:.2f}% (mean ratio {r['mean_ratio']:.4f}, worst "
             f"{r['min_ratio']:.3f}), never better than exact: {r['never_better']}")
   summary = dict(
-      model=cfg.name, weights=st.origin, cluster=st.cluster.name, placement=placement.method,
+      command="python " + " ".join(sys.argv), model=cfg.name, weights=st.origin,
+      cluster=st.cluster.name, placement=placement.method,
       heldout_tokens=int(work.tokens.shape[0] * work.seq_len), solver=FLAGS.solver,
       energy=dict(pj_per_flop=FLAGS.pj_per_flop, nj_per_byte=FLAGS.nj_per_byte),
       units={kind: unit_cost(cms[kind]) for kind in FLAGS.kinds},

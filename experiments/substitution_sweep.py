@@ -10,9 +10,10 @@ For each threshold ``tau`` in ``--thresholds`` and each similarity (``--similari
 = routed mean cosine of expert outputs on the calibration hidden states, ``response`` = weight
 based quadratic-response cosine, ``random`` = a no-information control) the model runs with
 :func:`moe_edge.extensions.substitution.substitute` at every MoE layer (remote choices with gate
-< ``tau`` replaced by the most similar local expert); with ``--drop`` it also runs the control
-that simply skips those choices (gates renormalised); for each ``--tolerances`` value it runs the
-local-preferring top-k. Every run reports the mean next-token NLL (nats/byte) overall and per
+< ``tau`` replaced by the most similar local expert; ``--scaled_similarities``: also with the
+substitute's gate multiplied by its similarity); with ``--drop`` it also runs the control that
+simply skips those choices (``--drop_renormalize``: rescale the kept gates); for each
+``--tolerances`` value it runs the local-preferring top-k. Every run reports the mean next-token NLL (nats/byte) overall and per
 domain, the share of token-choices changed, and -- from the cost model on the transformed routing
 -- local coverage, cross-server kB per token, expert energy per token and the decode latency per
 step with the requests regrouped into decode steps of each ``--decode_batches`` size (requests
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -54,19 +56,27 @@ flags.DEFINE_integer("calib_requests_per_server", 8, "Calibration (train split) 
                      "server, for the placement and the output similarity.")
 flags.DEFINE_integer("seq_len", 256, "Tokens per request (model input length).")
 flags.DEFINE_integer("seed", 0, "Seed of the held-out streams (calibration uses seed + 1).")
-flags.DEFINE_list("thresholds", [f"{x:.1f}" for x in np.linspace(0, 1, 11)],
-                  "Gate thresholds to sweep.")
+flags.DEFINE_list("thresholds", ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3", "0.35",
+                                  "0.4", "0.45", "0.5", "0.6", "0.8", "1"],
+                  "Gate thresholds to sweep (with top-2 renormalised gates the second choice "
+                  "always has gate <= 0.5, so above 0.5 top-1 choices get substituted too).")
 flags.DEFINE_list("similarities", ["output", "response", "random"],
                   "Similarities to substitute by: output, response, flat, random.")
+flags.DEFINE_list("scaled_similarities", ["output"],
+                  "Similarities to also run with scale_gates=True (substitute's gate times "
+                  "its similarity).")
 flags.DEFINE_list("tolerances", ["0", "0.1", "0.25", "0.5", "0.75", "1"],
                   "Tolerances of the local-preferring top-k (empty: skip it).")
 flags.DEFINE_bool("drop", True, "Also sweep the control that drops remote low-gate choices.")
+flags.DEFINE_bool("drop_renormalize", False, "Rescale the kept gates of the drop control to the "
+                  "original mass (budget_sweep.py finds raw gates better for small_moe).")
 flags.DEFINE_list("decode_batches", ["1", "8"], "Concurrent requests per server in a decode "
                   "step (one latency column each; the first is the one summarised).")
 flags.DEFINE_integer("batch_rows", 16, "Requests per forward pass.")
 flags.DEFINE_float("pj_per_flop", 3.0, "Energy model: picojoules per FLOP (EnergyModel).")
 flags.DEFINE_float("nj_per_byte", 20.0, "Energy model: nanojoules per byte sent (EnergyModel).")
 flags.DEFINE_string("out", "results/extensions", "Output folder.")
+flags.DEFINE_bool("replot", False, "Only redraw substitution_sweep.png from the CSV in --out.")
 
 
 def setup(f):
@@ -111,7 +121,7 @@ def run_row(cfg, cluster, placement, work, res, energy_cost, policy, sim_name, k
              substituted_frac=float(res.changed.mean()),
              substitute_output_sim=float(out_sim[layer[ch], res.expert_ids_in[ch],
                                                  res.expert_ids[ch]].mean())
-             if policy == "substitute" and ch.any() else float("nan"))
+             if policy.startswith("substitute") and ch.any() else float("nan"))
   for i, db in enumerate(int(x) for x in FLAGS.decode_batches):
     c = harness.cost_summary(trace, cfg, cluster, placement, db, energy_cost,
                              run=~res.changed.reshape(trace.expert_ids.shape)
@@ -144,6 +154,11 @@ def halving_point(rows: list[dict], base: dict) -> dict | None:
   return dict(threshold=lerp(knob), dnll=lerp(dnll), latency_ratio=lerp(lat))
 
 
+COLORS = {("substitute", "output"): "C0", ("substitute", "response"): "C1",
+          ("substitute", "random"): "C2", ("substitute", "flat"): "C7",
+          ("substitute_scaled", "output"): "C3", ("drop", ""): "C4", ("prefer_local", ""): "C5"}
+
+
 def plot(rows: list[dict], base: dict, path: Path) -> None:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
@@ -158,15 +173,19 @@ def plot(rows: list[dict], base: dict, path: Path) -> None:
     dn = np.array([r["nll"] for r in rs]) - base["nll"]
     comm = np.array([r["cross_kb_per_token"] for r in rs]) / base["cross_kb_per_token"]
     lat = np.array([r["decode_ms"] for r in rs]) / base["decode_ms"]
-    label = {"substitute": f"substitute ({sim} sim.)", "drop": "drop (renormalised)",
+    label = {"substitute": f"substitute ({sim} sim.)",
+             "substitute_scaled": f"substitute ({sim} sim., gate x sim.)",
+             "drop": "drop" + (" (renormalised)" if FLAGS.drop_renormalize else " (raw gates)"),
              "prefer_local": "local-preferring top-k (x: 1 - comm)"}[policy]
-    style = {"substitute": "-o", "drop": "-.^", "prefer_local": "--s"}[policy]
+    style = {"substitute": "-o", "substitute_scaled": "-v", "drop": "-.^",
+             "prefer_local": "--s"}[policy]
+    color = COLORS.get((policy, sim), "k")
     if policy != "prefer_local":
-      ax[0].plot(k, dn, style, label=label, ms=4)
-      ax[1].plot(k, comm, style, label=f"bytes, {label}", ms=4)
-      if sim in ("output", ""):
-        ax[1].plot(k, lat, ":", label=f"latency, {label}")
-    ax[2].plot(1 - comm, dn, style, label=label, ms=4)
+      ax[0].plot(k, dn, style, label=label, ms=4, color=color)
+      ax[1].plot(k, comm, style, label=f"bytes, {label}", ms=4, color=color)
+      if (policy, sim) in (("substitute", "output"), ("drop", "")):
+        ax[1].plot(k, lat, ":", label=f"decode latency, {label}", color=color)
+    ax[2].plot(1 - comm, dn, style, label=label, ms=4, color=color)
   ax[0].set(xlabel="gate threshold", ylabel="delta NLL (nats/byte)",
             title="loss change vs threshold")
   ax[1].set(xlabel="gate threshold", ylabel="ratio to no substitution",
@@ -174,12 +193,25 @@ def plot(rows: list[dict], base: dict, path: Path) -> None:
   ax[1].axhline(0.5, color="grey", lw=0.8)
   ax[2].set(xlabel="share of cross-server bytes saved", ylabel="delta NLL (nats/byte)",
             title="quality vs communication saved")
+  for a in (ax[0], ax[2]):
+    a.set_yscale("symlog", linthresh=0.05)
   for a in ax:
     a.grid(alpha=0.3)
     a.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=130)
   plt.close(fig)
+
+
+def read_csv(path: Path) -> list[dict]:
+  """Rows written by :func:`write_csv`, numbers parsed back."""
+  def parse(v):
+    try:
+      return float(v)
+    except ValueError:
+      return v
+  with open(path, newline="") as fh:
+    return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -193,7 +225,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   t0 = time.perf_counter()
-  unknown = set(FLAGS.similarities) - {"output", "response", "flat", "random"}
+  if FLAGS.replot:
+    rows = read_csv(Path(FLAGS.out) / "substitution_sweep.csv")
+    for r in rows:
+      r["similarity"] = "" if r["similarity"] in ("", None) else r["similarity"]
+    base = next(r for r in rows if r["policy"] == "substitute" and r["knob"] == 0.0)
+    plot(rows, base, Path(FLAGS.out) / "substitution_sweep.png")
+    print(f"redrew {FLAGS.out}/substitution_sweep.png")
+    return
+  unknown = set(FLAGS.similarities + FLAGS.scaled_similarities) - {"output", "response", "flat",
+                                                                   "random"}
   if unknown:
     raise app.UsageError(f"unknown similarities {sorted(unknown)}; use output, response, flat, "
                          f"random.")
@@ -218,22 +259,30 @@ def main(argv):
       lambda server, t, knob: substitution.substitution_moe_fn(t["hosts"], t["sim"], server,
                                                                knob, record=True),
       FLAGS.batch_rows)
+  scaled_runner = harness.Runner(
+      lambda server, t, knob: substitution.substitution_moe_fn(t["hosts"], t["sim"], server,
+                                                               knob, record=True,
+                                                               scale_gates=True),
+      FLAGS.batch_rows)
   rows = []
-  for sim_name in FLAGS.similarities:
+  runs = ([(s, sub_runner, "substitute") for s in FLAGS.similarities] +
+          [(s, scaled_runner, "substitute_scaled") for s in FLAGS.scaled_similarities])
+  for sim_name, runner, policy in runs:
     tables = dict(hosts=hosts, sim=sims[sim_name])
     for tau in (float(x) for x in FLAGS.thresholds):
-      res = sub_runner(model, work, tables, tau)
-      rows.append(run_row(cfg, cluster, placement, work, res, energy_cost, "substitute",
+      res = runner(model, work, tables, tau)
+      rows.append(run_row(cfg, cluster, placement, work, res, energy_cost, policy,
                           sim_name, tau, sims["output"]))
-      print(f"  substitute {sim_name:8s} tau={tau:.2f}: nll {rows[-1]['nll']:.4f}, "
-            f"substituted {rows[-1]['substituted_frac']:.3f} (output sim. "
+      print(f"  {sim_name:8s} tau={tau:.2f}: nll {rows[-1]['nll']:.4f}, "
+            f"{policy}: substituted {rows[-1]['substituted_frac']:.3f} (output sim. "
             f"{rows[-1]['substitute_output_sim']:.2f}), coverage "
             f"{rows[-1]['coverage']:.3f}, {rows[-1]['cross_kb_per_token']:.3f} kB/token, "
             f"decode {rows[-1]['decode_ms']:.3f} ms/step")
   if FLAGS.drop:
     drop_runner = harness.Runner(
         lambda server, t, knob: TransformedMoE(
-            substitution.drop_remote_transform(t["hosts"], server, knob, True), record=True),
+            substitution.drop_remote_transform(t["hosts"], server, knob, FLAGS.drop_renormalize),
+            record=True),
         FLAGS.batch_rows)
     for tau in (float(x) for x in FLAGS.thresholds):
       res = drop_runner(model, work, dict(hosts=hosts), tau)
@@ -258,10 +307,7 @@ def main(argv):
 
   base = next(r for r in rows if r["policy"] == "substitute" and r["knob"] == 0.0)
   summary = dict(
-      command="python experiments/substitution_sweep.py " + " ".join(
-          f"--{k}={v}" for k, v in sorted(FLAGS.flag_values_dict().items())
-          if k in {f.name for f in FLAGS.get_key_flags_for_module(__file__)}
-          and v != FLAGS[k].default),
+      command="python " + " ".join(sys.argv),
       model=cfg.name, weights=origin, cluster=cluster.name, placement=placement.method,
       heldout_tokens=int(work.tokens.shape[0] * work.seq_len), baseline=base,
       energy=dict(pj_per_flop=FLAGS.pj_per_flop, nj_per_byte=FLAGS.nj_per_byte),
@@ -271,8 +317,9 @@ def main(argv):
   print(f"baseline (no substitution): nll {base['nll']:.4f} nats/byte, coverage "
         f"{base['coverage']:.3f}, {base['cross_kb_per_token']:.3f} kB/token, decode "
         f"{base['decode_ms']:.3f} ms/step")
-  curves = [("substitute", s) for s in FLAGS.similarities] + ([("drop", "")] if FLAGS.drop
-                                                               else [])
+  curves = ([("substitute", s) for s in FLAGS.similarities] +
+            [("substitute_scaled", s) for s in FLAGS.scaled_similarities] +
+            ([("drop", "")] if FLAGS.drop else []))
   for policy, sim_name in curves:
     h = halving_point([r for r in rows if r["policy"] == policy
                        and r["similarity"] == sim_name], base)

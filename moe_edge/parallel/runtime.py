@@ -817,5 +817,6 @@ class ServingRuntime:
     return report
 
 
-__all__ = ["Copy", "FailoverResult", "collective_permute_bytes", "GenerateResult", "MigrationReport", "PendingMigration",
-           "ServingError", "ServingRuntime", "StepResult", "UnreachableExpertError"]
+__all__ = ["Copy", "FailoverResult", "GenerateResult", "MigrationReport", "PendingMigration",
+           "ServingError", "ServingRuntime", "StepResult", "UnreachableExpertError",
+           "collective_permute_bytes"]

@@ -69,8 +69,8 @@ def greedy_local(problem: PlacementProblem, seed: int = 0) -> Placement:
      replica elsewhere, choosing the n that minimises ``T[n, x] - T[n, u]``. The total
      capacity covers every expert, so such an x always exists and every expert ends up hosted.
 
-  ``seed`` is unused (the method is deterministic). ``info["evicted"]`` counts evictions per
-  server.
+  ``seed`` is unused (the method is deterministic). ``info["evictions_per_server"]`` counts
+  the step-2 evictions of each server.
   """
   start = time.perf_counter()
   n, l, e = problem.shape
@@ -113,7 +113,7 @@ def greedy_local(problem: PlacementProblem, seed: int = 0) -> Placement:
     hosts[s, u] = True
     count[u] = 1
   return finish(problem, hosts.reshape(n, l, e), "greedy_local", start,
-                dict(seed=seed, evicted=evicted.tolist()))
+                dict(seed=seed, evictions_per_server=evicted.tolist()))
 
 
 def topology_aware(problem: PlacementProblem, seed: int = 0) -> Placement:
@@ -126,7 +126,7 @@ def topology_aware(problem: PlacementProblem, seed: int = 0) -> Placement:
   n, l, e = problem.shape
   t = problem.traffic.reshape(n, l * e)
   tau = link_time_per_token(problem.model, problem.cluster)
-  cost = np.einsum("mk,mn->kn", t, tau)
+  cost = t.T @ tau  # [L*E, N]
   order = np.argsort(-t.sum(axis=0), kind="stable")
   owner = greedy_assign(cost, order, problem.capacity)
   hosts = np.zeros((n, l * e), dtype=bool)

@@ -11,15 +11,13 @@ from moe_edge.placement.problem import Placement, PlacementError, PlacementProbl
 from moe_edge.placement.routing import nearest_replica_route_fast
 
 
-def greedy_assign(cost: np.ndarray, order: np.ndarray, room: np.ndarray,
-                  tiebreak: np.ndarray | None = None) -> np.ndarray:
-  """Each item, in ``order``, takes its cheapest server that still has room.
+def greedy_assign(cost: np.ndarray, order: np.ndarray, room: np.ndarray) -> np.ndarray:
+  """Each item, in ``order``, takes its cheapest server that still has room (lowest id on ties).
 
   Args:
     cost: ``[K, N]`` cost of putting item k on server n.
     order: ``[K]`` permutation: the order in which items choose.
     room: ``[N]`` free slots per server (``room.sum() >= K``); not modified.
-    tiebreak: ``[N]`` servers with a lower value win equal costs (default: lower id).
   Returns:
     ``[K]`` int64 server of each item.
   """
@@ -27,14 +25,12 @@ def greedy_assign(cost: np.ndarray, order: np.ndarray, room: np.ndarray,
   room = np.asarray(room, dtype=np.int64).copy()
   if room.sum() < k:
     raise PlacementError(f"{k} experts need a slot but the servers have only {room.sum()} free.")
-  perm = (np.arange(n) if tiebreak is None else np.argsort(tiebreak, kind="stable"))
-  c = cost[:, perm]
-  first = np.argmin(c, axis=1)
+  first = np.argmin(cost, axis=1)
   out = np.empty(k, dtype=np.int64)
   for i in order:
-    j = perm[first[i]]
+    j = first[i]
     if room[j] <= 0:
-      pref = perm[np.argsort(c[i], kind="stable")]
+      pref = np.argsort(cost[i], kind="stable")
       j = pref[np.argmax(room[pref] > 0)]
     out[i] = j
     room[j] -= 1

@@ -10,37 +10,39 @@ The method minimises the objective of ``objective.py`` (link time of remote toke
    few local experts, a flat one needs many, so server n's capacity is split over layers in
    proportion to ``exp(H[n, l])``: integer budgets ``b[n, l]`` with ``sum_l b = capacity[n]``,
    ``1 <= b <= E`` (largest remainders).
-2. **Greedy marginal gain with a coverage reserve.** Copies ``(n, l, e)`` are added in
-   decreasing gain per byte (every routed expert has the same size, so gain order). The gain is
-   the objective reduction under nearest-replica routing,
-   ``sum_m T[m, l, e] * max(0, d[m, l, e] - tau[m, n])`` with ``d`` the link time to the nearest
-   current copy (zero when local; ``max_n tau[m, n]`` while the expert is hosted nowhere), minus
-   a compute-imbalance penalty ``lam * (relu((load[n, l] + moved) * t[n] - Z_l) -
-   relu(load[n, l] * t[n] - Z_l))`` (``moved``: the traffic the copy attracts, ``Z_l``: the
-   perfectly balanced compute time of layer l; slow servers pay more). A first copy of an
-   expert and a further replica compete on the same gain, but a replica is only taken while the
-   free memory exceeds the number of experts still hosted nowhere, so coverage always stays
-   possible. Rounds add, first, one copy per layer within the budgets (layers do not interact
-   inside their budgets), then one copy per server without budgets (one per expert per round).
-   Only positive gains are taken.
-3. **Coverage.** Experts still hosted nowhere (the cold ones, once the reserve binds), hottest
-   first, go to the server with room where their gain is largest (with uniform links: where they
-   are hottest; equal gains: the faster server). Because the greedy kept exactly enough room,
-   these copies land where memory is worth least.
+2. **Greedy marginal gain.** Copies ``(n, l, e)`` are added in decreasing gain per byte (every
+   routed expert has the same size, so gain order). The gain is the objective reduction under
+   nearest-replica routing, ``sum_m T[m, l, e] * max(0, d[m, l, e] - tau[m, n])`` with ``d``
+   the link time to the nearest current copy (zero when local; ``max_n tau[m, n]`` while the
+   expert is hosted nowhere), minus a compute-imbalance penalty
+   ``lam * (relu((load[n, l] + moved) * t[n] - Z_l) - relu(load[n, l] * t[n] - Z_l))``
+   (``moved``: the traffic the copy attracts, ``Z_l``: the perfectly balanced compute time of
+   layer l; slow servers pay more). First copies and replicas compete on the same gain. Rounds
+   add one copy to every (server, layer) row with budget left (rows of a layer interact only
+   through shared experts and loads), then, with any memory left, one copy per server without
+   budgets; at most one copy per expert per round, only positive gains. Gains (almost) only
+   fall as copies are added, so each row keeps its candidates sorted and re-evaluates only its
+   head (lazy greedy).
+3. **Coverage.** Each expert still hosted nowhere, hottest first, goes to free memory if any
+   (the server where its gain is largest), else to the server n minimising
+   ``loss(x) - gain(n)``, where x is n's cheapest copy that has a replica elsewhere (``loss``:
+   the comm cost of dropping it), which is evicted. A cold expert thus lands where memory is
+   worth least. (Evictions run in rounds over the hottest remaining experts: a server's k-th
+   eviction of a round takes its k-th cheapest copy, for an expert whose second-best server
+   would cost more; the other experts wait for the next round.)
 4. **Routing**: ``problem.nearest_replica_route`` with the traffic.
 
 Options for ablations: ``entropy_budgets=False`` (no step 1), ``hetero_aware=False`` (decisions
 see every server at the mean speed and break ties by server id) and ``replicas=False`` (every
 expert exactly once: the greedy only places first copies).
 
-Why the coverage copies come last: placing every expert first on the server where it is hottest
-and then adding replicas (the obvious order) spends slots of busy servers on cold experts; on the
-small instances of ``benchmarks/bench_placement.py`` that order ends 6-8% above the ILP optimum,
-this one within 1-2%.
+Why coverage comes last: placing every expert first on the server where it is hottest, then
+adding replicas (the obvious order), spends slots of busy servers on cold experts. On 10 seeded
+development instances (4 servers, 2 layers, 8 experts, 1.5x memory) that order ended 7.7% above
+the ILP optimum on average, this one 0.6% (``benchmarks/bench_placement.py`` reports the gaps).
 """
 from __future__ import annotations
 
-import heapq
 import time
 
 import numpy as np
@@ -84,38 +86,45 @@ def layer_budgets(freq: np.ndarray, capacity: np.ndarray) -> np.ndarray:
 
 
 class _Greedy:
-  """State of steps 2 and 3 in layer-major layout ``[L, N, E]`` (module docstring).
+  """State of steps 2 and 3 (module docstring). Rows are (layer, server): ``hosts``, ``order``
+  and ``past`` are ``[L, N, E]``; the per-expert state is column-major ``[L, E, N]``.
 
   ``d`` is the link time of each (layer, source, expert) to its nearest copy (``far`` while the
   expert is hosted nowhere), ``a`` that copy (-1 while hosted nowhere), ``load [L, N]`` the
   traffic each server computes under this routing, ``c`` the comm gain of a new copy and
   ``delta`` the traffic it would attract; ``c`` and ``delta`` are updated incrementally from the
-  sources whose nearest copy changed. Gains only fall as copies are added (the penalty rises
-  with the server's own load), so every (layer, server) row keeps its candidates sorted by a
-  past gain and only the head is re-evaluated (lazy greedy): the head is the row's best when its
-  current gain is at least the next candidate's past gain; otherwise the row is re-sorted.
+  sources whose nearest copy changed. Gains (almost) only fall as copies are added, so every
+  (layer, server) row keeps its candidates sorted by a past gain and re-evaluates only its head
+  (lazy greedy): the head is the row's best when its current gain is at least the next
+  candidate's past gain; otherwise the next few candidates, or the whole row, are re-sorted.
+  (A gain can rise when a server's load falls and its penalty with it; such rises are only
+  seen once the candidate is re-evaluated.)
   """
 
   def __init__(self, traffic, tau, t, lam, replicas=True):
     n, nl, e = traffic.shape
-    self.tl = np.ascontiguousarray(traffic.transpose(1, 0, 2))  # [L, N, E]
+    self.n_srv, self.n_lay, self.n_exp = n, nl, e
+    t_flat = traffic.reshape(n, nl * e).T  # [L*E, source], a transposed view (BLAS-able)
+    self.tcol = np.ascontiguousarray(t_flat).reshape(nl, e, n)  # [L, E, source]
     self.hosts = np.zeros((nl, n, e), dtype=bool)
     self.covered = np.zeros((nl, e), dtype=bool)
     self.replicas = replicas
     self.tau, self.t, self.lam = tau, t, lam
     self.far = (np.where(np.eye(n, dtype=bool), -np.inf, tau).max(axis=1) if n > 1
                 else np.zeros(1))
-    self.zbal = self.tl.sum(axis=(1, 2)) / np.sum(1.0 / t)  # [L] balanced compute time
-    self.tol = 1e-9 * float(self.tl.sum(axis=(1, 2)).max() * tau.max())  # "zero" gain
-    self.d = np.broadcast_to(self.far[None, :, None], self.tl.shape).copy()
-    self.a = np.full(self.tl.shape, -1, dtype=np.int64)
+    layer_total = self.tcol.sum(axis=(1, 2))
+    self.zbal = layer_total / np.sum(1.0 / t)  # [L] balanced compute time
+    self.tol = 1e-9 * float(layer_total.max() * tau.max())  # "zero" gain
+    # Column-major state [L, E, N] (the updates touch whole columns):
+    self.d = np.broadcast_to(self.far[None, None, :], (nl, e, n)).copy()
+    self.a = np.full((nl, e, n), -1, dtype=np.int64)
     r = self.far[:, None] - tau  # [source m, new copy n]
-    t_le = self.tl.transpose(0, 2, 1)  # [L, E, source]
-    self.c = np.ascontiguousarray((t_le @ np.maximum(r, 0.0)).transpose(0, 2, 1))
-    self.delta = np.ascontiguousarray((t_le @ (r > 0).astype(np.float64)).transpose(0, 2, 1))
+    self.c = (t_flat @ np.maximum(r, 0.0)).reshape(nl, e, n)
+    self.delta = (t_flat @ (r > 0).astype(np.float64)).reshape(nl, e, n)
     self.load = np.zeros((nl, n))
-    g = self.c - self.penalty(np.arange(nl)[:, None, None], np.arange(n)[None, :, None],
+    g = self.c - self.penalty(np.arange(nl)[:, None, None], np.arange(n)[None, None, :],
                               self.delta)
+    g = np.ascontiguousarray(g.transpose(0, 2, 1))  # rows [L, N, E]
     self.order = np.argsort(-g, axis=2, kind="stable")  # [L, N, E] candidates, best first
     self.past = np.take_along_axis(g, self.order, axis=2)  # their gains when sorted
     self.ptr = np.zeros((nl, n), dtype=np.int64)
@@ -129,13 +138,13 @@ class _Greedy:
 
   def gain(self, lk, nk, ek):
     """Current gain of copies (lk, nk, ek) (any matching shapes); ``-inf`` if not allowed."""
-    g = self.c[lk, nk, ek] - self.penalty(lk, nk, self.delta[lk, nk, ek])
+    g = self.c[lk, ek, nk] - self.penalty(lk, nk, self.delta[lk, ek, nk])
     blocked = self.hosts[lk, nk, ek] if self.replicas else self.covered[lk, ek]
     return np.where(blocked, -np.inf, g)
 
   def _resort(self, lk, nk):
     """Re-sort rows (lk, nk) by their current gains."""
-    e = self.tl.shape[2]
+    e = self.n_exp
     g = self.gain(lk[:, None], nk[:, None], np.arange(e)[None, :])
     order = np.argsort(-g, axis=1, kind="stable")
     self.order[lk, nk] = order
@@ -149,7 +158,7 @@ class _Greedy:
     candidates are re-evaluated and re-sorted, which settles the row when their best is at least
     the past gain after the window; rows that are still unsettled are re-sorted in full.
     """
-    e = self.tl.shape[2]
+    e = self.n_exp
     ptr = self.ptr[lk, nk]
     p = np.minimum(ptr, e - 1)
     ek = self.order[lk, nk, p]
@@ -182,32 +191,34 @@ class _Greedy:
 
   def add(self, lk, nk, ek):
     """Add copies (lk, nk, ek) (distinct columns) and update every derived quantity."""
-    n = self.tl.shape[1]
-    old_a, old_d = self.a[lk, :, ek], self.d[lk, :, ek]  # [K, N]
+    n = self.n_srv
+    old_a, old_d = self.a[lk, ek], self.d[lk, ek]  # [K, N]
     self.hosts[lk, nk, ek] = True
     self.covered[lk, ek] = True
     kk, mm = np.nonzero(self.tau[:, nk].T < old_d)  # sources now closer, grouped by copy
     lp, ep, np_ = lk[kk], ek[kk], nk[kk]
-    tp = self.tl[lp, mm, ep]
+    tp = self.tcol[lp, ep, mm]
     src = old_a[kk, mm]
     away = src >= 0
     self.load += np.bincount(np.concatenate([lp[away] * n + src[away], lp * n + np_]),
                              weights=np.concatenate([-tp[away], tp]),
                              minlength=self.load.size).reshape(self.load.shape)
     d_old, d_new = old_d[kk, mm], self.tau[mm, np_]
-    self.d[lp, mm, ep], self.a[lp, mm, ep] = d_new, np_
+    self.d[lp, ep, mm], self.a[lp, ep, mm] = d_new, np_
     # c[n] = sum_m T[m] relu(d[m] - tau[m, n]): add each moved source's change, for every n.
     if kk.size == 0:
       return
-    # relu(d_new - x) - relu(d_old - x) = -clip(d_old - x, 0, d_old - d_new), x = tau[m, n].
-    gap = d_old[:, None] - self.tau[mm]  # [P, N]
-    dc = np.clip(gap, 0.0, (d_old - d_new)[:, None]) * -tp[:, None]
-    start = np.flatnonzero(np.concatenate([[True], kk[1:] != kk[:-1]]))
-    k = kk[start]
-    self.c[lk[k], :, ek[k]] += np.add.reduceat(dc, start, axis=0)
+    # relu(d_new - x) - relu(d_old - x) = -clip(d_old - x, 0, d_old - d_new), x = tau[m, n]:
+    # nonzero only for the servers n closer to m than its old copy (few), so go sparse.
+    pi, ni = np.nonzero(self.tau[mm] < d_old[:, None])  # [P, N] -> pairs (source, server)
+    x = self.tau[mm[pi], ni]
+    dc = -tp[pi] * np.minimum(d_old[pi] - x, d_old[pi] - d_new[pi])
+    cell = kk[pi] * n + ni
+    k = lk.size
+    self.c[lk, ek] += np.bincount(cell, weights=dc, minlength=k * n).reshape(k, n)
     if self.lam:  # delta loses the sources with d_new <= x < d_old
-      dd = ((gap > 0) & (self.tau[mm] >= d_new[:, None])) * -tp[:, None]
-      self.delta[lk[k], :, ek[k]] += np.add.reduceat(dd, start, axis=0)
+      dd = np.where(x >= d_new[pi], -tp[pi], 0.0)
+      self.delta[lk, ek] += np.bincount(cell, weights=dd, minlength=k * n).reshape(k, n)
 
   def fill(self, room, budget_left=None):
     """Greedy rounds until no positive gain fits; returns copies added. Modifies ``room``.
@@ -218,7 +229,7 @@ class _Greedy:
     """
     added = 0
     n_lay, n = self.ptr.shape
-    n_exp = self.tl.shape[2]
+    n_exp = self.n_exp
     while True:
       ok = np.broadcast_to(room[None, :] > 0, (n_lay, n))
       if budget_left is not None:
@@ -260,10 +271,12 @@ class _Greedy:
     copies = np.argsort(~h, axis=1, kind="stable")[:, :r]  # [K, R] hosts first
     real = np.take_along_axis(h, copies, axis=1)
     dm = np.where(real[:, None, :], self.tau[:, copies].transpose(1, 0, 2), np.inf)  # [K, m, R]
-    near = np.take_along_axis(copies[:, None, :], dm.argmin(axis=2)[..., None], axis=2)[..., 0]
-    two = np.partition(dm, 1, axis=2)[:, :, :2]
-    extra = np.where(np.isfinite(two[:, :, 1]),
-                     self.tl[lk, :, ek] * (two[:, :, 1] - two[:, :, 0]), 0.0)  # [K, source]
+    first = dm.argmin(axis=2)[..., None]
+    near = np.take_along_axis(copies[:, None, :], first, axis=2)[..., 0]
+    d1 = np.take_along_axis(dm, first, axis=2)[..., 0]
+    np.put_along_axis(dm, first, np.inf, axis=2)
+    d2 = dm.min(axis=2)  # the second nearest copy
+    extra = np.where(np.isfinite(d2), self.tcol[lk, ek] * (d2 - d1), 0.0)  # [K, source]
     rows = np.repeat(np.arange(k), n)
     loss = np.bincount(rows * n + near.ravel(), weights=extra.ravel(),
                        minlength=h.size).reshape(h.shape)
@@ -280,8 +293,8 @@ class _Greedy:
       return 0, 0
     order = np.argsort(-hotness[lu, eu], kind="stable")
     lu, eu = lu[order], eu[order]
-    gain = self.c[lu, :, eu] - self.penalty(lu[:, None], np.arange(n)[None, :],
-                                            self.delta[lu, :, eu])  # [U, N]
+    gain = self.c[lu, eu] - self.penalty(lu[:, None], np.arange(n)[None, :],
+                                         self.delta[lu, eu])  # [U, N]
     free = min(int(room.sum()), lu.size)
     if free:
       owner = greedy_assign(-gain[:free], np.arange(free), room)
@@ -303,13 +316,15 @@ class _Greedy:
     count = self.hosts.sum(axis=1)
 
     def refresh(cols_l, cols_e):
-      by_count = np.argsort(count[cols_l, cols_e], kind="stable")  # similar copy counts per block
-      cols_l, cols_e = cols_l[by_count], cols_e[by_count]
-      for s in range(0, cols_l.size, _CHUNK):
-        bl, be = cols_l[s:s + _CHUNK], cols_e[s:s + _CHUNK]
-        lo = self.removal_loss(bl, be)  # [K, N]
-        kk, nn = np.nonzero(self.hosts[bl, :, be])
-        loss[nn, where[bl[kk], nn, be[kk]]] = lo[kk, nn]
+      copies = count[cols_l, cols_e]
+      for r in np.unique(copies):  # blocks of equal copy counts: no padding
+        bl_all, be_all = cols_l[copies == r], cols_e[copies == r]
+        step = max(1, _CHUNK * 8 // int(r))
+        for s in range(0, bl_all.size, step):
+          bl, be = bl_all[s:s + step], be_all[s:s + step]
+          lo = self.removal_loss(bl, be)  # [K, N]
+          kk, nn = np.nonzero(self.hosts[bl, :, be])
+          loss[nn, where[bl[kk], nn, be[kk]]] = lo[kk, nn]
 
     refresh(*np.nonzero(count >= 2))
     pending = np.arange(free, lu.size)  # hottest first
@@ -322,17 +337,19 @@ class _Greedy:
       srt = np.argsort(np.take_along_axis(loss, part, axis=1), axis=1, kind="stable")
       cheap_j = np.take_along_axis(part, srt, axis=1)  # [N, q]
       cheap = np.take_along_axis(loss, cheap_j, axis=1)
-      score = cheap[None, :, 0] - gain[pending]  # [P, N]
+      head = pending[:q * n]  # the hottest orphans: at most q per server can go this round
+      score = cheap[None, :, 0] - gain[head]  # [P, N]
       srv = np.argmin(score, axis=1)
-      second = np.partition(score, 1, axis=1)[:, 1] if n > 1 else np.full(pending.size, np.inf)
+      score[np.arange(srv.size), srv] = np.inf
+      second = score.min(axis=1)  # the orphan's cost on its second-best server
       by_srv = np.argsort(srv, kind="stable")
       rank = np.empty_like(srv)
       rank[by_srv] = np.arange(srv.size) - np.searchsorted(srv[by_srv], srv[by_srv])
       rk = np.minimum(rank, q - 1)
       victim_loss = cheap[srv, rk]
       ok = (rank < q) & np.isfinite(victim_loss) & (
-          (rank == 0) | (victim_loss - gain[pending, srv] <= second))
-      take, srv, vj = pending[ok], srv[ok], cheap_j[srv[ok], rk[ok]]
+          (rank == 0) | (victim_loss - gain[head, srv] <= second))
+      take, srv, vj = head[ok], srv[ok], cheap_j[srv[ok], rk[ok]]
       vl, ve = copy_l[srv, vj], copy_e[srv, vj]
       # A column keeps at least one copy: at most count - 1 of its copies go per round.
       key = vl * e + ve
@@ -382,17 +399,22 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
   info = dict(seed=seed, lam=lam, entropy_budgets=entropy_budgets, hetero_aware=hetero_aware,
               replicas=replicas)
 
+  phase_s = {}
+  tick = time.perf_counter()
   greedy = _Greedy(traffic, tau, t, lam, replicas)
+  phase_s["init"], tick = time.perf_counter() - tick, time.perf_counter()
   in_budget = 0
   if entropy_budgets:
     budget = layer_budgets(problem.freq[perm], room)
     in_budget = greedy.fill(room, np.ascontiguousarray(budget.T))
     info["budget_mean_per_layer"] = budget.mean(axis=0).round(2).tolist()
   free = greedy.fill(room)
+  phase_s["greedy"], tick = time.perf_counter() - tick, time.perf_counter()
   in_room, evicted = greedy.cover(room, traffic.sum(axis=0))
+  phase_s["cover"] = time.perf_counter() - tick
   hosts = greedy.hosts.transpose(1, 0, 2)
   info.update(copies_in_budget=int(in_budget), copies_free=int(free),
-              coverage_in_room=in_room, coverage_by_eviction=evicted)
+              coverage_in_room=in_room, coverage_by_eviction=evicted, phase_s=phase_s)
   out = np.empty_like(hosts)
   out[perm] = hosts
   return finish(problem, out, "dancemoe", start, info, lam=lam, slack=route_slack)

@@ -150,7 +150,7 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
     num_replicas: physical experts per layer (a multiple of ``num_gpus``, at least ``E``).
     num_groups: expert groups (``E`` must be a multiple); hierarchical policy when
       ``num_nodes`` divides it, global policy otherwise.
-    num_nodes: server nodes (``num_gpus`` must be a multiple).
+    num_nodes: server nodes (``num_gpus`` must be a multiple under the hierarchical policy).
     num_gpus: GPUs in all; GPU ``g`` holds physical experts
       ``[g * num_replicas / num_gpus, (g + 1) * num_replicas / num_gpus)``.
   Returns:
@@ -170,12 +170,16 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
              f"num_replicas={num_replicas} must be a multiple of num_gpus={num_gpus}"),
             (num_groups > 0 and num_log % num_groups == 0,
              f"the {num_log} experts must split evenly into num_groups={num_groups}"),
-            (num_nodes > 0 and num_gpus % num_nodes == 0,
-             f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes}")]
+            (num_nodes > 0, f"num_nodes={num_nodes} must be positive")]
+  hierarchical = num_groups % num_nodes == 0
+  if hierarchical:
+    checks.append((num_gpus % num_nodes == 0,
+                   f"num_gpus={num_gpus} must be a multiple of num_nodes={num_nodes} (the "
+                   f"hierarchical policy, used since num_nodes divides num_groups)"))
   for ok, msg in checks:
     if not ok:
       raise PlacementError(f"EPLB: {msg}.")
-  if num_groups % num_nodes == 0:
+  if hierarchical:
     phy2log, rank, logcnt = _hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
   else:
     phy2log, rank, logcnt = _hierarchical(weight, num_replicas, 1, 1, num_gpus)
@@ -204,6 +208,21 @@ def rebalance_experts_uneven(weight: np.ndarray,
   return phy2log, _log2phy(phy2log, pphy_rank, num_log), logcnt
 
 
+def layer_slots(capacity: np.ndarray, num_layers: int, num_experts: int) -> np.ndarray:
+  """``[L, N]`` slots of each server in each layer when memory is unequal.
+
+  Server n gets ``floor(capacity[n] / L)`` slots in every layer and one more in
+  ``capacity[n] mod L`` layers, taken cyclically where the previous server stopped, so layer
+  totals differ by at most one (each at least ``floor(sum(capacity) / L)``); at most ``E``.
+  """
+  capacity = np.asarray(capacity, dtype=np.int64)
+  base = np.broadcast_to(capacity // num_layers, (num_layers, capacity.size)).copy()
+  start = np.concatenate([[0], np.cumsum(capacity % num_layers)[:-1]])
+  layers = np.arange(num_layers)[:, None]
+  base += (layers - start[None, :]) % num_layers < (capacity % num_layers)[None, :]
+  return np.minimum(base, num_experts)
+
+
 def eplb(problem: PlacementProblem, seed: int = 0, num_groups: int = 1, num_nodes: int = 1,
          max_slots_per_layer: int | None = None) -> Placement:
   """EPLB as a placement baseline: balance compute load, no locality.
@@ -213,35 +232,39 @@ def eplb(problem: PlacementProblem, seed: int = 0, num_groups: int = 1, num_node
   ``s = min_n floor(capacity[n] / L)`` slots per layer (capped at ``E`` and at
   ``max_slots_per_layer``), i.e. ``num_replicas = s * N`` physical experts per layer; the extra
   memory of larger servers stays unused. When ``s * N < E`` (the smallest server is too small for
-  equal slots to cover every expert) the method uses ``floor(capacity[n] / L)`` slots on server n
-  instead (EPLB's global policy with unequal packs, :func:`rebalance_experts_uneven`) and says
-  so in ``info["slots"]``. Two replicas of one expert packed onto the same server collapse into
-  one hosted copy. Routing: nearest replica. ``seed`` is unused (deterministic).
+  equal slots to cover every expert) each server gets its own slots per layer instead
+  (:func:`layer_slots`: its whole memory, spread over the layers) and EPLB's global policy packs
+  each layer into these unequal GPUs (:func:`rebalance_experts_uneven`); ``info["slots"]`` says
+  which. Two replicas of one expert packed onto the same server collapse into one hosted copy.
+  Routing: nearest replica. ``seed`` is unused (deterministic).
   """
   start = time.perf_counter()
   n, l, e = problem.shape
-  cap_layer = np.minimum(problem.capacity // l, e)
-  if max_slots_per_layer is not None:
-    cap_layer = np.minimum(cap_layer, int(max_slots_per_layer))
   weight = problem.traffic.sum(axis=0)
-  s = int(cap_layer.min())
-  if s * n >= e:
-    phy2log, _, logcnt = rebalance_experts(weight, s * n, num_groups, num_nodes, n)
-    server = np.repeat(np.arange(n), s)
-    mode = f"equal: {s} per server per layer"
-  else:
-    if cap_layer.sum() < e:
-      raise PlacementError(
-          f"eplb needs the same layer-wise slots on every server; with capacity "
-          f"{problem.capacity.tolist()} and L={l} layers the servers hold "
-          f"{cap_layer.tolist()} experts per layer, {int(cap_layer.sum())} < E={e}. Use a "
-          f"method without per-layer slots (dancemoe, greedy_local) or add memory.")
-    phy2log, _, logcnt = rebalance_experts_uneven(weight, cap_layer)
-    server = np.repeat(np.arange(n), cap_layer)
-    mode = f"uneven (equal slots would give {s} * {n} < E={e}): {cap_layer.tolist()} per layer"
+  s = int(np.minimum(problem.capacity // l, e).min())
+  if max_slots_per_layer is not None:
+    s = min(s, int(max_slots_per_layer))
   hosts = np.zeros((n, l, e), dtype=bool)
-  hosts[np.broadcast_to(server, phy2log.shape), np.arange(l)[:, None], phy2log] = True
-  info = dict(seed=seed, slots=mode, num_replicas=int(phy2log.shape[1]),
-              num_groups=num_groups, num_nodes=num_nodes,
-              collapsed=int(phy2log.size - hosts.sum()))
+  if s * n >= e:
+    phy2log, _, _ = rebalance_experts(weight, s * n, num_groups, num_nodes, n)
+    server = np.repeat(np.arange(n), s)
+    hosts[np.broadcast_to(server, phy2log.shape), np.arange(l)[:, None], phy2log] = True
+    mode, replicas = f"equal: {s} per server per layer", int(phy2log.size)
+  else:
+    slots = layer_slots(problem.capacity, l, e)
+    if max_slots_per_layer is not None:
+      slots = np.minimum(slots, int(max_slots_per_layer))
+    if slots.sum(axis=1).min() < e:
+      raise PlacementError(
+          f"eplb: with capacity {problem.capacity.tolist()} (max_slots_per_layer="
+          f"{max_slots_per_layer}) some layer gets only {int(slots.sum(axis=1).min())} slots "
+          f"per layer for E={e} experts. Raise max_slots_per_layer or add memory.")
+    for li in range(l):
+      phy2log, _, _ = rebalance_experts_uneven(weight[li:li + 1], slots[li])
+      hosts[np.repeat(np.arange(n), slots[li]), li, phy2log[0]] = True
+    mode = (f"uneven (equal slots would give {s} * {n} < E={e}): {slots.tolist()} per layer "
+            f"and server")
+    replicas = int(slots.sum())
+  info = dict(seed=seed, slots=mode, num_replicas=replicas, num_groups=num_groups,
+              num_nodes=num_nodes, collapsed=int(replicas - hosts.sum()))
   return finish(problem, hosts, "eplb", start, info)

@@ -110,8 +110,7 @@ def _model(problem: PlacementProblem, lam: float):
 
 
 def ilp(problem: PlacementProblem, seed: int = 0, lam: float = 1.0, time_limit: float = 60.0,
-        mip_rel_gap: float = 1e-6, max_size: int = MAX_SIZE, force: bool = False,
-        route_slack: float = 0.1) -> Placement:
+        mip_rel_gap: float = 1e-6, max_size: int = MAX_SIZE, force: bool = False) -> Placement:
   """The optimal placement and route table for the objective (module docstring).
 
   Args:
@@ -120,7 +119,6 @@ def ilp(problem: PlacementProblem, seed: int = 0, lam: float = 1.0, time_limit: 
       ``info["status"]`` says ``limit_reached`` (``info["gap"]`` is then the proven gap).
     mip_rel_gap: relative optimality gap at which HiGHS stops.
     max_size, force: refuse instances with ``N * L * E > max_size`` unless ``force``.
-    route_slack: unused by the solver (it optimises the route); accepted for a uniform API.
   Returns:
     A Placement whose ``info`` has ``status``, ``objective`` (of the returned placement),
     ``milp_objective``, ``bound`` (HiGHS's dual bound) and ``gap`` (relative, proven).

@@ -232,10 +232,49 @@ def _round_time(copies: list[tuple[int, int]], expert_bytes: float, bw: np.ndarr
   return float(max(send.max(), recv.max()))
 
 
+Triple = tuple[int, int, int]
+Move = tuple[Triple, "Triple | None"]  # (added replica, replica evicted to make room, or None)
+
+
+def move_sequence(placement: Placement) -> list[Move]:
+  """The ordered moves of a :func:`plan_incremental` result: ``[(added, evicted or None)]``."""
+  if "moves" not in placement.info or "evicted" not in placement.info:
+    raise MigrationError("this placement carries no move sequence; only plan_incremental "
+                         "results do (info['moves'] and info['evicted']).")
+  return [(tuple(int(x) for x in a), None if v is None else tuple(int(x) for x in v))
+          for a, v in zip(placement.info["moves"], placement.info["evicted"])]
+
+
+def _assign_copies(adds: Sequence[Triple], h: np.ndarray, held: np.ndarray, cap: np.ndarray,
+                   per_link: int, one: np.ndarray, w: float,
+                   bw: np.ndarray) -> tuple[list[tuple[int, Triple]], list[Triple]]:
+  """One round of copies, in the given priority: each destination within its capacity, each
+  directed link at most ``per_link`` copies, the source among the holders ``h`` (the state at
+  the round's start) that finishes earliest given what it already sends. Updates ``held``.
+  Returns ``(chosen [(source, added)], not scheduled)``."""
+  n_srv = h.shape[0]
+  link_use = np.zeros((n_srv, n_srv), dtype=np.int64)
+  send_t = np.zeros(n_srv)
+  chosen, rest = [], []
+  for a in adds:
+    n, l, e = a
+    holders = np.flatnonzero(h[:, l, e])
+    ok = holders[link_use[holders, n] < per_link]
+    if held[n] >= cap[n] or ok.size == 0:
+      rest.append(a)
+      continue
+    m = int(ok[np.argmin(send_t[ok] + one[ok, n])])
+    chosen.append((m, a))
+    link_use[m, n] += 1
+    send_t[m] += w / bw[m, n]
+    held[n] += 1
+  return chosen, rest
+
+
 def move_cost(current: Placement, target: Placement, model: ModelConfig,
               cluster: ClusterConfig, capacity: np.ndarray | None = None,
               max_concurrent_per_link: int = 1,
-              order: Sequence[tuple[int, int, int]] | None = None) -> MovePlan:
+              sequence: Sequence[Move] | None = None) -> MovePlan:
   """Schedule the copies and drops that turn ``current`` into ``target`` (module docstring).
 
   Args:
@@ -243,10 +282,14 @@ def move_cost(current: Placement, target: Placement, model: ModelConfig,
     model, cluster: expert bytes, link bandwidth and latency.
     capacity: ``[N]`` experts each server can hold (default: ``cluster.expert_capacity``).
     max_concurrent_per_link: copies a directed link carries at once (per round).
-    order: optional priority of the added replicas ``(n, l, e)`` (e.g. the planner's order);
-      default: by layer, expert, server.
+    sequence: the planner's ordered moves (:func:`move_sequence`), if ``target`` came from
+      :func:`plan_incremental`. Evictions then happen in the planner's order (each once it is
+      not the last copy), each copy after its own eviction, copies in parallel as links allow;
+      this never needs a staging buffer. Without it, copies go by (server, layer, expert) and a
+      server drops replicas it is to lose (held elsewhere at that moment) when it needs room.
   Returns:
-    A :class:`MovePlan`; ``hosted_at_every_moment(current.hosts, plan.steps)`` holds.
+    A :class:`MovePlan`; ``hosted_at_every_moment(current.hosts, plan.steps)`` holds, and with
+    ``capacity`` too unless ``plan.staged > 0``.
   """
   if max_concurrent_per_link < 1:
     raise MigrationError(f"max_concurrent_per_link must be >= 1, got {max_concurrent_per_link}.")
@@ -263,74 +306,79 @@ def move_cost(current: Placement, target: Placement, model: ModelConfig,
   bw, lat = cluster.bandwidth_matrix, cluster.latency_matrix
   w = float(model.expert_bytes)
   one = w / bw + lat  # [N, N] seconds of one copy alone
-
-  adds = [tuple(int(x) for x in a) for a in np.argwhere(goal & ~h)]
-  if order is not None:
-    rank = {tuple(int(x) for x in a): i for i, a in enumerate(order)}
-    missing = [a for a in adds if a not in rank]
-    if missing:
-      raise MigrationError(f"order does not list the added replica {missing[0]} (server, layer, "
-                           f"expert).")
-    adds.sort(key=lambda a: rank[a])
-  pending_drop = {tuple(int(x) for x in d) for d in np.argwhere(h & ~goal)}
+  c = max_concurrent_per_link
+  held = h.sum(axis=(1, 2))
   steps: list[MoveStep] = []
   rounds: list[float] = []
+
+  def copy_round(chosen):
+    for m, (n, l, e) in chosen:
+      h[n, l, e] = True
+      steps.append(MoveStep("copy", n, l, e, source=m, round=len(rounds)))
+    rounds.append(_round_time([(m, a[0]) for m, a in chosen], w, bw, lat))
+
+  if sequence is not None:
+    moves = [(tuple(a), None if v is None else tuple(v)) for a, v in sequence]
+    check = apply_steps(h, [MoveStep("copy", *a) for a, _ in moves] +
+                        [MoveStep("drop", *v) for _, v in moves if v is not None])
+    if not np.array_equal(check, goal):
+      raise MigrationError("the move sequence does not turn the current placement into the "
+                           "target; pass the sequence of the plan that made the target.")
+    done = np.zeros(len(moves), dtype=bool)
+    ptr = 0  # evictions happen strictly in the planner's order
+    while not done.all():
+      while ptr < len(moves):
+        v = moves[ptr][1]
+        if v is not None:
+          if h[:, v[1], v[2]].sum() < 2:
+            break
+          h[v] = False
+          held[v[0]] -= 1
+          steps.append(MoveStep("drop", *v, round=len(rounds)))
+        ptr += 1
+      ready = [i for i in np.flatnonzero(~done) if i < ptr or moves[i][1] is None]
+      chosen, _ = _assign_copies([moves[i][0] for i in ready], h, held, cap, c, one, w, bw)
+      if not chosen:
+        raise MigrationError("the move sequence cannot proceed (an eviction would drop a last "
+                             "copy); it did not come from plan_incremental on this placement.")
+      picked = {a for _, a in chosen}
+      done[[i for i in ready if moves[i][0] in picked]] = True
+      copy_round(chosen)
+    return MovePlan(tuple(steps), tuple(rounds), int(model.expert_bytes), 0)
+
+  adds = [tuple(int(x) for x in a) for a in np.argwhere(goal & ~h)]
+  pending_drop = {tuple(int(x) for x in d) for d in np.argwhere(h & ~goal)}
   staged = 0
-  held = h.sum(axis=(1, 2))
   while adds:
-    r = len(rounds)
     # Drops that make room for this round's copies (only replicas held elsewhere right now).
     want = {}
     for n, _, _ in adds:
-      want[n] = min(want.get(n, 0) + 1, (n_srv - 1) * max_concurrent_per_link)
+      want[n] = min(want.get(n, 0) + 1, (n_srv - 1) * c)
     for n, k in want.items():
       room = int(cap[n] - held[n])
       for d in sorted(d for d in pending_drop if d[0] == n):
         if room >= k:
           break
-        _, l, e = d
-        if h[:, l, e].sum() >= 2:
+        if h[:, d[1], d[2]].sum() >= 2:
           h[d] = False
           held[n] -= 1
           room += 1
           pending_drop.discard(d)
-          steps.append(MoveStep("drop", n, l, e, round=r))
-    # Copies: each link carries at most max_concurrent_per_link; senders are balanced.
-    start = h.copy()
-    link_use = np.zeros((n_srv, n_srv), dtype=np.int64)
-    send_t = np.zeros(n_srv)
-    chosen, rest = [], []
-    for a in adds:
-      n, l, e = a
-      holders = np.flatnonzero(start[:, l, e])
-      ok = holders[link_use[holders, n] < max_concurrent_per_link]
-      if held[n] >= cap[n] or ok.size == 0:
-        rest.append(a)
-        continue
-      m = int(ok[np.argmin(send_t[ok] + one[ok, n])])
-      chosen.append((m, a))
-      link_use[m, n] += 1
-      send_t[m] += w / bw[m, n]
-      held[n] += 1
+          steps.append(MoveStep("drop", *d, round=len(rounds)))
+    chosen, rest = _assign_copies(adds, h, held, cap, c, one, w, bw)
     if not chosen:
       # Only cycles of sole copies between full servers remain: stage one copy over capacity.
-      a = rest.pop(0)
-      n, l, e = a
-      holders = np.flatnonzero(start[:, l, e])
-      m = int(holders[np.argmin(one[holders, n])])
-      chosen.append((m, a))
+      n, l, e = a = rest.pop(0)
+      holders = np.flatnonzero(h[:, l, e])
+      chosen.append((int(holders[np.argmin(one[holders, n])]), a))
       held[n] += 1
       staged += 1
-    for m, (n, l, e) in chosen:
-      h[n, l, e] = True
-      steps.append(MoveStep("copy", n, l, e, source=m, round=r))
-    rounds.append(_round_time([(m, a[0]) for m, a in chosen], w, bw, lat))
+    copy_round(chosen)
     adds = rest
   for d in sorted(pending_drop):
-    n, l, e = d
     h[d] = False
-    held[n] -= 1
-    steps.append(MoveStep("drop", n, l, e, round=len(rounds)))
+    held[d[0]] -= 1
+    steps.append(MoveStep("drop", *d, round=len(rounds)))
   return MovePlan(tuple(steps), tuple(rounds), int(model.expert_bytes), staged)
 
 
@@ -511,6 +559,42 @@ def replica_values(hosts: np.ndarray, traffic: np.ndarray,
   return add, np.where(hosts, drop, 0.0)
 
 
+def _relocations(hosts: np.ndarray, traffic: np.ndarray, link: np.ndarray, add: np.ndarray,
+                 room: np.ndarray, evict: np.ndarray, victim: np.ndarray,
+                 keep: np.ndarray) -> list[tuple[float, list[Move]]]:
+  """Relocation candidates, one per full server ``n``: copy the sole copy ``x`` on ``n`` whose
+  move costs least to a server ``m`` (into free room, or evicting ``m``'s cheapest replica),
+  then let ``n``'s best add take the slot ``x`` leaves. Proxy gain per copy (two copies)::
+
+    ( add[n, a] - (R_x(m) - R_x(n)) - evict_loss(m) ) / 2,   R_x(m) = sum_j x[j, x] link[j, m]
+
+  (``R_x(m)``: link time of all of ``x``'s traffic when ``m`` holds its only copy).
+  """
+  n_srv, n_lay, n_exp = hosts.shape
+  solo = hosts & (hosts.sum(axis=0) == 1)[None] & ~keep
+  home = np.einsum("jle,jm->mle", traffic, link)  # [m, L, E] R_x(m)
+  dest = np.where(room > 0, 0.0, evict)  # [m] cost of making room on m
+  out = []
+  for n in np.flatnonzero(room <= 0):
+    if not solo[n].any() or not np.any(add[n] > 0):
+      continue
+    shift = home - home[n][None] + dest[:, None, None]  # [m, L, E]
+    shift = np.where(solo[n][None], shift, np.inf)
+    shift[n] = np.inf
+    m, lx, ex = np.unravel_index(int(np.argmin(shift)), shift.shape)
+    if not np.isfinite(shift[m, lx, ex]):
+      continue
+    la, ea = np.unravel_index(int(np.argmax(add[n])), (n_lay, n_exp))
+    g = float(add[n, la, ea] - shift[m, lx, ex])
+    if g <= 0:
+      continue
+    vm = None if room[m] > 0 else (int(m), *(int(x) for x in np.unravel_index(victim[m],
+                                                                            (n_lay, n_exp))))
+    out.append((0.5 * g, [((int(m), int(lx), int(ex)), vm),
+                          ((int(n), int(la), int(ea)), (int(n), int(lx), int(ex)))]))
+  return out
+
+
 def _layer_route(hosts: np.ndarray, route: np.ndarray, layers: Sequence[int],
                  model: ModelConfig, cluster: ClusterConfig,
                  traffic: np.ndarray) -> np.ndarray:
@@ -526,7 +610,7 @@ def plan_incremental(problem: PlacementProblem, current: Placement,
                      max_moves: int | None = None, max_bytes: float | None = None,
                      score: Score | None = None, candidates: int = 8,
                      min_improvement: float = 1e-9, protect: np.ndarray | None = None,
-                     **objective_opts) -> Placement:
+                     relocate: bool = True, **objective_opts) -> Placement:
   """A placement close to ``current`` that serves ``problem.freq`` better (module docstring).
 
   Args:
@@ -542,9 +626,14 @@ def plan_incremental(problem: PlacementProblem, current: Placement,
     candidates: proxy-ranked swaps checked against ``score`` per move (first improving wins).
     min_improvement: relative decrease of the score a swap must bring.
     protect: optional ``[N, L, E]`` bool of replicas never evicted.
+    relocate: also consider relocations (two copies): a full server whose replicas are all last
+      copies (or worth more than the add) hands one of its sole copies to another server, and
+      the freed slot takes the add. Without them a server filled with sole copies of cold
+      experts by an earlier plan can never take its new hot experts.
   Returns:
     A validated :class:`Placement` whose kept experts keep their slots; ``info["moves"]`` lists
-    the added replicas in order (``[n, l, e]``), ``info["evicted"]`` the dropped ones, and
+    the added replicas in order (``[n, l, e]``), ``info["evicted"]`` the replica each one
+    evicted (or None when it used free room; :func:`move_sequence` pairs them), and
     ``info["score_before"]``/``info["score_after"]`` the score.
   """
   current.validate(problem)
@@ -571,43 +660,57 @@ def plan_incremental(problem: PlacementProblem, current: Placement,
   start_score = best
   added, evicted = [], []
   fresh = np.zeros(problem.shape, dtype=bool)  # replicas added by this plan: never evicted
+  gone = np.zeros(problem.shape, dtype=bool)   # replicas evicted by this plan: never re-added
   rejected: set[tuple] = set()
+  n_srv = hosts.shape[0]
   while len(added) < budget:
     add, drop = replica_values(hosts, traffic, link)
+    add = np.where(gone, 0.0, add)
     drop = np.where(fresh | guard, np.inf, drop)
     room = problem.capacity - hosts.sum(axis=(1, 2))
-    # Best eviction per server (inf when nothing can go); free room needs none.
-    flat_drop = drop.reshape(hosts.shape[0], -1)
-    flat_drop = np.where(hosts.reshape(hosts.shape[0], -1), flat_drop, np.inf)
+    # Cheapest eviction per server (inf when every replica there is a last copy).
+    flat_drop = np.where(hosts, drop, np.inf).reshape(n_srv, -1)
     victim = flat_drop.argmin(axis=1)
-    loss = np.where(room > 0, 0.0, flat_drop[np.arange(hosts.shape[0]), victim])
+    evict = flat_drop[np.arange(n_srv), victim]
+    loss = np.where(room > 0, 0.0, evict)
     gain = add - loss[:, None, None]
-    order = np.argsort(-gain, axis=None, kind="stable")
-    tried, accepted = 0, False
-    for idx in order:
-      if tried >= candidates or not gain.flat[idx] > 0:
+    cands = []  # (proxy gain per copy, [(added, evicted or None), ...])
+    for idx in np.argsort(-gain, axis=None, kind="stable")[:candidates]:
+      if not gain.flat[idx] > 0:
         break
-      n, l, e = np.unravel_index(idx, hosts.shape)
-      v = None if room[n] > 0 else np.unravel_index(victim[n], hosts.shape[1:])
-      key = (n, l, e, v)
+      n, l, e = (int(x) for x in np.unravel_index(idx, hosts.shape))
+      v = None if room[n] > 0 else (n, *(int(x) for x in np.unravel_index(victim[n],
+                                                                          hosts.shape[1:])))
+      cands.append((float(gain.flat[idx]), [((n, l, e), v)]))
+    if relocate and budget - len(added) >= 2:
+      cands += _relocations(hosts, traffic, link, add, room, evict, victim, fresh | guard)
+    cands.sort(key=lambda c: -c[0])
+    tried, accepted = 0, False
+    for _, moves in cands:
+      if tried >= candidates:
+        break
+      key = tuple(moves)
       if key in rejected:
         continue
       tried += 1
       h2 = hosts.copy()
-      h2[n, l, e] = True
-      layers = [l]
-      if v is not None:
-        h2[n, v[0], v[1]] = False
-        layers.append(v[0])
+      layers = []
+      for a, v in moves:
+        h2[a] = True
+        layers.append(a[1])
+        if v is not None:
+          h2[v] = False
+          layers.append(v[1])
       r2 = _layer_route(h2, route, layers, model, cluster, traffic)
-      trial = Placement(h2, r2, slot_table(h2), "incremental")
-      s2 = score(problem, trial)
+      s2 = score(problem, Placement(h2, r2, slot_table(h2), "incremental"))
       if s2 < best - min_improvement * abs(best):
         hosts, route, best, accepted = h2, r2, s2, True
-        fresh[n, l, e] = True
-        added.append([int(n), int(l), int(e)])
-        if v is not None:
-          evicted.append([int(n), int(v[0]), int(v[1])])
+        for a, v in moves:
+          fresh[a] = True
+          added.append(list(a))
+          evicted.append(None if v is None else list(v))
+          if v is not None:
+            gone[v] = True
         rejected.clear()
         break
       rejected.add(key)

@@ -118,6 +118,9 @@ def nearest_replica_route(hosts: np.ndarray, model: ModelConfig, cluster: Cluste
                           traffic: np.ndarray | None = None, slack: float = 0.1) -> np.ndarray:
   """Default route table: local if hosted, else the cheapest replica, spreading load.
 
+  This is the readable reference; ``routing.nearest_replica_route_fast`` returns the identical
+  table vectorised over layers and is what :meth:`Placement.from_hosts` uses.
+
   A token on ``n`` choosing a non-local expert (l, e) goes to the replica ``m`` with the least
   ``link_time[n, m] + expert compute time per token on m``; replicas within ``slack`` (relative)
   of the cheapest are treated as ties and the one with the least traffic assigned so far in that
@@ -186,7 +189,8 @@ class Placement:
     """Build the slot tables (and the default route unless given) from ``hosts``."""
     hosts = np.asarray(hosts, dtype=bool)
     if route is None:
-      route = nearest_replica_route(hosts, model, cluster, traffic)
+      from moe_edge.placement.routing import nearest_replica_route_fast  # noqa: PLC0415 (cycle)
+      route = nearest_replica_route_fast(hosts, model, cluster, traffic)
     return cls(hosts, np.asarray(route, dtype=np.int32), slot_table(hosts, num_slots),
                method, dict(info or {}))
 

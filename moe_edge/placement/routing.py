@@ -77,11 +77,18 @@ def nearest_replica_route_fast(hosts: np.ndarray, model: ModelConfig, cluster: C
   col_id = np.full((n_lay, n_exp), -1, dtype=np.int64)
   col_id[cols[:, 0], cols[:, 1]] = np.arange(len(cols))
   near = np.zeros((len(cols), n_srv, n_srv), dtype=bool)  # [C, source, replica]
+  by_count = np.argsort(n_rep[cols[:, 0], cols[:, 1]], kind="stable")  # blocks of similar R
   for a in range(0, len(cols), _CHUNK):
-    c = cols[a:a + _CHUNK]
-    h = hosts[:, c[:, 0], c[:, 1]].T  # [c, N]
-    cm = np.where(h[:, None, :], cost[None, :, :], np.inf)
-    near[a:a + _CHUNK] = cm <= cm.min(axis=2, keepdims=True) * (1.0 + slack)
+    ci = by_count[a:a + _CHUNK]
+    h = hosts[:, cols[ci, 0], cols[ci, 1]].T  # [c, N]
+    r = int(h.sum(axis=1).max())
+    reps = np.argsort(~h, axis=1, kind="stable")[:, :r]  # [c, R] replicas first, in id order
+    real = np.take_along_axis(h, reps, axis=1)
+    cm = np.where(real[:, None, :], cost[:, reps].transpose(1, 0, 2), np.inf)  # [c, N, R]
+    ok = cm <= cm.min(axis=2, keepdims=True) * (1.0 + slack)
+    c_idx = np.broadcast_to(ci[:, None, None], ok.shape)
+    s_idx = np.broadcast_to(np.arange(n_srv)[None, :, None], ok.shape)
+    near[c_idx[ok], s_idx[ok], np.broadcast_to(reps[:, None, :], ok.shape)[ok]] = True
   f_col = col_id[f_lay, f_exp]
   mi = np.flatnonzero(multi)
   n_near = near.sum(axis=2)[f_col[mi], f_srv[mi]]  # [M]

@@ -199,3 +199,21 @@ def test_in_the_model():
                            hosts[:, 0], cm, 1.0, solver="dp")
   with pytest.raises(BudgetError, match=r"k=13 must be in \[1, 12\]"):
     bud.subsets(13)
+
+
+def test_routing_energy_matches_loops():
+  from moe_edge.extensions.harness import routing_energy
+  rng = np.random.default_rng(5)
+  t, n = 30, 3
+  ids = np.argsort(rng.random((t, L, E)), axis=-1)[..., :K]
+  server = rng.integers(0, n, t)
+  route = rng.integers(0, n, (n, L, E))
+  cm = rng.random((n, n))
+  run = rng.random((t, L, K)) < 0.7
+  want = np.zeros(t)
+  for i in range(t):
+    for l in range(L):
+      for r in range(K):
+        if run[i, l, r]:
+          want[i] += cm[server[i], route[server[i], l, ids[i, l, r]]]
+  np.testing.assert_allclose(routing_energy(ids, server, route, cm, run), want)

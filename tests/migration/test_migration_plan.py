@@ -170,7 +170,7 @@ def test_plan_incremental_respects_budget_slots_and_every_moment():
     kept = cur.hosts & new.hosts
     np.testing.assert_array_equal(new.expert_slot[kept], cur.expert_slot[kept])
     plan = mig.move_cost(cur, new, MODEL, prob.cluster, prob.capacity,
-                         order=[tuple(m) for m in moves])
+                         sequence=mig.move_sequence(new))
     assert plan.staged == 0
     assert mig.hosted_at_every_moment(cur.hosts, plan.steps, prob.capacity)
   by_bytes = mig.plan_incremental(prob, cur, max_bytes=2.5 * MODEL.expert_bytes)

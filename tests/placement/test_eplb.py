@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from _placement_cases import make_problem
-from moe_edge.placement.eplb import (balanced_packing, eplb, rebalance_experts,
+from moe_edge.placement.eplb import (balanced_packing, eplb, layer_slots, rebalance_experts,
                                      rebalance_experts_uneven, replicate_experts)
 from moe_edge.placement.problem import PlacementError, PlacementProblem
 
@@ -92,7 +92,7 @@ def test_uneven_slots():
     ((README_WEIGHT, 10, 4, 2, 8), "num_replicas=10 must be >= the 12"),
     ((README_WEIGHT, 18, 4, 2, 8), "multiple of num_gpus"),
     ((README_WEIGHT, 16, 5, 2, 8), "split evenly"),
-    ((README_WEIGHT, 16, 4, 3, 8), "multiple of num_nodes"),
+    ((README_WEIGHT, 18, 4, 4, 6), "multiple of num_nodes"),
     ((-README_WEIGHT, 16, 4, 2, 8), "non-negative"),
     ((README_WEIGHT[0], 16, 4, 2, 8), "layers, experts"),
 ])
@@ -115,18 +115,22 @@ def test_eplb_placement_equal_slots():
     assert reps[li, np.argmax(load[li])] == reps[li].max()
 
 
-def test_eplb_placement_uneven_and_too_small():
+def test_layer_slots_spread_memory():
+  for cap, l, e in [([7, 3, 2], 2, 6), ([5, 5, 5, 1], 3, 4), ([9, 0, 4], 4, 3)]:
+    slots = layer_slots(np.array(cap), l, e)
+    np.testing.assert_array_equal(slots.sum(axis=0), np.minimum(cap, l * e))
+    assert slots.max() <= e
+    assert np.ptp(slots.sum(axis=1)) <= 1
+
+
+def test_eplb_placement_uneven_slots():
   problem = make_problem(n=3, l=2, e=6, seed=0, copies=1.0)
-  cap = problem.capacity
-  layer_slots = np.minimum(cap // 2, 6)
-  if layer_slots.min() * 3 >= 6:  # make the smallest server too small for equal slots
-    cap = np.array([1, 6, 6])
-    problem = PlacementProblem.build(problem.model, problem.cluster, problem.freq,
-                                     problem.tokens, capacity=cap)
+  problem = PlacementProblem.build(problem.model, problem.cluster, problem.freq, problem.tokens,
+                                   capacity=np.array([7, 3, 2]))  # per layer 3 + 1 + 1 < 6
   placement = eplb(problem)
   placement.validate(problem)
   assert placement.info["slots"].startswith("uneven")
-  tight = PlacementProblem.build(problem.model, problem.cluster, problem.freq, problem.tokens,
-                                 capacity=np.array([1, 5, 7]))  # per layer 0 + 2 + 3 < 6
-  with pytest.raises(PlacementError, match="per layer"):
-    eplb(tight)
+  assert placement.info["num_replicas"] == 12  # all the memory, spread over the layers
+  assert placement.hosts.sum() == 12 - placement.info["collapsed"]
+  with pytest.raises(PlacementError, match="max_slots_per_layer"):
+    eplb(problem, max_slots_per_layer=1)

@@ -1,0 +1,173 @@
+"""Placement methods: how long they take, and how far each heuristic is from the ILP optimum.
+
+(a) Speed: wall time of every method (routing included) on synthetic skewed problems of
+    64 experts x 16 layers x 8 servers (OLMoE-1B-7B on the ``edge_hetero_8`` preset) and
+    256 experts x 61 layers x 64 servers (a DeepSeek-V3-shaped model on 64 edge GPUs in 8 racks
+    of 8), memory for ~1.5 copies of the experts; best of ``--repeats`` runs, checked against
+    dancemoe's goals (50 ms and 1 s).
+(b) Quality: on ``--instances`` seeded problems per cluster (``tiny``: 2 layers x 8 experts, on
+    ``edge_hetero_4`` and ``edge_hetero_8`` with 1.5x memory), each heuristic's objective
+    (``moe_edge/placement/objective.py``) relative to the ILP optimum: mean and max gap
+    (goal: dancemoe within 2% on average), with dancemoe's ablations.
+
+Frequencies are synthetic: per server and layer, a Zipf(``--zipf``) law over a random expert
+order, mixed with weight ``--mix`` with a Zipf law shared by all servers of that layer.
+
+Run:
+  .venv/bin/python benchmarks/bench_placement.py
+  .venv/bin/python benchmarks/bench_placement.py --instances 5 --repeats 1 --skip_large
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
+                             with_expert_memory)
+from moe_edge.placement import METHODS, ilp, place
+from moe_edge.placement.objective import objective
+from moe_edge.placement.problem import PlacementError, PlacementProblem
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("repeats", 3, "Timed runs per method and size (the best is reported).")
+flags.DEFINE_integer("instances", 20, "Seeded small instances per cluster for the ILP gap.")
+flags.DEFINE_string("quality_clusters", "edge_hetero_4,edge_hetero_8",
+                    "Cluster presets of the quality study (the tiny model, 2 x 8 experts).")
+flags.DEFINE_float("copies", 1.5, "Expert memory, in copies of all experts.")
+flags.DEFINE_float("zipf", 1.0, "Zipf exponent of the synthetic frequencies.")
+flags.DEFINE_float("mix", 0.5, "Weight of the layer-wide Zipf law shared by all servers.")
+flags.DEFINE_float("lam", 1.0, "Load-balance weight of the objective.")
+flags.DEFINE_float("ilp_time_limit", 60.0, "Seconds per ILP.")
+flags.DEFINE_bool("skip_large", False, "Skip the 256 x 61 x 64 timing.")
+
+GOALS_S = {"64x16x8": 0.05, "256x61x64": 1.0}  # dancemoe's placement-time goals
+
+
+def zipf_frequencies(rng: np.random.Generator, n: int, l: int, e: int, k: int, skew: float,
+                     mix: float) -> np.ndarray:
+  """``[N, L, E]`` per-server skewed frequencies, each row summing to ``k``."""
+  law = 1.0 / np.arange(1, e + 1) ** skew
+  law /= law.sum()
+  shared = law[np.argsort(rng.random((1, l, e)), axis=2)]
+  own = law[np.argsort(rng.random((n, l, e)), axis=2)]
+  return k * (mix * shared + (1 - mix) * own)
+
+
+def racks_cluster(n: int, rack: int, link_gbps: float = 10.0) -> ClusterConfig:
+  """``n`` edge GPUs (4090 / 3090 / A4000 / Orin AGX in turn), racks of ``rack``; links across
+  racks have half the bandwidth and twice the latency."""
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs" / "clusters"))
+  from _devices import A4000, GBPS, ORIN_AGX_32, RTX3090, RTX4090  # noqa: PLC0415
+  kinds = (RTX4090, RTX3090, A4000, ORIN_AGX_32)
+  servers = tuple(kinds[i % len(kinds)] for i in range(n))
+  same = [[i // rack == j // rack for j in range(n)] for i in range(n)]
+  bw = tuple(tuple(link_gbps * GBPS * (1.0 if same[i][j] else 0.5) for j in range(n))
+             for i in range(n))
+  lat = tuple(tuple(1e-4 * (1.0 if same[i][j] else 2.0) for j in range(n)) for i in range(n))
+  return ClusterConfig(f"edge_racks_{n}x{rack}", servers, bw, lat, source="bench_placement")
+
+
+def memory_capacity(cluster: ClusterConfig, num_experts: int, copies: float) -> np.ndarray:
+  """``[N]`` experts per server: ``copies`` sets split in proportion to datasheet memory."""
+  mem = np.array([s.memory_bytes for s in cluster.servers])
+  return np.floor(copies * num_experts * mem / mem.sum()).astype(np.int64) + 1
+
+
+def speed_problems(seed: int = 0) -> dict[str, PlacementProblem]:
+  """The two timing instances (module docstring)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  olmoe = model_config("olmoe_1b_7b")
+  c8 = cluster_config("edge_hetero_8")
+  n, l, e = c8.num_servers, olmoe.n_moe_layers, olmoe.n_experts
+  out["64x16x8"] = PlacementProblem.build(
+      olmoe, c8, zipf_frequencies(rng, n, l, e, olmoe.top_k, FLAGS.zipf, FLAGS.mix),
+      capacity=memory_capacity(c8, l * e, FLAGS.copies))
+  if not FLAGS.skip_large:
+    big = ModelConfig(name="deepseek_v3_shape", vocab_size=129280, d_model=7168, n_layers=61,
+                      n_heads=128, n_kv_heads=128, head_dim=128, n_experts=256, top_k=8,
+                      d_ff_expert=2048, bytes_per_param=1, source="DeepSeek-V3 MoE shape")
+    c64 = racks_cluster(64, 8)
+    n, l, e = 64, big.n_moe_layers, big.n_experts
+    out["256x61x64"] = PlacementProblem.build(
+        big, c64, zipf_frequencies(rng, n, l, e, big.top_k, FLAGS.zipf, FLAGS.mix),
+        capacity=memory_capacity(c64, l * e, FLAGS.copies))
+  return out
+
+
+def time_methods(problems: dict[str, PlacementProblem]) -> None:
+  """Part (a): best-of-repeats wall time (and process CPU time) per method and size."""
+  sizes = list(problems)
+  print(f"(a) placement time, best of {FLAGS.repeats}: wall ms (CPU ms of this process), "
+        f"routing, validation and the objective included; memory {FLAGS.copies:g} copies")
+  print(f"{'method':16s}" + "".join(f"{s:>22s}" for s in sizes) + "   goal")
+  for method in METHODS:
+    cells, verdict = [], ""
+    for size in sizes:
+      problem = problems[size]
+      try:
+        wall, cpu = map(min, zip(*[_timed(method, problem) for _ in range(FLAGS.repeats)]))
+        cells.append(f"{1e3 * wall:.1f} ({1e3 * cpu:.1f})")
+        if method == "dancemoe":
+          ok = wall <= GOALS_S[size]
+          verdict += f" {size} <= {1e3 * GOALS_S[size]:g} ms: {'met' if ok else 'MISSED'};"
+      except PlacementError:
+        n, l, e = problem.shape
+        cells.append("refused")
+        verdict += f" {size}: N*L*E = {n * l * e:,} > {ilp.MAX_SIZE};"
+    print(f"{method:16s}" + "".join(f"{c:>22s}" for c in cells) + "  " + verdict)
+
+
+def _timed(method: str, problem: PlacementProblem) -> tuple[float, float]:
+  wall, cpu = time.perf_counter(), time.process_time()
+  place(method, problem, seed=0, **({"lam": FLAGS.lam} if method == "dancemoe" else {}))
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def quality(cluster_name: str) -> None:
+  """Part (b): objective gap to the ILP optimum on seeded small instances."""
+  model = model_config("tiny")
+  cluster = with_expert_memory(cluster_config(cluster_name), model, FLAGS.copies)
+  n, l, e = cluster.num_servers, model.n_moe_layers, model.n_experts
+  runs = {m: (m, {}) for m in METHODS if m != "ilp"}
+  runs.update({"dancemoe/-budgets": ("dancemoe", dict(entropy_budgets=False)),
+               "dancemoe/-hetero": ("dancemoe", dict(hetero_aware=False)),
+               "dancemoe/-replicas": ("dancemoe", dict(replicas=False))})
+  gaps = {m: [] for m in runs}
+  proven = []
+  for seed in range(FLAGS.instances):
+    rng = np.random.default_rng(1000 + seed)
+    problem = PlacementProblem.build(model, cluster, zipf_frequencies(
+        rng, n, l, e, model.top_k, FLAGS.zipf, FLAGS.mix), tokens=rng.uniform(0.5, 2.0, n))
+    best = place("ilp", problem, lam=FLAGS.lam, time_limit=FLAGS.ilp_time_limit)
+    proven.append(best.info["gap"])
+    for row, (m, opts) in runs.items():
+      opts = dict(opts, lam=FLAGS.lam) if m == "dancemoe" else opts
+      got = place(m, problem, seed=seed, **opts)
+      gaps[row].append(objective(problem, got, FLAGS.lam) / best.info["objective"] - 1.0)
+  print(f"\n(b) objective gap to the ILP optimum: {FLAGS.instances} instances, {cluster.name}, "
+        f"{l} layers x {e} experts x {n} servers, capacity {problem.capacity.tolist()}, "
+        f"lam={FLAGS.lam:g} (largest proven ILP gap {max(proven):.1e})")
+  print(f"{'method':20s}{'mean gap':>10s}{'max gap':>10s}")
+  for row, g in gaps.items():
+    g = 100 * np.array(g)
+    print(f"{row:20s}{g.mean():9.2f}%{g.max():9.2f}%")
+  mean = 100 * np.mean(gaps["dancemoe"])
+  print(f"goal: dancemoe within 2% on average: {'met' if mean <= 2.0 else 'MISSED'} "
+        f"({mean:.2f}%)")
+
+
+def main(argv):
+  del argv
+  time_methods(speed_problems())
+  for name in FLAGS.quality_clusters.split(","):
+    if name.strip():
+      quality(name.strip())
+
+
+if __name__ == "__main__":
+  app.run(main)
