@@ -240,7 +240,8 @@ def replay(trace, model, cluster, capacity):
       campaign_left -= 1
       migrate = bool(cand.info["moves"])
     else:
-      # The trigger judges the whole campaign: horizon x budget copies, gain vs their cost.
+      # The trigger judges the whole campaign: horizon x budget copies against the saving
+      # over the horizon.
       whole = planner(seen, FLAGS.horizon)
       plan = mig.move_cost(cur, whole, model, cluster, capacity, FLAGS.max_concurrent_per_link,
                            sequence=mig.move_sequence(whole))
@@ -250,7 +251,8 @@ def replay(trace, model, cluster, capacity):
                           for f in stats.window_halves())
         saving = mig.cross_validated_saving(half_a, half_b, cur,
                                             lambda prob: planner(prob, FLAGS.horizon))
-      dec = mig.should_migrate(seen, cur, whole, FLAGS.serving_steps_per_interval, plan,
+      dec = mig.should_migrate(seen, cur, whole,
+                               FLAGS.serving_steps_per_interval * FLAGS.horizon, plan,
                                FLAGS.safety, FLAGS.interference,
                                FLAGS.max_concurrent_per_link, saving_per_step=saving)
       trig = dict(drift=drift, saving_ms=1e3 * dec.saving_per_step_s, gain_s=dec.gain_s,

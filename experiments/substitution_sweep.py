@@ -331,6 +331,8 @@ def main(argv):
       print(f"  {name}: bytes halve at threshold {h['threshold']:.3f}: delta NLL "
             f"{h['dnll']:+.4f} nats/byte ({100 * (np.exp(h['dnll']) - 1):+.2f}% perplexity), "
             f"decode latency x{h['latency_ratio']:.3f}")
+  clean = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v
+  summary["baseline"] = {k: clean(v) for k, v in base.items()}
   (out / "substitution_summary.json").write_text(json.dumps(summary, indent=1))
   plot(rows, base, out / "substitution_sweep.png")
   print(f"wrote {out}/substitution_sweep.csv, similarity_rank.csv, substitution_summary.json, "

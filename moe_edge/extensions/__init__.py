@@ -6,6 +6,8 @@
 * ``budgeted.py``     per-token budgeted expert selection (latency or energy), exact and greedy
 * ``transform.py``    the composable ``moe_fn`` wrapper: transform the routing, then run any
                       ``moe_fn`` (the dense reference or the distributed dispatch)
+* ``harness.py``      evaluation on real text for the sweeps in ``experiments/`` (import it
+                      explicitly; it pulls in the cost model and the placement registry)
 """
 from moe_edge.extensions.budgeted import (BudgetError, BudgetSelection, EnergyModel,
                                           budget_moe_fn, budget_transform, budgeted_selection,

@@ -321,10 +321,11 @@ def budget_transform(hosts, cost_matrix, server, budget, solver: str = "greedy",
 
 def budget_moe_fn(hosts, cost_matrix, server, budget, solver: str = "greedy",
                   force_top1: bool = True, renormalize: bool = False, park: bool = True,
-                  moe_fn: MoeFn | None = None, record: bool = False) -> TransformedMoE:
+                  moe_fn: MoeFn | None = None, record: bool = False,
+                  best_single: bool = True) -> TransformedMoE:
   """``moe_fn`` applying :func:`budget_transform`, then ``moe_fn``."""
   return TransformedMoE(budget_transform(hosts, cost_matrix, server, budget, solver, force_top1,
-                                         renormalize, park), moe_fn, record)
+                                         renormalize, park, best_single), moe_fn, record)
 
 
 def kept_mass(gates: jax.Array, keep: jax.Array) -> jax.Array:
