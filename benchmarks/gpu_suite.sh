@@ -3,7 +3,7 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_suite.sh        # from the repository root
 #
-# Runs, each under its own time limit (about 6 minutes in all at most), writing to $OUT:
+# Runs, each under its own time limit (6 minutes in all at most), writing to $OUT:
 #   1. test_gpu.txt         tests/parallel/test_dispatch.py -k gpu: ragged vs padded transport
 #                           (and vs a numpy reference) on the GPUs
 #   2. serve.txt            experiments/serve.py: the trained small_moe on 2 GPU servers with the
@@ -45,19 +45,19 @@ log "GPU suite on $(hostname); data $MOE_EDGE_DATA"
 [ -d "$MOE_EDGE_DATA/corpus" ] || log "WARNING: no corpus under $MOE_EDGE_DATA (serve.py needs it)"
 [ -d "$MOE_EDGE_DATA/routing_stats" ] || log "WARNING: no routing_stats under $MOE_EDGE_DATA (bench needs it)"
 
-step test_gpu 90 test_gpu.txt \
+step test_gpu 60 test_gpu.txt \
   env JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/parallel/test_dispatch.py -k gpu -rs
 
-step serve 90 serve.txt \
+step serve 75 serve.txt \
   "$PY" experiments/serve.py --cluster homogeneous_4 --num_servers 2 --transport ragged \
-  --requests_per_server 8 --prompt_len 64 --max_new_tokens 24 --migrate_to uniform_ep \
+  --requests_per_server 8 --prompt_len 64 --max_new_tokens 16 --migrate_to uniform_ep \
   --copies 1.25
 
-step bench 210 bench.log \
-  "$PY" experiments/bench_dispatch.py --out "$OUT" --decode_tokens 128 --prefill_tokens 8192 \
-  --repeats 20 --warmup 3
+step bench 170 bench.log \
+  "$PY" experiments/bench_dispatch.py --out "$OUT" --decode_tokens 128 --prefill_tokens 4096 \
+  --repeats 20 --prefill_repeats 10 --warmup 3
 
-step calibrate 60 calibration.txt \
+step calibrate 45 calibration.txt \
   "$PY" -m moe_edge.cost.calibrate --out "$OUT/calibration.json" --repeats 10
 
 log "done; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -60,7 +60,7 @@ flags.DEFINE_list("models", ["olmoe_1b_7b", "mixtral_8x7b"], "Model shapes (and 
                   "statistics).")
 flags.DEFINE_list("phases", ["decode", "prefill"], "decode and/or prefill.")
 flags.DEFINE_integer("decode_tokens", 128, "Tokens per device in a decode step.")
-flags.DEFINE_integer("prefill_tokens", 8192, "Tokens per device in a prefill step.")
+flags.DEFINE_integer("prefill_tokens", 4096, "Tokens per device in a prefill step.")
 flags.DEFINE_list("methods", ["dancemoe", "uniform_ep", "maxtext"], "Configurations.")
 flags.DEFINE_list("transports", None, "padded and/or ragged (default: both on GPU/TPU, padded "
                   "on CPU).")
@@ -70,7 +70,8 @@ flags.DEFINE_integer("layer", 7, "MoE layer of the routing statistics (7 is a re
 flags.DEFINE_float("alpha", 0.8, "Share of a device's tokens from its home domain.")
 flags.DEFINE_float("copies", 1.5, "DanceMoE expert slots per device as copies x E / N.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and activations.")
-flags.DEFINE_integer("repeats", 20, "Timed calls per configuration (median reported).")
+flags.DEFINE_integer("repeats", 20, "Timed calls per decode configuration (median reported).")
+flags.DEFINE_integer("prefill_repeats", 10, "Timed calls per prefill configuration.")
 flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.")
 flags.DEFINE_bool("small", False, "Small shapes and token counts (CPU smoke test).")
 flags.DEFINE_bool("slicing_check", True, "Compare stacked vs per-layer slot weights.")
@@ -145,6 +146,26 @@ def measure_rates(mesh, dtype, small: bool, repeats: int) -> Rates:
   t_hbm, _ = _median_time(lambda: inc(v), repeats, 2)
   return Rates(a2a_bytes_per_s=sent / max(t_big - lat, 1e-9), a2a_latency_s=lat,
                matmul_flops=2.0 * size**3 / t_mm, hbm_bytes_per_s=2.0 * v.nbytes / t_hbm)
+
+
+def ragged_dot_lowering(shape: Shape, dtype) -> str:
+  """How XLA compiles ``ragged_dot`` at this shape on device 0: ``"cudnn"`` (grouped GEMM
+  custom call), ``"custom call <target>"``, ``"ragged-dot"`` (kept as one op) or ``"dense"``
+  (expanded into a padded dot over every group: rows x groups of work)."""
+  import re  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  g = shape.e
+  args = (jnp.ones((16 * g, shape.d), dtype), jnp.ones((g, shape.d, shape.f), dtype),
+          jnp.full((g,), 16, jnp.int32))
+  text = jax.jit(jax.lax.ragged_dot).lower(*args).compile().as_text()
+  targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+  if any("cudnn" in t.lower() for t in targets):
+    return "cudnn"
+  if targets:
+    return "custom call " + ",".join(targets)
+  return "ragged-dot" if "ragged-dot(" in text else "dense"
 
 
 def routing(shape: Shape, n: int, tokens: int, alpha: float, layer: int, seed: int,
@@ -452,18 +473,24 @@ def run(f, on_row=None) -> dict:
   tokens = dict(decode=8 if f.small else f.decode_tokens,
                 prefill=64 if f.small else f.prefill_tokens)
   repeats, warmup = (3, 1) if f.small else (f.repeats, f.warmup)
+  phase_repeats = dict(decode=repeats, prefill=3 if f.small else f.prefill_repeats)
   rates = measure_rates(mesh, dtype, f.small, max(3, repeats // 2))
   print(f"{n} x {jax.devices()[0].device_kind} ({backend}); all_to_all "
         f"{rates.a2a_bytes_per_s / 1e9:.1f} GB/s per device (latency "
         f"{rates.a2a_latency_s * 1e6:.1f} us), matmul {rates.matmul_flops / 1e12:.1f} TFLOP/s, "
         f"HBM {rates.hbm_bytes_per_s / 1e9:.0f} GB/s", flush=True)
 
-  rows, agreement = [], []
+  rows, agreement, lowering = [], [], {}
   replicated = NamedSharding(mesh, P())
   for name in f.models:
     cfg = model_config(name)
     d, ff = SMALL_SHAPES[name] if f.small else (cfg.d_model, cfg.d_ff_expert)
     shape = Shape(name, d, ff, cfg.n_experts, cfg.top_k)
+    try:
+      lowering[name] = ragged_dot_lowering(shape, dtype)
+    except Exception as e:  # noqa: BLE001
+      lowering[name] = f"unknown ({type(e).__name__})"
+    print(f"{name}: ragged_dot compiles to {lowering[name]}", flush=True)
     if shape.e % n:
       raise app.UsageError(f"{name}: E={shape.e} experts do not split over {n} devices "
                            f"(uniform EP needs E % N == 0).")
@@ -491,35 +518,48 @@ def run(f, on_row=None) -> dict:
       inputs = (x, shard_rows(host_ids, mesh), shard_rows(host_gates, mesh),
                 shard_rows(np.ones(n * t, bool), mesh))
       for transport in transports:
-        outs = {}
+        outs, this = {}, []
         for method in f.methods:
-          row, y = bench_row(mesh, shape, phase, t, method, transport, placements.get(method),
-                             inputs, weights, host_ids, rates, repeats, warmup)
+          try:
+            row, y = bench_row(mesh, shape, phase, t, method, transport,
+                               placements.get(method), inputs, weights, host_ids, rates,
+                               phase_repeats[phase], warmup)
+            outs[method] = np.asarray(y.astype(jnp.float32))
+            print(f"{name} {phase} {transport} {method}: {row['median_ms']:.3f} ms, "
+                  f"{row['roofline_fraction']:.1%} of roofline ({row['bound']})", flush=True)
+          except Exception as e:  # noqa: BLE001  (one failing configuration must not end a GPU run)
+            row = dict(model=name, phase=phase, tokens_per_device=t, method=method,
+                       transport=transport, error=f"{type(e).__name__}: {e}"[:500])
+            print(f"{name} {phase} {transport} {method}: FAILED {row['error']}", flush=True)
           rows.append(row)
+          this.append(row)
           if on_row is not None:
             on_row(rows)
-          outs[method] = np.asarray(y.astype(jnp.float32))
-          print(f"{name} {phase} {transport} {method}: {row['median_ms']:.3f} ms, "
-                f"{row['roofline_fraction']:.1%} of roofline ({row['bound']})", flush=True)
-        base = next((r for r in rows[-len(f.methods):] if r["method"] == "maxtext"), None)
-        for r in rows[-len(f.methods):]:
-          r["vs_maxtext"] = base["median_ms"] / r["median_ms"] if base else None
-        ref = outs[f.methods[0]]
-        scale = float(np.max(np.abs(ref))) or 1.0
-        diff = max(float(np.max(np.abs(o - ref))) for o in outs.values()) / scale
-        agreement.append(dict(model=name, phase=phase, transport=transport,
-                              max_rel_diff=diff, ok=diff <= (2e-2 if dtype == jnp.bfloat16
-                                                             else 1e-4)))
+        base = next((r for r in this if r["method"] == "maxtext" and "error" not in r), None)
+        for r in this:
+          if "error" not in r:
+            r["vs_maxtext"] = base["median_ms"] / r["median_ms"] if base else None
+        if len(outs) >= 2:
+          ref = next(iter(outs.values()))
+          scale = float(np.max(np.abs(ref))) or 1.0
+          diff = max(float(np.max(np.abs(o - ref))) for o in outs.values()) / scale
+          agreement.append(dict(model=name, phase=phase, transport=transport,
+                                methods=sorted(outs), max_rel_diff=diff,
+                                ok=diff <= (2e-2 if dtype == jnp.bfloat16 else 1e-4)))
   slicing = None
   if f.slicing_check:
     name = f.models[0]
     cfg = model_config(name)
     d, ff = SMALL_SHAPES[name] if f.small else (cfg.d_model, cfg.d_ff_expert)
-    slicing = slicing_check(mesh, Shape(name, d, ff, cfg.n_experts, cfg.top_k),
-                            tokens["decode"], dtype, repeats, warmup)
+    try:
+      slicing = slicing_check(mesh, Shape(name, d, ff, cfg.n_experts, cfg.top_k),
+                              tokens["decode"], dtype, repeats, warmup)
+    except Exception as e:  # noqa: BLE001
+      slicing = dict(error=f"{type(e).__name__}: {e}"[:500])
   return dict(devices=n, device_kind=str(jax.devices()[0].device_kind), backend=backend,
               dtype=f.dtype, alpha=f.alpha, layer=f.layer, copies=f.copies,
-              rates=dataclasses.asdict(rates), rows=rows, agreement=agreement,
+              rates=dataclasses.asdict(rates), ragged_dot_lowering=lowering, rows=rows,
+              agreement=agreement,
               slicing=slicing, command=" ".join(sys.argv))
 
 
@@ -532,16 +572,25 @@ def report(summary: dict) -> str:
            f"(small-message latency {r['a2a_latency_s'] * 1e6:.1f} us), matmul "
            f"{r['matmul_flops'] / 1e12:.1f} TFLOP/s, HBM {r['hbm_bytes_per_s'] / 1e9:.0f} GB/s. "
            f"Routing: statistics-driven traces, alpha {summary['alpha']}, layer "
-           f"{summary['layer']}; DanceMoE with {summary['copies']}x E/N slots per device.", "",
+           f"{summary['layer']}; DanceMoE with {summary['copies']}x E/N slots per device. "
+           f"ragged_dot compiles to: " + ", ".join(f"{k} {v}" for k, v in
+                                                   summary["ragged_dot_lowering"].items())
+           + " (dense = a padded dot over every group).", "",
            markdown(summary["rows"]), ""]
+  errors = [r for r in summary["rows"] if "error" in r]
+  for r in errors:
+    lines.append(f"FAILED: {r['model']} {r['phase']} {r['method']} {r['transport']}: "
+                 f"{r['error']}")
   ok = all(a["ok"] for a in summary["agreement"])
   worst = max((a["max_rel_diff"] for a in summary["agreement"]), default=0.0)
-  stats = all(r["stats_match_host"] in (None, True) for r in summary["rows"])
+  stats = all(r.get("stats_match_host") in (None, True) for r in summary["rows"])
   lines.append(f"Outputs of all configurations agree: {'yes' if ok else 'NO'} (largest "
                f"difference {worst:.2e} of the output scale). Dispatch statistics equal the "
                f"host count of remote rows: {'yes' if stats else 'NO'}.")
   s = summary["slicing"]
-  if s:
+  if s and "error" in s:
+    lines += ["", f"Slicing check failed: {s['error']}"]
+  elif s:
     lines += ["", f"Slot weights per layer vs stacked (2 layers, {s['slot_bytes_per_layer_mb']:.1f}"
               f" MB of slots per layer and device): compiled temporary memory "
               f"{s['stacked']['temp_mb']:.1f} MB stacked vs {s['per_layer']['temp_mb']:.1f} MB "
@@ -570,7 +619,8 @@ def main(argv):
   (out / "bench_dispatch.md").write_text(text)
   (out / "bench_dispatch.json").write_text(json.dumps(summary, indent=1))
   print(f"wrote {out / 'bench_dispatch.md'} and {out / 'bench_dispatch.json'}")
-  if not all(a["ok"] for a in summary["agreement"]):
+  if not all(a["ok"] for a in summary["agreement"]) or any("error" in r
+                                                          for r in summary["rows"]):
     sys.exit(1)
 
 

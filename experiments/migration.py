@@ -2,32 +2,38 @@ r"""Runtime migration under workload drift: no migration vs full re-plan vs incr
 
 Replays a drifting workload in intervals of ``--interval`` trace steps. By default the trace is
 sampled from the real per-domain routing counts of OLMoE-1B-7B (``--source stats``): server ``i``
-serves mostly domain ``DOMAINS[i]`` (share ``--alpha``) and the servers' home domains are swapped
-at the ``--drift`` steps (default: neighbours swap after the first third, homes rotate after the
-second). ``--source PATH`` replays a recorded trace (e.g. real text through the Flax model,
-``experiments/collect_traces.py --drift ...``) instead.
+serves mostly domain ``DOMAINS[i]`` (share ``--alpha``) and the servers' home domains swap
+(``--drift_preset pairs``: servers 0 and 1 after the first third, servers 2 and 3 after the
+second; ``all``: every neighbour pair, then a rotation of all homes; or ``--drift``).
+``--source PATH`` replays a recorded trace instead (e.g. real text through the Flax model,
+``experiments/collect_traces.py --drift ...``; its drift steps are read from its metadata).
 
 Three policies serve every interval; each plans for the next interval from what it saw in this
 one (the online statistics, :mod:`moe_edge.workload.online_stats`):
 
 * ``none``: the initial DanceMoE placement (planned on interval 0) forever;
 * ``full``: DanceMoE from scratch every interval;
-* ``incremental``: :func:`moe_edge.placement.migration.plan_incremental` under a move budget,
-  applied only when :func:`~moe_edge.placement.migration.should_migrate` says the saving over
-  the next interval beats the cost of moving the weights.
+* ``incremental``: :func:`moe_edge.placement.migration.plan_incremental`, at most
+  ``--max_moves`` expert copies per interval. The trigger
+  (:func:`~moe_edge.placement.migration.should_migrate`, fed with the held-out saving of
+  :func:`~moe_edge.placement.migration.cross_validated_saving`) judges a *campaign* of
+  ``--horizon`` intervals (``horizon x max_moves`` copies against the saving over the horizon);
+  once approved, the campaign runs its intervals, re-planned on fresh statistics each time.
 
 Per interval and policy it reports local coverage and the cost model's step latency on the
 interval's actual tokens (``moe_edge.cost.model.evaluate``), the expected latency on the
 interval's statistics, and the expert copies (moves), bytes and transfer time of the migration
 applied at the start of the interval. It writes ``intervals.csv``, ``summary.json`` and
 ``migration.png`` into ``--out`` and prints the goals: after each shift, coverage back to
->= 95% of the full re-plan's within 2 intervals, with at most 25% of its expert moves.
+>= 95% of the full re-plan's (same interval) within 2 intervals, with at most 25% of the expert
+copies of the re-plan that follows the shift, next to a lower bound on the copies *any* plan
+needs for that (:func:`~moe_edge.placement.migration.min_copies_for_coverage`).
 
 ``--fail_server n --fail_step s`` adds a failure drill on the incremental policy's placement at
 step ``s``: reroute at once, re-load the experts only ``n`` held from storage, report the
 recovery time and the experts unreachable meanwhile.
 
-Example (about a minute on two CPU cores)::
+Example (about 15 s on two CPU cores)::
 
   python experiments/migration.py --fail_server 3 --fail_step 40
 """
@@ -392,10 +398,10 @@ def main(argv):
   if FLAGS.memory_copies > 0:
     cluster = with_expert_memory(cluster, model, FLAGS.memory_copies)
   capacity = cluster.expert_capacity(model)
+  copies = capacity.sum() / (model.n_moe_layers * model.n_experts)
   print(f"{model.name} on {cluster.name}: N={cluster.num_servers}, L={model.n_moe_layers}, "
         f"E={model.n_experts}, expert {model.expert_bytes / 1e6:.1f} MB, capacity "
-        f"{capacity.tolist()} experts ({capacity.sum() / (model.n_moe_layers * model.n_experts):.2f}"
-        f" copies)")
+        f"{capacity.tolist()} experts ({copies:.2f} copies)")
   print(f"workload: {trace.num_tokens} tokens, {int(trace.step.max()) + 1} steps, interval "
         f"{FLAGS.interval} steps, shifts at steps {shifts}")
   rows, history, truths, failure_at = replay(trace, model, cluster, capacity)

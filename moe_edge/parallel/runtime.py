@@ -778,27 +778,33 @@ class ServingRuntime:
                          "links): construct ServingRuntime(..., problem=problem).")
     if server in self._failed:
       raise ServingError(f"server {server} has already failed.")
+    base = self._current()
+    try:
+      target, report = mig.fail_server(base.placement, server, self.problem)
+    except PlacementError as e:
+      raise ServingError(f"cannot survive losing server {server}: {e}") from e
+    after = mig.failed_problem(self.problem, server)
+    # Immediate fallback: survivors' replicas take the tokens; orphans stay "on" the failed
+    # server (unreachable until re-loaded), so the interim tables are a valid placement.
+    hosts = base.placement.hosts.copy()
+    hosts[server] = False
+    orphan = ~hosts.any(axis=0)
+    hosts[server] = orphan
+    route = nearest_replica_route_fast(hosts, self.cfg, self.problem.cluster, after.traffic)
+    slot = base.tables.slot_expert.copy()
+    mine = slot[server]  # [L, S] view
+    held = mine >= 0
+    mine[held] = np.where(orphan[np.nonzero(held)[0], mine[held]], mine[held], -1)
+    interim = Placement(hosts, route, slot, f"{base.placement.method}-fallback",
+                        dict(failed_server=server))
+    interim.validate()
+    active = self._make_active(interim, tables_from_placement(interim, model=self.cfg),
+                               base.slots)  # no weights move
     with self._lock:
-      base = self._active
-      try:
-        target, report = mig.fail_server(base.placement, server, self.problem)
-      except PlacementError as e:
-        raise ServingError(f"cannot survive losing server {server}: {e}") from e
-      after = mig.failed_problem(self.problem, server)
-      hosts = base.placement.hosts.copy()
-      hosts[server] = False
-      orphan = ~hosts.any(axis=0)
-      hosts[server] = orphan  # orphans stay "on" the failed server: unreachable
-      route = nearest_replica_route_fast(hosts, self.cfg, self.problem.cluster, after.traffic)
-      slot = base.tables.slot_expert.copy()
-      held = slot[server] >= 0
-      ll = np.nonzero(held)[0]
-      slot[server][held] = np.where(orphan[ll, slot[server][held]], slot[server][held], -1)
-      interim = Placement(hosts, route, slot, f"{base.placement.method}-fallback",
-                          dict(failed_server=server))
-      interim.validate()
-      tables = tables_from_placement(interim, model=self.cfg)
-      self._active = self._make_active(interim, tables, base.slots)
+      if self._active is not base:
+        raise ServingError("the placement changed while the failover was planned; call "
+                           "fail_server again.")
+      self._active = active
       self._failed.add(server)
       self.problem = after
       self._unreachable = tuple(report.orphans)

@@ -9,22 +9,26 @@ and schedules the weight copies so that every expert stays reachable at every mo
 weights (``W_e = model.expert_bytes`` bytes) from a current holder. Dropping a replica is free.
 ``bytes moved = moves * W_e``.
 
-**Transfer time** (:func:`move_cost`). Copies run in rounds. Before a round, a server that needs
-room for its next copy drops replicas it is to lose, but only ones that are held elsewhere at
-that moment; the rest of the drops happen after the last round. In a round every directed link
-carries at most ``max_concurrent_per_link`` copies; a copy's source is the holder (at the
-round's start) that finishes it earliest given what that sender already sends this round (so
-the nearest holder, with ties spread over holders). Servers send and receive over full-duplex
-NICs, like the cost model's exchange (a server's sends are serialised on its NIC)::
+**Transfer time** (:func:`move_cost`). Copies run in rounds; drops (free) happen between
+rounds. In a round every directed link carries at most ``max_concurrent_per_link`` copies; a
+copy's source is the holder (at the round's start) that finishes it earliest given what that
+sender already sends this round (the nearest holder, ties spread over holders). Servers send and
+receive over full-duplex NICs, like the cost model's exchange (a server's sends are serialised
+on its NIC)::
 
   send[m]    = max_{links m->n used} lat[m, n] + sum_{copies m->n} W_e / bw[m, n]
   receive[n] = max_{links m->n used} lat[m, n] + sum_{copies m->n} W_e / bw[m, n]
   round      = max( max_m send[m], max_n receive[n] ),   transfer time = sum of rounds.
 
-When every server on the way is full and the remaining copies only form cycles of sole copies
-(expert x only on a, y only on b, a and b full, the target swaps them), no order keeps every
-expert hosted without room; one copy is then *staged* into a temporary buffer over the
-destination's capacity (counted in ``MovePlan.staged``; :func:`plan_incremental` never needs one).
+A plan of :func:`plan_incremental` comes with its move sequence (:func:`move_sequence`): each
+move adds one replica, possibly evicting one that is not the last copy of its expert at that
+point of the sequence. Evictions then happen in the sequence's order, each copy after its own
+eviction, copies in parallel as the links allow; this always makes progress and never exceeds a
+server's memory. An arbitrary target (a full re-plan) has no sequence: a server drops replicas
+it is to lose (only ones held elsewhere at that moment) when it needs room, the remaining drops
+follow the last round, and when the remaining copies only form cycles of sole copies between
+full servers (x only on a, y only on b, the target swaps them) one copy is *staged* in a
+temporary buffer over the destination's memory (counted in ``MovePlan.staged``).
 
 **Trigger** (:func:`should_migrate`). With ``t_cur`` and ``t_new`` the expected step latency
 (:func:`moe_edge.cost.model.expected_cost` on the current statistics) of the current and the
@@ -41,21 +45,25 @@ whole transfer"; the true value is smaller because copies run beside serving. Th
 (:func:`cross_validated_saving`): fitted and scored on one noisy window, a plan always looks
 better than it is.
 
-**Incremental planning** (:func:`plan_incremental`). Greedy swaps on the current placement:
+**Incremental planning** (:func:`plan_incremental`). Greedy moves on the current placement:
 add replica ``(n, l, e)`` (into free room on ``n``, or evicting the least valuable replica on
-``n`` that is not the last copy of its expert), best first, until the move or byte budget is
-spent or nothing gains. Candidates are ranked by a fast *proxy*: the change of the traffic-
-weighted link time to the nearest replica,
+``n`` that is not the last copy of its expert), or *relocate* (two copies: a full server hands one
+of its sole copies to another server and the freed slot takes the add), best gain per copy
+first, until the move or byte budget is spent or nothing gains. Candidates are ranked by a fast
+*proxy*, the change of the traffic-weighted link time to the nearest replica,
 
   ``R = sum_{n,l,e} x[n,l,e] * min_{m : hosts[m,l,e]} link[n, m]``,  ``x = tokens * freq``,
-  ``link`` = :func:`~moe_edge.placement.problem.link_time_per_token`,
+  ``link`` = :func:`~moe_edge.placement.problem.link_time_per_token`
 
 (adding a replica lowers it for every server that gets closer; evicting raises it for every
-server that loses its nearest replica), and each accepted swap must also lower the exact *score*
-(default: expected step latency of the cost model; any ``score(problem, placement)``, e.g. the
-placement objective, can be passed). Unchanged experts keep their slots
-(:func:`assign_slots_stable`), the moves form a valid sequence by construction (each eviction
-leaves another copy), and :func:`hosted_at_every_moment` checks any step sequence.
+server that loses its nearest replica), and each accepted move must lower the exact *score*:
+by default the placement objective DanceMoE minimises
+(:func:`moe_edge.placement.objective.objective`), so the incremental and the full re-plan pursue
+one goal. Replicas added by a plan are never evicted by it and evicted ones never re-added.
+Unchanged experts keep their slots (:func:`assign_slots_stable`), and
+:func:`hosted_at_every_moment` checks any step sequence. :func:`min_copies_for_coverage` bounds
+from below the copies *any* plan needs to reach a coverage, to tell a weak planner from an
+impossible target.
 
 **Failure** (:func:`fail_server`). A failed server's tokens stop and its replicas vanish. Tokens
 of experts held elsewhere fall back at once to the remaining replicas (route recomputed without

@@ -136,7 +136,8 @@ def count_choices_jax(expert_ids: jax.Array, server: jax.Array, num_servers: int
 
 def update_counts_jax(state: OnlineStatsState, counts: jax.Array,
                       tokens: jax.Array) -> OnlineStatsState:
-  """One step from counts ``[N, L, E]`` and tokens ``[N]`` (the math of :meth:`OnlineStats.update`)."""
+  """One step from counts ``[N, L, E]`` and tokens ``[N]``; the math of
+  :meth:`OnlineStats.update`."""
   d = state.decay
   return OnlineStatsState(
       ring_counts=state.ring_counts.at[state.pos].set(counts),

@@ -270,3 +270,73 @@ def test_failure_errors():
     mig.fail_server(p, 7, prob)
   with pytest.raises(mig.MigrationError, match="surviving servers hold"):
     mig.fail_server(p, 0, prob)
+
+
+def test_relocation_frees_a_server_full_of_sole_copies():
+  """Servers 0-2 are full of sole copies; server 0 now wants experts 1 and 5, sole copies on
+  server 1. Only relocating one of its own sole copies to server 3 (idle, with room) lets it
+  take one: two copies for one gain."""
+  hot = [(1, 5), (1, 5), (2, 6), (3, 7)]
+  prob = _problem(_freq(hot), capacity=(4, 4, 4, 8), tokens=(16.0, 16.0, 16.0, 0.0))
+  cur = _placement(_round_robin(), prob)  # server n holds experts n and n + 4 of each layer
+  fixed = mig.plan_incremental(prob, cur, max_moves=2, relocate=False)
+  assert fixed.info["moves"] == []
+  moved = mig.plan_incremental(prob, cur, max_moves=2, relocate=True)
+  assert len(moved.info["moves"]) == 2
+  assert (moved.hosts[0] & ~cur.hosts[0])[:, [1, 5]].any()
+  assert objective(prob, moved) < objective(prob, cur)
+  plan = mig.move_cost(cur, moved, MODEL, prob.cluster, prob.capacity,
+                       sequence=mig.move_sequence(moved))
+  assert plan.moves == 2 and plan.staged == 0
+  assert mig.hosted_at_every_moment(cur.hosts, plan.steps, prob.capacity)
+
+
+def test_move_cost_rejects_a_sequence_of_another_plan():
+  prob = _problem(_freq(HOMES))
+  cur = _placement(_round_robin(), prob)
+  new = mig.plan_incremental(prob, cur, max_moves=3)
+  with pytest.raises(mig.MigrationError, match="sequence"):
+    mig.move_cost(cur, new, MODEL, prob.cluster, prob.capacity,
+                  sequence=mig.move_sequence(new)[:-1])
+
+
+def test_min_copies_for_coverage_is_the_top_gains_bound():
+  prob = _problem(_freq(SWAPPED))
+  cur = _placement(_round_robin(), prob)
+  x = prob.traffic
+  base = (x * cur.hosts).sum() / x.sum()
+  gains = sorted((x * ~cur.hosts).ravel(), reverse=True)
+  for target in (base, base + 0.05, base + 0.2):
+    k = mig.min_copies_for_coverage(prob, cur, target)
+    assert base + sum(gains[:k]) / x.sum() >= target - 1e-12
+    if k > 0:
+      assert base + sum(gains[:k - 1]) / x.sum() < target
+  assert mig.min_copies_for_coverage(prob, cur, 1.5) is None
+  # The greedy planner can never beat the bound.
+  for budget in (1, 2, 4):
+    plan = mig.plan_incremental(prob, cur, max_moves=budget)
+    cov = mig.local_coverage(prob, plan.hosts)
+    assert mig.min_copies_for_coverage(prob, cur, cov) <= len(plan.info["moves"])
+
+
+def test_cross_validated_saving_with_equal_halves_is_the_in_sample_saving():
+  prob = _problem(_freq(SWAPPED))
+  cur = _placement(_round_robin(), prob)
+  planner = lambda p: mig.plan_incremental(p, cur, max_moves=2)  # noqa: E731
+  got = mig.cross_validated_saving(prob, prob, cur, planner)
+  want = mig.expected_latency(prob, cur) - mig.expected_latency(prob, planner(prob))
+  assert got == pytest.approx(want)
+  d = mig.should_migrate(prob, cur, planner(prob), 1e6, saving_per_step=-1.0)
+  assert not d.migrate and d.saving_per_step_s == -1.0
+
+
+def test_full_replan_counts_added_replicas_and_keeps_slots():
+  before = _problem(_freq(HOMES))
+  cur = mig.plan_incremental(before, _placement(_round_robin(), before))
+  after = _problem(_freq(SWAPPED))
+  new = mig.full_replan(after, cur, "dancemoe")
+  new.validate(after)
+  assert new.info["moves"] == int((new.hosts & ~cur.hosts).sum())
+  assert new.info["changed_experts"] == int(np.any(new.hosts != cur.hosts, axis=0).sum())
+  kept = cur.hosts & new.hosts
+  np.testing.assert_array_equal(new.expert_slot[kept], cur.expert_slot[kept])

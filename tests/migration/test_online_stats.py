@@ -115,3 +115,21 @@ def test_bad_input_raises_clear_errors():
     stats.frequency("mean")
   with pytest.raises(StatsError, match="mark_planned"):
     stats.drift()
+
+
+def test_window_halves_split_the_window_steps():
+  rng = np.random.default_rng(3)
+  steps = _random_steps(rng, 7, tokens_lo=1)
+  stats = OnlineStats(N, L, E, window=4, decay=0.5)
+  per_step = [_counts(ids, srv) for ids, srv in steps]
+  for c, t in per_step:
+    stats.update(c, t)
+  # Ring slots after 7 steps with W = 4: slot s holds step 4 + s for s < 3, slot 3 holds step 3.
+  slot_step = {0: 4, 1: 5, 2: 6, 3: 3}
+  for half, slots in zip(stats.window_halves(), ((0, 2), (1, 3))):
+    c = sum(per_step[slot_step[s]][0] for s in slots)
+    t = sum(per_step[slot_step[s]][1] for s in slots)
+    np.testing.assert_allclose(half, np.where(t[:, None, None] > 0,
+                                              c / np.maximum(t, 1)[:, None, None], 0.0))
+  with pytest.raises(StatsError, match="two steps"):
+    OnlineStats(N, L, E, window=1).window_halves()
