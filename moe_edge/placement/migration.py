@@ -568,15 +568,16 @@ def replica_values(hosts: np.ndarray, traffic: np.ndarray,
 
 
 def _relocations(hosts: np.ndarray, traffic: np.ndarray, link: np.ndarray, add: np.ndarray,
-                 room: np.ndarray, evict: np.ndarray, victim: np.ndarray,
-                 keep: np.ndarray) -> list[tuple[float, list[Move]]]:
+                 room: np.ndarray, evict: np.ndarray, victim: np.ndarray, keep: np.ndarray,
+                 gone: np.ndarray) -> list[tuple[float, list[Move]]]:
   """Relocation candidates, one per full server ``n``: copy the sole copy ``x`` on ``n`` whose
   move costs least to a server ``m`` (into free room, or evicting ``m``'s cheapest replica),
   then let ``n``'s best add take the slot ``x`` leaves. Proxy gain per copy (two copies)::
 
     ( add[n, a] - (R_x(m) - R_x(n)) - evict_loss(m) ) / 2,   R_x(m) = sum_j x[j, x] link[j, m]
 
-  (``R_x(m)``: link time of all of ``x``'s traffic when ``m`` holds its only copy).
+  (``R_x(m)``: link time of all of ``x``'s traffic when ``m`` holds its only copy). Replicas in
+  ``keep`` are not moved and ones in ``gone`` (evicted earlier by the plan) are not re-added.
   """
   n_srv, n_lay, n_exp = hosts.shape
   solo = hosts & (hosts.sum(axis=0) == 1)[None] & ~keep
@@ -587,7 +588,7 @@ def _relocations(hosts: np.ndarray, traffic: np.ndarray, link: np.ndarray, add: 
     if not solo[n].any() or not np.any(add[n] > 0):
       continue
     shift = home - home[n][None] + dest[:, None, None]  # [m, L, E]
-    shift = np.where(solo[n][None], shift, np.inf)
+    shift = np.where(solo[n][None] & ~gone, shift, np.inf)
     shift[n] = np.inf
     m, lx, ex = np.unravel_index(int(np.argmin(shift)), shift.shape)
     if not np.isfinite(shift[m, lx, ex]):
@@ -691,7 +692,7 @@ def plan_incremental(problem: PlacementProblem, current: Placement,
                                                                           hosts.shape[1:])))
       cands.append((float(gain.flat[idx]), [((n, l, e), v)]))
     if relocate and budget - len(added) >= 2:
-      cands += _relocations(hosts, traffic, link, add, room, evict, victim, fresh | guard)
+      cands += _relocations(hosts, traffic, link, add, room, evict, victim, fresh | guard, gone)
     cands.sort(key=lambda c: -c[0])
     tried, accepted = 0, False
     for _, moves in cands:
@@ -741,22 +742,37 @@ def local_coverage(problem: PlacementProblem, hosts: np.ndarray) -> float:
 
 def min_copies_for_coverage(problem: PlacementProblem, current: Placement,
                             target: float) -> int | None:
-  """A lower bound on the copies any plan needs to lift ``current``'s expected local coverage to
-  ``target`` on ``problem``'s statistics.
+  """A lower bound on the copies *any* plan needs to lift ``current``'s expected local coverage
+  to ``target`` on ``problem``'s statistics (``x`` = traffic, coverage = local ``x`` / all).
 
-  A copy of ``(l, e)`` onto ``n`` makes at most ``x[n, l, e]`` more token-choices local and an
-  eviction only loses, so ``k`` copies reach at most the current coverage plus the ``k`` largest
-  non-local traffics. Returns the least such ``k`` (0 if already there), or None if even copying
-  everything cannot reach ``target``.
+  A copy onto server ``n`` makes at most ``x[n, l, e]`` of ``n``'s choices local. Beyond ``n``'s
+  free room each copy needs a slot freed on ``n``, and freeing slots loses at least the local
+  traffic of ``n``'s least used hosted experts (whatever is done with them elsewhere, and
+  relocating costs copies too). So the ``j``-th copy onto ``n`` gains at most
+  ``add_j(n) - loss_{j - room(n)}(n)`` (``add`` descending over ``n``'s missing experts, ``loss``
+  ascending over its hosted ones), a decreasing sequence per server, and ``k`` copies gain at
+  most the ``k`` largest of these over all servers. Returns the least ``k`` reaching ``target``
+  (0 if already there), or None if no number of copies can.
   """
-  total = problem.traffic.sum()
+  x = problem.traffic
+  total = x.sum()
   cov = local_coverage(problem, current.hosts)
   if cov >= target:
     return 0
-  gains = np.sort(np.where(current.hosts, 0.0, problem.traffic).ravel())[::-1]
+  room = np.maximum(problem.capacity - current.hosts.sum(axis=(1, 2)), 0)
+  marginals = []
+  for n in range(x.shape[0]):
+    add = np.sort(x[n][~current.hosts[n]])[::-1]
+    loss = np.sort(x[n][current.hosts[n]])
+    j = np.arange(add.size)
+    freed = j - room[n]  # index into loss of the slot the (j + 1)-th copy needs
+    ok = freed < loss.size
+    marg = add[ok] - np.where(freed[ok] >= 0, loss[np.maximum(freed[ok], 0)], 0.0)
+    marginals.append(marg[marg > 0])
+  gains = np.sort(np.concatenate(marginals))[::-1]
   reach = cov + np.cumsum(gains) / total
   k = int(np.searchsorted(reach, target - 1e-12)) + 1
-  return k if k <= np.count_nonzero(gains) else None
+  return k if k <= gains.size else None
 
 
 def full_replan(problem: PlacementProblem, current: Placement, method: str = "dancemoe",

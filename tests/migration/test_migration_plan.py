@@ -300,23 +300,49 @@ def test_move_cost_rejects_a_sequence_of_another_plan():
                   sequence=mig.move_sequence(new)[:-1])
 
 
-def test_min_copies_for_coverage_is_the_top_gains_bound():
-  prob = _problem(_freq(SWAPPED))
-  cur = _placement(_round_robin(), prob)
+def _bound_reference(prob, hosts, target):
+  """Plain-loop version of min_copies_for_coverage."""
   x = prob.traffic
-  base = (x * cur.hosts).sum() / x.sum()
-  gains = sorted((x * ~cur.hosts).ravel(), reverse=True)
-  for target in (base, base + 0.05, base + 0.2):
-    k = mig.min_copies_for_coverage(prob, cur, target)
-    assert base + sum(gains[:k]) / x.sum() >= target - 1e-12
-    if k > 0:
-      assert base + sum(gains[:k - 1]) / x.sum() < target
-  assert mig.min_copies_for_coverage(prob, cur, 1.5) is None
-  # The greedy planner can never beat the bound.
-  for budget in (1, 2, 4):
-    plan = mig.plan_incremental(prob, cur, max_moves=budget)
-    cov = mig.local_coverage(prob, plan.hosts)
-    assert mig.min_copies_for_coverage(prob, cur, cov) <= len(plan.info["moves"])
+  cov = (x * hosts).sum() / x.sum()
+  if cov >= target:
+    return 0
+  gains = []
+  for n in range(N):
+    missing = sorted((x[n, l, e] for l in range(L) for e in range(E) if not hosts[n, l, e]),
+                     reverse=True)
+    held = sorted(x[n, l, e] for l in range(L) for e in range(E) if hosts[n, l, e])
+    room = max(int(prob.capacity[n]) - len(held), 0)
+    for j, a in enumerate(missing):
+      if j < room:
+        gains.append(a)
+      elif j - room < len(held):
+        gains.append(a - held[j - room])
+  gains = sorted((g for g in gains if g > 0), reverse=True)
+  for k in range(1, len(gains) + 1):
+    if cov + sum(gains[:k]) / x.sum() >= target - 1e-12:
+      return k
+  return None
+
+
+def test_min_copies_for_coverage_matches_reference_and_bounds_the_planner():
+  rng = np.random.default_rng(4)
+  for cap in ((6, 6, 6, 6), (4, 4, 4, 5)):
+    prob = _problem(_freq(SWAPPED), capacity=cap)
+    cur = _placement(_round_robin(), prob)
+    base = mig.local_coverage(prob, cur.hosts)
+    for target in (base, base + 0.05, base + 0.2, base + 0.4, 1.5):
+      assert mig.min_copies_for_coverage(prob, cur, target) == _bound_reference(
+          prob, cur.hosts, target)
+    for budget in (1, 2, 4, 8):
+      plan = mig.plan_incremental(prob, cur, max_moves=budget)
+      cov = mig.local_coverage(prob, plan.hosts)
+      assert mig.min_copies_for_coverage(prob, cur, cov) <= len(plan.info["moves"])
+  freq = rng.dirichlet(np.full(E, 0.3), size=(N, L)) * K
+  prob = _problem(freq, capacity=(5, 4, 4, 6))
+  cur = _placement(_random_hosts(rng, prob.capacity), prob)
+  for target in np.linspace(0.3, 1.0, 8):
+    assert mig.min_copies_for_coverage(prob, cur, target) == _bound_reference(
+        prob, cur.hosts, target)
 
 
 def test_cross_validated_saving_with_equal_halves_is_the_in_sample_saving():
@@ -340,3 +366,20 @@ def test_full_replan_counts_added_replicas_and_keeps_slots():
   assert new.info["changed_experts"] == int(np.any(new.hosts != cur.hosts, axis=0).sum())
   kept = cur.hosts & new.hosts
   np.testing.assert_array_equal(new.expert_slot[kept], cur.expert_slot[kept])
+
+
+def test_random_plans_give_valid_sequences():
+  """Plans on random skewed workloads and starting placements (tight memory, so evictions and
+  relocations happen) always come with a sequence that schedules without a buffer."""
+  rng = np.random.default_rng(5)
+  cap = np.array([5, 4, 4, 6])
+  for _ in range(6):
+    freq = rng.dirichlet(np.full(E, 0.3), size=(N, L)) * K
+    prob = _problem(freq, capacity=cap)
+    cur = _placement(_random_hosts(rng, cap), prob)
+    new = mig.plan_incremental(prob, cur, max_moves=int(rng.integers(2, 12)))
+    seq = mig.move_sequence(new)
+    plan = mig.move_cost(cur, new, MODEL, prob.cluster, cap, sequence=seq)
+    assert plan.staged == 0 and plan.moves == len(seq)
+    np.testing.assert_array_equal(mig.apply_steps(cur.hosts, plan.steps), new.hosts)
+    assert mig.hosted_at_every_moment(cur.hosts, plan.steps, cap)
