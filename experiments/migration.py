@@ -79,7 +79,7 @@ flags.DEFINE_enum("drift_preset", "pairs", ["pairs", "all"], "Default drift. pai
                   "neighbours swaps at steps/3 and all homes rotate by one at 2*steps/3.")
 flags.DEFINE_float("serving_steps_per_interval", 2000, "Serving steps an interval stands for "
                    "(the trigger weighs the saving over these against the transfer time).")
-flags.DEFINE_integer("max_moves", 128, "Incremental policy: most expert copies per interval.")
+flags.DEFINE_integer("max_moves", 192, "Incremental policy: most expert copies per interval.")
 flags.DEFINE_integer("horizon", 2, "Incremental policy: a migration the trigger approves is a "
                      "campaign of up to this many intervals of --max_moves copies each (judged "
                      "as a whole, re-planned on fresh statistics every interval).")
@@ -347,7 +347,9 @@ def plot(rows, shifts, interval, path: Path):
     c, ls = style[p]
     axes[0].plot(x, _series(rows, p, "coverage"), color=c, ls=ls, marker="o", ms=3, label=p)
     axes[1].plot(x, _series(rows, p, "latency_ms"), color=c, ls=ls, marker="o", ms=3, label=p)
-    axes[2].step(x, _series(rows, p, "moves"), color=c, ls=ls, where="post", label=p)
+    mv = _series(rows, p, "moves")
+    axes[2].step(np.append(x, x[-1] + interval), np.append(mv, mv[-1]), color=c, ls=ls,
+                 where="post", label=p)
   for ax in axes:
     for s in shifts:
       ax.axvline(s, color="k", lw=0.8, ls=":")
@@ -355,7 +357,7 @@ def plot(rows, shifts, interval, path: Path):
   axes[1].set_ylabel("step latency (ms)\n(cost model)")
   axes[2].set_ylabel("expert copies\nat interval start")
   axes[2].set_xlabel(f"trace step (interval = {interval} steps; dotted: workload shifts)")
-  axes[0].legend(loc="lower right")
+  axes[0].legend(loc="best")
   axes[0].set_title("Migration under workload drift")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
