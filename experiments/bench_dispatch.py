@@ -168,6 +168,28 @@ def ragged_dot_lowering(shape: Shape, dtype) -> str:
   return "ragged-dot" if "ragged-dot(" in text else "dense"
 
 
+def ragged_dot_work(fn, *args) -> tuple[int, int]:
+  """``(rows, groups)`` of the largest ``ragged_dot`` in ``fn(*args)``'s jaxpr (per device:
+  inside ``shard_map``): the static rows its grouped matmuls process and their group count.
+  A dense expansion of ``ragged_dot`` (XLA:GPU's default) costs ``rows x groups`` rows of
+  matmul work."""
+  import jax  # noqa: PLC0415
+  from jax.extend.core import jaxprs_in_params  # noqa: PLC0415
+  best = (0, 0)
+
+  def walk(jaxpr):
+    nonlocal best
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name.startswith("ragged_dot"):
+        lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+        best = max(best, (int(lhs.shape[0]), int(rhs.shape[0])))
+      for sub in jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return best
+
+
 def routing(shape: Shape, n: int, tokens: int, alpha: float, layer: int, seed: int,
             request_len: int):
   """``(ids [N*T, k] int32, gates [N*T, k] float32)`` of one layer, device-major rows.
@@ -327,6 +349,7 @@ def bench_row(mesh, shape: Shape, phase: str, tokens: int, method: str, transpor
     check_stats = True
   out = call()
   y = out[0] if check_stats else out
+  ffn_rows, ffn_groups = ragged_dot_work(lambda: call())
   remote = dst != src                                             # [N*T, k]
   pair = np.zeros((n, n), np.int64)
   np.add.at(pair, (np.broadcast_to(src, dst.shape)[remote], dst[remote]), 1)
@@ -358,7 +381,8 @@ def bench_row(mesh, shape: Shape, phase: str, tokens: int, method: str, transpor
   roof = max(terms.values())
   row = dict(model=shape.name, phase=phase, tokens_per_device=tokens, method=method,
              transport=transport, experts_per_device=[int(v) for v in (slot_expert >= 0).sum(1)],
-             coverage=float(1 - remote.mean()), median_ms=1e3 * med,
+             coverage=float(1 - remote.mean()), ffn_rows=ffn_rows, ffn_groups=ffn_groups,
+             median_ms=1e3 * med,
              p10_ms=1e3 * float(np.percentile(times, 10)),
              p90_ms=1e3 * float(np.percentile(times, 90)), remote_rows=rows_real,
              real_mb=real / 1e6, wire_mb=wire / 1e6, roofline_ms=1e3 * roof,
@@ -430,7 +454,8 @@ def slicing_check(mesh, shape: Shape, tokens: int, dtype, repeats: int, warmup: 
 COLUMNS = [("model", "model", "{}"), ("phase", "phase", "{}"),
            ("tokens_per_device", "tok/dev", "{}"), ("method", "method", "{}"),
            ("transport", "transport", "{}"), ("experts_per_device", "experts/dev", "{}"),
-           ("coverage", "local", "{:.3f}"), ("median_ms", "median ms", "{:.3f}"),
+           ("coverage", "local", "{:.3f}"), ("ffn_rows", "FFN rows/dev", "{:,}"),
+           ("ffn_groups", "groups", "{}"), ("median_ms", "median ms", "{:.3f}"),
            ("remote_rows", "remote rows", "{:,}"), ("real_mb", "real MB", "{:.2f}"),
            ("wire_mb", "wire MB", "{:.2f}"), ("roofline_ms", "roofline ms", "{:.3f}"),
            ("bound", "bound", "{}"), ("roofline_fraction", "of roofline", "{:.1%}"),

@@ -18,3 +18,28 @@ def shared_data() -> Path:
   """``../shared/data`` (real corpus and routing statistics); the tests need it."""
   assert SHARED_DATA.is_dir(), f"expected the shared data at {SHARED_DATA}"
   return SHARED_DATA
+
+
+_SCRIPT_FLAGS: dict[str, list[str]] = {}
+
+
+def load_script(name: str):
+  """Import ``experiments/<name>.py`` afresh as a module, to call its functions or ``main``.
+
+  absl flags are process-global and several scripts define the same names (``--seed``), so
+  the flags that earlier loaded scripts defined are removed before this one defines its own.
+  """
+  import importlib.util  # noqa: PLC0415
+
+  from absl import flags  # noqa: PLC0415
+  for owner in list(_SCRIPT_FLAGS):
+    for flag in _SCRIPT_FLAGS.pop(owner):
+      if flag in flags.FLAGS:
+        delattr(flags.FLAGS, flag)
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "experiments" /
+                                                f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  _SCRIPT_FLAGS[name] = sorted(set(flags.FLAGS) - before)
+  return module

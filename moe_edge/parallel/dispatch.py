@@ -18,9 +18,11 @@ Every device is one server. It holds its own tokens ``x [T, d]`` (with their rou
    * ``"ragged"``: ``jax.lax.ragged_all_to_all`` of exactly the remote rows, packed by
      destination. Needs a GPU (or TPU) backend: XLA:CPU does not implement it.
 
-4. *Experts.* Local rows and received rows are sorted by slot and run through the SwiGLU FFN
-   ``down(silu(x @ w_gate) * (x @ w_up))`` as three grouped matmuls (``jax.lax.ragged_dot``, one
-   group per slot).
+4. *Experts.* Local rows and received rows are sorted by slot (one sort; empty buffer rows
+   last) and run through the SwiGLU FFN ``down(silu(x @ w_gate) * (x @ w_up))`` as three grouped
+   matmuls (``jax.lax.ragged_dot``, one group per slot). Only ``T * k + (N - 1) * cap`` sorted
+   rows enter the matmuls (:func:`ffn_rows`: the device's own choices plus what the others can
+   send it; the own block of a padded receive buffer is always empty and is cut off).
 5. *Combine.* Results of remote rows travel back the same way (one row per remote choice) and
    every token sums ``gates[t, r] * FFN_{e_r}(x_t)`` over its ``k`` choices.
 
@@ -103,20 +105,27 @@ def _exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:
 
 
 def _grouped_ffn(rows: jax.Array, slots: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array) -> jax.Array:
+                 w_down: jax.Array, max_rows: int) -> jax.Array:
   """SwiGLU of every row through the expert in its slot, as grouped matmuls.
+
+  Rows are sorted by slot (one stable sort; skipped rows last) and only the first ``max_rows``
+  sorted rows enter the matmuls: the caller proves that at most ``max_rows`` rows are real, so
+  the cut drops only skipped rows. The grouped matmuls then see ``max_rows`` rows, not ``R``
+  (XLA:GPU may expand ``ragged_dot`` into a dense dot over every group, whose work is
+  ``rows x groups``).
 
   Args:
     rows: ``[R, d]``.
     slots: ``[R]`` int32 slot of each row, ``-1`` for rows to skip (their output is zero).
     w_gate, w_up: ``[S, d, f]``; w_down: ``[S, f, d]``.
+    max_rows: static bound on the rows with ``slots >= 0`` (``<= R``).
 
   Returns:
     ``[R, d]`` in the order of ``rows``.
   """
   s = w_gate.shape[0]
   key = jnp.where(slots >= 0, slots, s)
-  order = jnp.argsort(key, stable=True)
+  order = jnp.argsort(key, stable=True)[:max_rows]  # real rows first, grouped by slot
   group_sizes = jnp.zeros((s,), jnp.int32).at[key].add(1, mode="drop")
   xs = rows[order]
   dt = rows.dtype
@@ -124,7 +133,14 @@ def _grouped_ffn(rows: jax.Array, slots: jax.Array, w_gate: jax.Array, w_up: jax
        jax.lax.ragged_dot(xs, w_up.astype(dt), group_sizes))
   ys = jax.lax.ragged_dot(h, w_down.astype(dt), group_sizes)
   ys = jnp.where((key[order] < s)[:, None], ys, jnp.zeros_like(ys))
-  return jnp.zeros_like(ys).at[order].set(ys)
+  return jnp.zeros(rows.shape, ys.dtype).at[order].set(ys, unique_indices=True)
+
+
+def ffn_rows(num_servers: int, choices: int, cap: int) -> int:
+  """Static rows one device's grouped matmuls process: its ``choices = T * k`` own choices
+  (only the local ones are real) plus ``cap`` rows from each of the ``N - 1`` other servers
+  (a server never sends to itself, so the own block of a padded buffer is always empty)."""
+  return choices + (num_servers - 1) * cap
 
 
 def _padded_exchange(xc, slot, local, remote, dest, pos, counts, overflow, weights, cap):
@@ -144,7 +160,7 @@ def _padded_exchange(xc, slot, local, remote, dest, pos, counts, overflow, weigh
   recv_s = jax.lax.all_to_all(send_s, AXIS, 0, 0, tiled=True)
   rows = jnp.concatenate([xc, recv_x])
   slots = jnp.concatenate([jnp.where(local, slot, -1), recv_s])
-  out = _grouped_ffn(rows, slots, *weights)
+  out = _grouped_ffn(rows, slots, *weights, max_rows=ffn_rows(n, c, cap))
   back = jax.lax.all_to_all(out[c:], AXIS, 0, 0, tiled=True)  # block m: results from server m
   y_remote = jnp.where(fits[:, None], back[jnp.minimum(buf_row, n * cap - 1)], 0)
   return jnp.where(local[:, None], out[:c], y_remote)
@@ -173,7 +189,7 @@ def _ragged_exchange(xc, slot, local, remote, dest, pos, counts, overflow, weigh
                                      send_sizes, out_off, recv_sizes, axis_name=AXIS)
   rows = jnp.concatenate([xc, recv_x])
   slots = jnp.concatenate([jnp.where(local, slot, -1), recv_s])
-  out = _grouped_ffn(rows, slots, *weights)
+  out = _grouped_ffn(rows, slots, *weights, max_rows=ffn_rows(n, c, cap))
   recv_off = _exclusive_cumsum(recv_sizes)  # where each source's rows sit in my buffer
   origin_off = _exclusive_cumsum(counts, axis=1)[:, me]  # where each origin keeps rows for me
   back = jax.lax.ragged_all_to_all(out[c:], jnp.zeros((c, d), xc.dtype), recv_off, recv_sizes,

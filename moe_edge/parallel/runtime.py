@@ -687,16 +687,54 @@ class ServingRuntime:
       out.append((rows, slots))
     return out
 
+  @staticmethod
+  def _check_rounds(rounds: Sequence[_Round], n_srv: int) -> None:
+    """Every collective of the copy program must be well formed on every backend: at least one
+    pair, at least one row, no self pair (``ppermute`` to oneself), distinct sources and
+    distinct targets, servers inside the mesh. A round breaking this is a planner bug; it is
+    refused here rather than handed to the compiler."""
+    for r in rounds:
+      srcs, dsts = [m for m, _ in r.pairs], [n for _, n in r.pairs]
+      bad = (not r.pairs or r.rows < 1 or any(m == n for m, n in r.pairs)
+             or len(set(srcs)) != len(srcs) or len(set(dsts)) != len(dsts)
+             or not all(0 <= v < n_srv for v in srcs + dsts))
+      if bad:
+        raise ServingError(f"internal: malformed copy round (layer {r.layer}, rows {r.rows}, "
+                           f"pairs {r.pairs}) for {n_srv} servers; please report it.")
+
   def _copy_program(self, keep: np.ndarray, rounds: Sequence[_Round], store_slots: Sequence,
                     s_new: int) -> Callable:
     """The jitted ``shard_map`` that builds the new slot arrays (module docstring, step 2).
 
-    ``keep [N, L, S_old]`` bool: old slots copied locally; ``rounds``: the collectives;
-    ``store_slots``: per layer ``[N, R]`` target slots of checkpoint rows, or None.
+    ``keep [N, L, S_old]`` bool: old slots copied locally; ``rounds``: the collectives (each
+    non-empty, see :meth:`_check_rounds`; layers without copies emit none); ``store_slots``:
+    per layer ``[N, R]`` target slots of checkpoint rows, or None.
+
+    Each round is one ``ppermute`` of one buffer ``[rows, P]``: the round's rows of the three
+    weight matrices, flattened and concatenated (when they share a dtype; else one buffer per
+    matrix), so the program has one collective per round and never a zero-size one.
     """
     n_layers = keep.shape[1]
+    self._check_rounds(rounds, self.num_servers)
+    by_layer = [[r for r in rounds if r.layer == l] for l in range(n_layers)]
 
-    def device(old_slots, stored):
+    def send(old: dict, src: jax.Array, pairs) -> dict:
+      """``{name: [rows, ...]}`` the rows ``src`` of ``old``, sent along ``pairs``."""
+      names = sorted(old)
+      rows = {k: old[k][src] for k in names}
+      if len({rows[k].dtype for k in names}) != 1:
+        return jax.lax.ppermute(rows, AXIS, pairs)
+      r = src.shape[0]
+      flat = jnp.concatenate([rows[k].reshape(r, -1) for k in names], axis=1)
+      got = jax.lax.ppermute(flat, AXIS, pairs)
+      out, at = {}, 0
+      for k in names:
+        size = int(np.prod(rows[k].shape[1:]))
+        out[k] = got[:, at:at + size].reshape(rows[k].shape)
+        at += size
+      return out
+
+    def _migration_copy(old_slots, stored):
       me = jax.lax.axis_index(AXIS)
       out = []
       for l in range(n_layers):
@@ -707,9 +745,8 @@ class ServingRuntime:
         for k, v in old.items():
           kept = jnp.where(kmask.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
           new[k] = jnp.zeros((s_new,) + v.shape[1:], v.dtype).at[:s_old].set(kept)
-        for rnd in (r for r in rounds if r.layer == l):
-          src = jnp.asarray(rnd.send_slots)[me]
-          got = jax.lax.ppermute({k: v[src] for k, v in old.items()}, AXIS, list(rnd.pairs))
+        for rnd in by_layer[l]:
+          got = send(old, jnp.asarray(rnd.send_slots)[me], [tuple(p) for p in rnd.pairs])
           dst = jnp.asarray(rnd.recv_slots)[me]
           new = {k: new[k].at[dst].set(got[k], mode="drop") for k in new}
         if store_slots[l] is not None:
@@ -719,8 +756,8 @@ class ServingRuntime:
         out.append({k: v[None] for k, v in new.items()})
       return tuple(out)
 
-    fn = jax.shard_map(device, mesh=self.mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(AXIS),
-                       check_vma=False)
+    fn = jax.shard_map(_migration_copy, mesh=self.mesh, in_specs=(P(AXIS), P(AXIS)),
+                       out_specs=P(AXIS), check_vma=False)
     return jax.jit(fn)
 
   def _prepare(self, base: _Active, target: Placement) -> PendingMigration:

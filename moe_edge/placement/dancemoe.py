@@ -276,7 +276,8 @@ class _Greedy:
     d1 = np.take_along_axis(dm, first, axis=2)[..., 0]
     np.put_along_axis(dm, first, np.inf, axis=2)
     d2 = dm.min(axis=2)  # the second nearest copy
-    extra = np.where(np.isfinite(d2), self.tcol[lk, ek] * (d2 - d1), 0.0)  # [K, source]
+    with np.errstate(invalid="ignore"):  # inf - inf where a column has one copy; masked below
+      extra = np.where(np.isfinite(d2), self.tcol[lk, ek] * (d2 - d1), 0.0)  # [K, source]
     rows = np.repeat(np.arange(k), n)
     loss = np.bincount(rows * n + near.ravel(), weights=extra.ravel(),
                        minlength=h.size).reshape(h.shape)

@@ -1,5 +1,4 @@
 """experiments/place.py end to end: every method places, saves and is costed consistently."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,16 +13,14 @@ from moe_edge.cost import decode_batches, evaluate, prefill_batches
 from moe_edge.placement import METHODS
 from moe_edge.placement.problem import Placement
 from moe_edge.workload.traces import ActivationTrace
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "place.py"
 
 
-def load_script():
-  spec = importlib.util.spec_from_file_location("place_script", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def load_place():
+  return load_script("place")
 
 
 def skewed_trace(model, num_servers, requests, req_len, seed=0):
@@ -45,7 +42,7 @@ def skewed_trace(model, num_servers, requests, req_len, seed=0):
 
 
 def test_run_methods_saves_and_costs_every_method(tmp_path):
-  place = load_script()
+  place = load_place()
   model = model_config("tiny")
   cluster = with_expert_memory(cluster_config("edge_hetero_4"), model, 1.5)
   trace = skewed_trace(model, 4, requests=6, req_len=5)

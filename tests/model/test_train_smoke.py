@@ -1,5 +1,4 @@
 """experiments/train_small_moe.py end to end on `tiny` (a few CPU steps), including resume."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,16 +10,14 @@ from absl import flags
 
 from moe_edge.model import checkpoint as ckpt
 from moe_edge.workload import corpus
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def train_main():
-  spec = importlib.util.spec_from_file_location("train_small_moe_under_test",
-                                                REPO / "experiments" / "train_small_moe.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script("train_small_moe")
 
   def run(ckpt_dir, *extra):
     flags.FLAGS.unparse_flags()

@@ -1,0 +1,216 @@
+"""What an experiment run computes: one typed, frozen :class:`ExperimentConfig`.
+
+Presets live in ``configs/experiments/<name>.py`` (``get_config() -> ExperimentConfig``) and
+are loaded with :func:`load_experiment` (``moe_edge.config.load_preset("experiments", name)``;
+an unknown name lists the known ones). Command-line overrides go through
+:func:`with_overrides`, which re-validates.
+
+The same type serves the tables (``experiments/reproduce_tables.py``: models x clusters x
+placement methods) and the ablations (``experiments/ablations.py``: the sweeps named in
+``sweeps``); each script reads the fields it needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from moe_edge.config import ConfigError, available, load_preset
+
+#: Placement methods of the tables (``moe_edge.placement.METHODS``, in table order).
+ALL_METHODS = ("dancemoe", "uniform_ep", "random", "greedy_local", "eplb", "topology_aware",
+               "ilp")
+#: How the compute terms of the cost model are calibrated (see ``calibration.py``).
+CALIBRATIONS = ("datasheet", "h100_kernels")
+#: The ablation sweeps ``experiments/ablations.py`` knows (see ``sweeps.py``).
+SWEEPS = ("link_bandwidth", "num_servers", "memory", "alpha", "parts", "migration")
+#: DanceMoE's parts that the ``parts`` sweep switches off one at a time.
+PARTS = ("entropy_budgets", "hetero_aware", "replicas")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """One experiment run.
+
+  Tables:
+    models: model presets (``configs/models``). ``olmoe_1b_7b`` / ``mixtral_8x7b`` are driven by
+      their real routing statistics, ``small_moe`` by its own recorded traces, any other model
+      by small-model traces mapped to its shape (``trace_mapping.py``).
+    clusters: cluster presets (``configs/clusters``), at ``link_gbps``.
+    methods: placement methods; ``ilp`` runs where the instance is within its size limit.
+    copies: expert memory of the cluster as full copies of the model's experts
+      (:func:`moe_edge.config.with_expert_memory`).
+    bytes_per_param: ``(model, bytes)`` pairs overriding a model's served weight format
+      (Mixtral-8x7B needs 4-bit = 0.5 to fit on four edge servers).
+    alpha: share of a server's requests from its home domain (one home domain per server).
+    tokens_per_server: tokens per server of each statistics-driven trace.
+    request_len: tokens per request of the statistics-driven traces.
+    small_requests_per_server, small_seq_len: the small model's request streams (real held-out
+      text).
+    checkpoint: the trained small model (relative paths are relative to the repository).
+    trace_cache: folder for the recorded small-model traces ("" = do not cache).
+    mapping_seed: seed of the small-to-large expert mapping.
+    profile_seed_offset: placements are planned on a *profiling* trace drawn with
+      ``seed + profile_seed_offset`` and costed on the evaluation trace drawn with ``seed``.
+    decode_batch: concurrent requests per server in a decode step.
+    prefill_requests: requests per server in a prefill batch.
+    calibration: ``"datasheet"`` (efficiency 1.0) or ``"h100_kernels"`` (H100-measured expert
+      kernel efficiency applied to the edge GPUs' datasheet numbers).
+    ilp_time_limit: seconds HiGHS may search per ILP instance.
+  Cross-check (cost model vs the real dispatch on 8 host CPU devices):
+    crosscheck: run it.
+    crosscheck_methods: placements to time.
+    crosscheck_steps: prefill steps (one request per server each) to time.
+    crosscheck_repeats: timed calls per step and layer (median).
+  Ablations:
+    sweeps: which of :data:`SWEEPS` to run.
+    sweep_models: models of the sweeps (statistics-driven ones: ``olmoe_1b_7b``,
+      ``mixtral_8x7b``).
+    sweep_cluster: cluster of the sweeps that do not vary it.
+    sweep_methods: methods compared in the sweeps.
+    sweep_tokens_per_server: tokens per server of the sweeps' traces.
+    link_gbps_values: link bandwidths (Gbit/s; latency held at 0.5 ms).
+    server_counts: cluster sizes (device types of edge_hetero_8 cycled, flat 1 Gbps LAN).
+    copies_values: expert memory in copies; ``inf`` = every server holds every expert.
+    alpha_values: locality values.
+    migration_steps, migration_interval, migration_request_len, migration_max_moves: the
+      drifting workload of the migration ablation (steps = requests per server; the servers'
+      home domains swap in pairs at 1/3 and 2/3 of the run) and the incremental planner's
+      copies per interval.
+  """
+  name: str
+  description: str = ""
+  seed: int = 0
+  # ---- tables ------------------------------------------------------------------------------
+  models: tuple[str, ...] = ("olmoe_1b_7b", "mixtral_8x7b", "small_moe", "deepseek_v2_lite",
+                             "qwen1_5_moe_a2_7b")
+  clusters: tuple[str, ...] = ("edge_hetero_4", "edge_hetero_8")
+  methods: tuple[str, ...] = ALL_METHODS
+  link_gbps: float = 1.0
+  copies: float = 1.5
+  bytes_per_param: tuple[tuple[str, float], ...] = (("mixtral_8x7b", 0.5),)
+  alpha: float = 0.8
+  tokens_per_server: int = 8192
+  request_len: int = 128
+  small_requests_per_server: int = 32
+  small_seq_len: int = 128
+  checkpoint: str = "checkpoints/small_moe/final"
+  trace_cache: str = "results/tables/traces"
+  mapping_seed: int = 0
+  profile_seed_offset: int = 1000
+  decode_batch: int = 8
+  prefill_requests: int = 1
+  calibration: str = "h100_kernels"
+  ilp_time_limit: float = 60.0
+  # ---- cross-check -------------------------------------------------------------------------
+  crosscheck: bool = False
+  crosscheck_methods: tuple[str, ...] = ("uniform_ep", "greedy_local", "dancemoe")
+  crosscheck_steps: int = 4
+  crosscheck_repeats: int = 3
+  # ---- ablations ---------------------------------------------------------------------------
+  sweeps: tuple[str, ...] = ()
+  sweep_models: tuple[str, ...] = ("olmoe_1b_7b", "mixtral_8x7b")
+  sweep_cluster: str = "edge_hetero_4"
+  sweep_methods: tuple[str, ...] = ALL_METHODS[:-1]
+  sweep_tokens_per_server: int = 4096
+  link_gbps_values: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+  server_counts: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16)
+  copies_values: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0, math.inf)
+  alpha_values: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
+  migration_steps: int = 48
+  migration_interval: int = 8
+  migration_request_len: int = 64
+  migration_max_moves: int = 96
+
+  def __post_init__(self):
+    for key in ("models", "clusters", "methods", "bytes_per_param", "crosscheck_methods",
+                "sweeps", "sweep_models", "sweep_methods", "link_gbps_values", "server_counts",
+                "copies_values", "alpha_values"):
+      value = getattr(self, key)
+      if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise ConfigError(f"experiment {self.name!r}: {key} must be a tuple, got {value!r}.")
+      object.__setattr__(self, key, tuple(tuple(v) if isinstance(v, list) else v
+                                          for v in value))
+    self._check_names("models", self.models + self.sweep_models, available("models"))
+    self._check_names("clusters", self.clusters + (self.sweep_cluster,), available("clusters"))
+    self._check_names("methods", self.methods + self.crosscheck_methods + self.sweep_methods,
+                      ALL_METHODS)
+    self._check_names("sweeps", self.sweeps, SWEEPS)
+    if "ilp" in self.crosscheck_methods + self.sweep_methods:
+      raise ConfigError(f"experiment {self.name!r}: ilp only runs in the tables (methods), not "
+                        f"in the cross-check or the sweeps.")
+    if not self.models or not self.clusters or not self.methods:
+      raise ConfigError(f"experiment {self.name!r}: models, clusters and methods must not be "
+                        f"empty.")
+    if self.calibration not in CALIBRATIONS:
+      raise ConfigError(f"experiment {self.name!r}: calibration must be one of {CALIBRATIONS}, "
+                        f"got {self.calibration!r}.")
+    for model, b in self.bytes_per_param:
+      if model not in available("models") or not b > 0:
+        raise ConfigError(f"experiment {self.name!r}: bytes_per_param entry ({model!r}, {b}) "
+                          f"needs a known model and a positive byte count.")
+    positive = ("tokens_per_server", "request_len", "small_requests_per_server",
+                "small_seq_len", "decode_batch", "prefill_requests", "ilp_time_limit",
+                "crosscheck_steps", "crosscheck_repeats", "sweep_tokens_per_server",
+                "link_gbps", "migration_steps", "migration_interval", "migration_request_len")
+    for key in positive:
+      if not getattr(self, key) > 0:
+        raise ConfigError(f"experiment {self.name!r}: {key} must be positive, got "
+                          f"{getattr(self, key)!r}.")
+    if self.migration_max_moves < 0:
+      raise ConfigError(f"experiment {self.name!r}: migration_max_moves must be >= 0.")
+    if self.migration_steps < 3 * self.migration_interval:
+      raise ConfigError(f"experiment {self.name!r}: migration_steps={self.migration_steps} must "
+                        f"cover at least 3 intervals of {self.migration_interval} steps (the "
+                        f"homes change at 1/3 and 2/3 of the run).")
+    for key in ("copies",) + (("copies_values",) if self.copies_values else ()):
+      vals = getattr(self, key)
+      for c in (vals if isinstance(vals, tuple) else (vals,)):
+        if not c >= 1:
+          raise ConfigError(f"experiment {self.name!r}: {key} must be >= 1 (every expert held "
+                            f"at least once), got {c}.")
+    for key in ("alpha",) + (("alpha_values",) if self.alpha_values else ()):
+      vals = getattr(self, key)
+      for a in (vals if isinstance(vals, tuple) else (vals,)):
+        if not 0.0 <= a <= 1.0:
+          raise ConfigError(f"experiment {self.name!r}: {key} must lie in [0, 1], got {a}.")
+    if any(not v > 0 for v in self.link_gbps_values):
+      raise ConfigError(f"experiment {self.name!r}: link_gbps_values must be positive.")
+    if any(int(n) != n or n < 2 for n in self.server_counts):
+      raise ConfigError(f"experiment {self.name!r}: server_counts must be integers >= 2.")
+
+  def _check_names(self, what: str, names: tuple[str, ...], known) -> None:
+    unknown = sorted({n for n in names if n not in known})
+    if unknown:
+      raise ConfigError(f"experiment {self.name!r}: unknown {what} {unknown}; known: "
+                        f"{', '.join(known)}.")
+
+  def served_bytes_per_param(self, model: str) -> float | None:
+    """The override of ``model``'s weight format, or None."""
+    for name, b in self.bytes_per_param:
+      if name == model:
+        return float(b)
+    return None
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-friendly dict (``inf`` written as the string ``"inf"``)."""
+    out = dataclasses.asdict(self)
+    out["copies_values"] = [("inf" if math.isinf(c) else c) for c in self.copies_values]
+    return out
+
+
+def load_experiment(name: str) -> ExperimentConfig:
+  """``configs/experiments/<name>.py:get_config()``; unknown names list the known ones."""
+  cfg = load_preset("experiments", name)
+  if not isinstance(cfg, ExperimentConfig):
+    raise ConfigError(f"configs/experiments/{name}.py must return an ExperimentConfig, got "
+                      f"{type(cfg).__name__}.")
+  return cfg
+
+
+def with_overrides(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
+  """Copy of ``cfg`` with ``changes`` (None values are ignored); validated again."""
+  unknown = sorted(k for k in changes if k not in {f.name for f in dataclasses.fields(cfg)})
+  if unknown:
+    raise ConfigError(f"unknown ExperimentConfig fields {unknown}.")
+  return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
