@@ -744,7 +744,9 @@ class ServingRuntime:
         new = {}
         for k, v in old.items():
           kept = jnp.where(kmask.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
-          new[k] = jnp.zeros((s_new,) + v.shape[1:], v.dtype).at[:s_old].set(kept)
+          # jnp.pad, not zeros().at[:s_old].set(): the latter closes over zero-size index
+          # constants, and XLA:GPU (JAX 0.11.2, Shardy) segfaulted compiling them.
+          new[k] = jnp.pad(kept, [(0, s_new - s_old)] + [(0, 0)] * (v.ndim - 1))
         for rnd in by_layer[l]:
           got = send(old, jnp.asarray(rnd.send_slots)[me], [tuple(p) for p in rnd.pairs])
           dst = jnp.asarray(rnd.recv_slots)[me]
