@@ -19,7 +19,6 @@ prefill batches (``--prefill_requests`` requests per server per batch). The rows
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -27,8 +26,7 @@ from absl import app, flags
 
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
-from moe_edge.cost import Calibration, decode_batches, evaluate, prefill_batches
-from moe_edge.placement.problem import PlacementError, PlacementProblem
+from moe_edge.cost import Calibration
 from moe_edge.workload.traces import ActivationTrace
 
 FLAGS = flags.FLAGS
@@ -88,28 +86,23 @@ def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConf
                 methods: Sequence[str], out: str | Path | None, phase: str = "both",
                 decode_batch: int = 8, prefill_requests: int = 1, seed: int = 0,
                 calibration: Calibration | None = None) -> list[dict]:
-  """Place with each method, save ``<out>/<method>.json``, and cost it; one row per method."""
-  from moe_edge.placement import place  # noqa: PLC0415  (registry of another module)
-  problem = PlacementProblem.from_trace(trace, model, cluster)
-  decode = decode_batches(trace, decode_batch) if phase in ("both", "decode") else None
-  prefill = prefill_batches(trace, prefill_requests) if phase in ("both", "prefill") else None
+  """Place with each method, save ``<out>/<method>.json``, and cost it; one row per method.
+
+  Placing and costing is :func:`moe_edge.experiments.tables.cost_methods` (shared with the
+  tables); this adds the files and the flat rows printed here.
+  """
+  from moe_edge.experiments.tables import cost_methods  # noqa: PLC0415
+  _, results = cost_methods(trace, model, cluster, methods, phase, decode_batch,
+                            prefill_requests, seed, calibration)
   rows = []
-  for name in methods:
-    t0 = time.perf_counter()
-    try:
-      placement = place(name, problem, seed=seed)
-    except PlacementError as e:  # e.g. an instance too large for ilp: report it, go on
-      rows.append(dict(method=name, error=str(e)))
+  for res in results:
+    if res.placement is None:  # e.g. an instance too large for ilp: report it, go on
+      rows.append(dict(method=res.method, error=res.error))
       continue
-    seconds = time.perf_counter() - t0
-    placement.validate(problem)
-    row = dict(method=name, place_s=seconds)
+    row = dict(method=res.method, place_s=res.seconds)
     if out is not None:
-      row["file"] = str(placement.save(Path(out) / f"{name}.json"))
-    for ph, tr in (("decode", decode), ("prefill", prefill)):
-      if tr is None:
-        continue
-      rep = evaluate(tr, model, cluster, placement, ph, calibration)
+      row["file"] = str(res.placement.save(Path(out) / f"{res.method}.json"))
+    for ph, rep in res.reports.items():
       row.update(coverage=rep.coverage, cross_kb_per_token=rep.cross_bytes_per_token / 1e3,
                  fits=rep.fits)
       row[f"{ph}_ms"] = 1e3 * rep.latency

@@ -130,12 +130,14 @@ def small_trace(cfg: ExperimentConfig, num_servers: int, seed: int) -> Activatio
 # Workloads
 # --------------------------------------------------------------------------------------------
 def build_workload(cfg: ExperimentConfig, name: str, num_servers: int,
-                   small: tuple[ActivationTrace, ActivationTrace] | None = None) -> Workload:
+                   small: tuple[ActivationTrace, ActivationTrace] | None = None,
+                   small_note: str | None = None) -> Workload:
   """The profiling and evaluation traces of model ``name`` on ``num_servers`` servers.
 
   Args:
     small: ``(profile, trace)`` of the small model to use instead of recording (or loading)
       them; needed by ``small_moe`` and the mapped models.
+    small_note: caption of ``small_moe``'s workload when ``small`` came from elsewhere.
   """
   model = served_model(cfg, name)
   kind = workload_kind(name)
@@ -153,8 +155,8 @@ def build_workload(cfg: ExperimentConfig, name: str, num_servers: int,
       raise TraceError(f"the small-model trace has {t.num_servers} servers but the cluster has "
                        f"{num_servers}; record it for this cluster.")
   if kind == "recorded":
-    note = (f"own routing of the trained small model over real held-out text, alpha "
-            f"{cfg.alpha:g}")
+    note = small_note or (f"own routing of the trained small model over real held-out text, "
+                          f"alpha {cfg.alpha:g}")
     return Workload(model, small[0], small[1], kind, note)
   prof, trace = (map_trace(t, model, cfg.mapping_seed) for t in small)
   note = (f"driven by small-model traces mapped to {model.n_experts} experts (top-"

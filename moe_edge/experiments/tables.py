@@ -1,0 +1,601 @@
+"""The paper's tables: every placement method on every model and cluster, costed by one model.
+
+Run (:func:`compute_rows`): for each model and cluster, the model's workload
+(:mod:`~moe_edge.experiments.workloads`: a profiling and an evaluation trace), the cluster at
+``copies`` expert memory, every method planned on the profiling trace
+(:func:`cost_methods`, also what ``experiments/place.py`` runs) and costed on the evaluation
+trace by :func:`moe_edge.cost.evaluate`: decode latency per token (``decode_batch`` concurrent
+requests per server, latency = mean step time), prefill latency per request (one request per
+server per step), cross-server bytes per token and local coverage; plus the placement objective
+``J`` (``objective.py``, on the profiling problem) and, where the ILP solves, every method's gap
+to the optimal ``J``.
+
+Compose (:func:`headline`): DanceMoE's latency and communication reduction against each baseline
+and the best baseline of each setting, and its gap to the ILP.
+
+Format (:func:`format_markdown`, :func:`write_tables`): ``tables.csv``, ``tables.md``, plots.
+The CSV holds no wall-clock times, so two runs with one seed write identical files
+(placement times go to ``timings.json``).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from moe_edge.config import ClusterConfig, ConfigError, GB, ModelConfig, cluster_config
+from moe_edge.config import model_config, with_expert_memory
+from moe_edge.cost import Calibration, CostReport, decode_batches, evaluate, prefill_batches
+from moe_edge.experiments import calibration as calib
+from moe_edge.experiments.config import ExperimentConfig, load_experiment, with_overrides
+from moe_edge.experiments.progress import Progress
+from moe_edge.experiments.workloads import (build_workload, small_trace, split_trace,
+                                            workload_kind)
+from moe_edge.placement.objective import objective
+from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+from moe_edge.workload.traces import ActivationTrace
+
+BASELINES = ("uniform_ep", "random", "greedy_local", "eplb", "topology_aware")
+COLUMNS = ("model", "cluster", "servers", "copies", "bytes_per_param", "method", "status",
+           "decode_ms", "prefill_ms", "cross_kb_per_token", "coverage", "decode_exchange_ms",
+           "decode_compute_ms", "decode_dense_ms", "prefill_exchange_ms", "prefill_compute_ms",
+           "decode_cross_mb_per_step", "decode_ms_datasheet", "prefill_ms_datasheet",
+           "objective", "gap_to_ilp", "ilp_status", "ilp_proven_gap", "replicas_per_expert",
+           "fits", "calibration", "workload")
+
+
+# --------------------------------------------------------------------------------------------
+# Placing and costing (shared with experiments/place.py)
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+  """One method's placement and its costs.
+
+  Attributes:
+    method: the method's name.
+    placement: the validated placement (None when the method refused the instance).
+    seconds: wall time of the method.
+    reports: phase (``"decode"`` / ``"prefill"``) -> :class:`~moe_edge.cost.CostReport`.
+    error: why the method did not run (e.g. an instance too large for ``ilp``).
+  """
+  method: str
+  placement: Placement | None
+  seconds: float
+  reports: dict
+  error: str = ""
+
+
+def phase_traces(trace: ActivationTrace, phase: str = "both", decode_batch: int = 8,
+                 prefill_requests: int = 1) -> dict[str, ActivationTrace]:
+  """``trace`` regrouped into decode steps and/or prefill batches, by phase."""
+  if phase not in ("both", "decode", "prefill"):
+    raise ValueError(f"phase must be 'both', 'decode' or 'prefill', got {phase!r}.")
+  out = {}
+  if phase in ("both", "decode"):
+    out["decode"] = decode_batches(trace, decode_batch)
+  if phase in ("both", "prefill"):
+    out["prefill"] = prefill_batches(trace, prefill_requests)
+  return out
+
+
+def cost_placement(placement: Placement, phases: dict[str, ActivationTrace], model: ModelConfig,
+                   cluster: ClusterConfig,
+                   calibration: Calibration | None = None) -> dict[str, CostReport]:
+  """``{phase: evaluate(trace of that phase, ...)}``."""
+  return {ph: evaluate(tr, model, cluster, placement, ph, calibration)
+          for ph, tr in phases.items()}
+
+
+def cost_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
+                 methods: Sequence[str], phase: str = "both", decode_batch: int = 8,
+                 prefill_requests: int = 1, seed: int = 0,
+                 calibration: Calibration | None = None,
+                 profile: ActivationTrace | None = None, options: dict | None = None,
+                 on_method: Callable[[str], None] | None = None,
+                 ) -> tuple[PlacementProblem, list[MethodResult]]:
+  """Plan each method on ``profile`` (default: ``trace`` itself) and cost it on ``trace``.
+
+  Args:
+    methods: names of ``moe_edge.placement.METHODS``.
+    options: method name -> keyword options for it (e.g. ``{"ilp": {"time_limit": 60}}``).
+    on_method: called with each method's name when it is done (progress display).
+  Returns:
+    ``(problem, results)``: the placement problem (from the profiling trace) and one
+    :class:`MethodResult` per method, in order. A method that refuses the instance
+    (``PlacementError``, e.g. ilp beyond its size limit) gets ``error`` set and no placement.
+  """
+  from moe_edge.placement import place  # noqa: PLC0415  (the registry imports every method)
+  problem = PlacementProblem.from_trace(trace if profile is None else profile, model, cluster)
+  phases = phase_traces(trace, phase, decode_batch, prefill_requests)
+  results = []
+  for name in methods:
+    t0 = time.perf_counter()
+    try:
+      placement = place(name, problem, seed=seed, **(options or {}).get(name, {}))
+    except PlacementError as e:
+      results.append(MethodResult(name, None, time.perf_counter() - t0, {}, str(e)))
+    else:
+      seconds = time.perf_counter() - t0
+      placement.validate(problem)
+      results.append(MethodResult(name, placement, seconds,
+                                  cost_placement(placement, phases, model, cluster,
+                                                 calibration)))
+    if on_method is not None:
+      on_method(name)
+  return problem, results
+
+
+def report_metrics(reports: dict[str, CostReport]) -> dict:
+  """The tables' latency / bytes / coverage numbers of one placement (ms, kB, MB)."""
+  out = {}
+  dec, pre = reports.get("decode"), reports.get("prefill")
+  any_rep = dec or pre
+  out["coverage"] = any_rep.coverage
+  out["cross_kb_per_token"] = any_rep.cross_bytes_per_token / 1e3  # phase-independent
+  out["fits"] = any_rep.fits
+  if dec is not None:
+    out.update(decode_ms=1e3 * dec.latency, decode_exchange_ms=1e3 * dec.exchange_time,
+               decode_compute_ms=1e3 * float(dec.compute_time.sum()),
+               decode_dense_ms=1e3 * float(dec.dense_time.mean()),
+               decode_cross_mb_per_step=dec.cross_bytes_per_step / 1e6)
+  if pre is not None:
+    out.update(prefill_ms=1e3 * pre.latency, prefill_exchange_ms=1e3 * pre.exchange_time,
+               prefill_compute_ms=1e3 * float(pre.compute_time.sum()))
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Compute
+# --------------------------------------------------------------------------------------------
+def setting_cluster(cfg: ExperimentConfig, cluster_name: str, model: ModelConfig) -> ClusterConfig:
+  """The cluster preset at ``cfg.link_gbps`` with ``cfg.copies`` copies of expert memory."""
+  return with_expert_memory(cluster_config(cluster_name, link_gbps=cfg.link_gbps), model,
+                            cfg.copies)
+
+
+def _small_traces(cfg: ExperimentConfig, num_servers: int, given: dict | None):
+  if given and num_servers in given:
+    return given[num_servers]
+  return (small_trace(cfg, num_servers, cfg.seed + cfg.profile_seed_offset),
+          small_trace(cfg, num_servers, cfg.seed))
+
+
+def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
+                 progress: Progress | None = None,
+                 small_note: str | None = None) -> tuple[list[dict], dict]:
+  """All table rows of ``cfg`` (one per model x cluster x method) and the wall times.
+
+  Args:
+    small: ``{num_servers: (profile, trace)}`` small-model traces to use instead of recording
+      or loading them (the demo passes the trace it recorded).
+    small_note: caption of the small model's workload when ``small`` is given.
+    progress: advanced once per workload and once per method.
+  Returns:
+    ``(rows, timings)``: rows with the keys of :data:`COLUMNS`; timings
+    ``{"model/cluster/method": seconds}`` of the placement methods.
+  """
+  rows, timings = [], {}
+  cache: dict[int, tuple] = {}
+  options = {"ilp": dict(time_limit=cfg.ilp_time_limit)}
+  for model_name in cfg.models:
+    for cluster_name in cfg.clusters:
+      base = cluster_config(cluster_name, link_gbps=cfg.link_gbps)
+      n = base.num_servers
+      small_pair = None
+      if workload_kind(model_name) != "stats":
+        if n not in cache:
+          cache[n] = _small_traces(cfg, n, small)
+        small_pair = cache[n]
+      work = build_workload(cfg, model_name, n, small_pair,
+                            small_note if small and n in small else None)
+      cluster = with_expert_memory(base, work.model, cfg.copies)
+      cal = calib.edge_calibration(cfg.calibration, cluster, model_name)
+      if progress is not None:
+        progress.update(f"{model_name} on {cluster_name}: workload ready")
+      tick = lambda m: progress.update(f"{model_name} on {cluster_name}: {m}") if (  # noqa
+          progress is not None) else None
+      problem, results = cost_methods(work.trace, work.model, cluster, cfg.methods,
+                                      decode_batch=cfg.decode_batch,
+                                      prefill_requests=cfg.prefill_requests, seed=cfg.seed,
+                                      calibration=cal, profile=work.profile, options=options,
+                                      on_method=tick)
+      phases = phase_traces(work.trace, "both", cfg.decode_batch, cfg.prefill_requests)
+      ds = Calibration.datasheet(cluster)
+      opt = next((r for r in results if r.method == "ilp" and r.placement is not None), None)
+      j_opt = objective(problem, opt.placement) if opt is not None else None
+      l, e = work.model.n_moe_layers, work.model.n_experts
+      for r in results:
+        row = dict(model=model_name, cluster=cluster_name, servers=n, copies=cfg.copies,
+                   bytes_per_param=work.model.bytes_per_param, method=r.method,
+                   calibration=cfg.calibration, workload=work.note)
+        timings[f"{model_name}/{cluster_name}/{r.method}"] = r.seconds
+        if r.placement is None:
+          row["status"] = "not run: " + r.error.split(";")[0]
+          rows.append(row)
+          continue
+        row["status"] = "ok"
+        row.update(report_metrics(r.reports))
+        if cfg.calibration == "datasheet":
+          alt = r.reports
+        else:
+          alt = cost_placement(r.placement, phases, work.model, cluster, ds)
+        row["decode_ms_datasheet"] = 1e3 * alt["decode"].latency
+        row["prefill_ms_datasheet"] = 1e3 * alt["prefill"].latency
+        j = objective(problem, r.placement)
+        row["objective"] = j
+        if j_opt is not None:
+          row["gap_to_ilp"] = j / j_opt - 1.0
+        if r.method == "ilp":
+          row["ilp_status"] = r.placement.info.get("status", "")
+          row["ilp_proven_gap"] = r.placement.info.get("gap", float("nan"))
+        row["replicas_per_expert"] = float(r.placement.hosts.sum()) / (l * e)
+        rows.append(row)
+  return rows, timings
+
+
+# --------------------------------------------------------------------------------------------
+# Compose
+# --------------------------------------------------------------------------------------------
+def _ok(rows: Iterable[dict]) -> list[dict]:
+  return [r for r in rows if r.get("status") == "ok"]
+
+
+def settings(rows: Sequence[dict]) -> list[tuple[str, str]]:
+  """``(model, cluster)`` pairs in first-appearance order."""
+  out = []
+  for r in rows:
+    key = (r["model"], r["cluster"])
+    if key not in out:
+      out.append(key)
+  return out
+
+
+def _comparison(rows: Sequence[dict], key: str, baselines: Sequence[str]) -> dict:
+  """DanceMoE's ``key`` against each baseline and the best baseline, over the settings."""
+  by = {(r["model"], r["cluster"], r["method"]): r for r in _ok(rows)}
+  out = {}
+  best_ratios, best_names, labels = [], [], []
+  per = {b: [] for b in baselines}
+  for model, cluster in settings(rows):
+    dm = by.get((model, cluster, "dancemoe"))
+    base = {b: by[(model, cluster, b)][key] for b in baselines if (model, cluster, b) in by}
+    if dm is None or not base:
+      continue
+    for b, v in base.items():
+      per[b].append(dm[key] / v)
+    best = min(base, key=base.get)
+    best_ratios.append(dm[key] / base[best])
+    best_names.append(best)
+    labels.append(f"{model}/{cluster}")
+
+  def summary(ratios):
+    ratios = np.asarray(ratios, dtype=np.float64)
+    return dict(settings=int(ratios.size), reduction=float(1.0 - np.exp(np.log(ratios).mean())),
+                min_reduction=float(1.0 - ratios.max()), max_reduction=float(1.0 - ratios.min()),
+                wins=int((ratios < 1.0 - 1e-12).sum()))
+
+  for b, ratios in per.items():
+    if ratios:
+      out[b] = summary(ratios)
+  if best_ratios:
+    out["best"] = dict(summary(best_ratios),
+                       per_setting=[dict(setting=s, best=n, reduction=1.0 - x)
+                                    for s, n, x in zip(labels, best_names, best_ratios)])
+  return out
+
+
+def headline(rows: Sequence[dict], decode_key: str = "decode_ms",
+             prefill_key: str = "prefill_ms") -> dict:
+  """DanceMoE against the baselines (geometric-mean reductions over the settings) and the ILP.
+
+  Returns ``{"decode": ..., "prefill": ..., "bytes": ..., "ilp": [...]}``; the first three map
+  a baseline (and ``"best"``: per setting the baseline with the lowest value) to
+  ``reduction`` (``1 - geomean(dancemoe / baseline)``), ``min_reduction``, ``max_reduction``,
+  ``wins`` (settings where DanceMoE is lower) and ``settings``.
+  """
+  present = {r["method"] for r in _ok(rows)}
+  baselines = [b for b in BASELINES if b in present]
+  out = dict(decode=_comparison(rows, decode_key, baselines),
+             prefill=_comparison(rows, prefill_key, baselines),
+             bytes=_comparison(rows, "cross_kb_per_token", baselines), ilp=[])
+  by = {(r["model"], r["cluster"], r["method"]): r for r in _ok(rows)}
+  for model, cluster in settings(rows):
+    opt, dm = by.get((model, cluster, "ilp")), by.get((model, cluster, "dancemoe"))
+    if opt is None or dm is None:
+      continue
+    m = model_config(model)
+    n = int(opt["servers"])
+    l, e = m.n_moe_layers, m.n_experts
+    out["ilp"].append(dict(
+        model=model, cluster=cluster, shape=f"N={n}, L={l}, E={e}",
+        binaries=n * l * e + n * n * l * e, status=opt.get("ilp_status", ""),
+        proven_gap=float(opt.get("ilp_proven_gap", float("nan"))),
+        dancemoe_gap=float(dm["gap_to_ilp"]),
+        decode_vs_ilp=float(dm[decode_key] / opt[decode_key] - 1.0),
+        prefill_vs_ilp=float(dm[prefill_key] / opt[prefill_key] - 1.0)))
+  return out
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:+.1f}%".replace("+-", "-")
+
+
+def _red(x: float) -> str:
+  """A reduction as text: 0.12 -> '12.0% lower', -0.05 -> '5.0% higher'."""
+  return f"{100 * abs(x):.1f}% {'lower' if x >= 0 else 'higher'}"
+
+
+def format_headline(head: dict, label: str = "") -> str:
+  """The headline as readable lines (Markdown list items)."""
+  lines = []
+  names = dict(decode="decode latency per token", prefill="prefill latency per request",
+               bytes="cross-server bytes per token")
+  for key in ("decode", "prefill", "bytes"):
+    comp = head[key]
+    if "best" not in comp:
+      continue
+    best = comp["best"]
+    per = ", ".join(f"{b} {_red(v['reduction'])} ({v['wins']}/{v['settings']} won, range "
+                    f"{_pct(-v['max_reduction'])}..{_pct(-v['min_reduction'])})"
+                    for b, v in comp.items() if b != "best")
+    lines.append(f"- **{names[key]}**{label}: DanceMoE is {_red(best['reduction'])} than the "
+                 f"best baseline of each setting (geometric mean over {best['settings']} "
+                 f"settings; better in {best['wins']}, range {_pct(-best['max_reduction'])}.."
+                 f"{_pct(-best['min_reduction'])}); per baseline: {per}.")
+  for g in head.get("ilp", []):
+    lines.append(
+        f"- **gap to the ILP optimum** ({g['model']} on {g['cluster']}, {g['shape']}: "
+        f"{g['binaries']:,} binaries, HiGHS {g['status']}, proven gap "
+        f"{100 * g['proven_gap']:.2g}%): DanceMoE's objective J is {_pct(g['dancemoe_gap'])} "
+        f"above the optimum; its decode latency is {_pct(g['decode_vs_ilp'])} and prefill "
+        f"{_pct(g['prefill_vs_ilp'])} relative to the ILP placement's (the ILP optimises J, "
+        f"not the cost model's latency).")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Format
+# --------------------------------------------------------------------------------------------
+def _fmt(v, spec: str) -> str:
+  if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+    return "-"
+  return format(v, spec)
+
+
+def memory_lines(cfg: ExperimentConfig) -> list[str]:
+  """What the memory budget means per model and cluster, and why a weight format was changed."""
+  from moe_edge.experiments.workloads import served_model  # noqa: PLC0415
+  lines = []
+  for name in cfg.models:
+    model = served_model(cfg, name)
+    total = model.n_moe_layers * model.n_experts * model.expert_bytes
+    parts = []
+    for cl in cfg.clusters:
+      base = cluster_config(cl, link_gbps=cfg.link_gbps)
+      try:
+        real = base.expert_memory(model).sum() / total
+        parts.append(f"{cl}: {cfg.copies:g} copies used, its real memory would hold "
+                     f"{real:.1f}")
+      except ConfigError:
+        parts.append(f"{cl}: dense weights do not fit its real memory")
+    b = cfg.served_bytes_per_param(name)
+    why = ""
+    if b is not None:
+      native = model_config(name)
+      need = native.n_moe_layers * native.n_experts * native.expert_bytes
+      have = []
+      for cl in cfg.clusters:
+        try:
+          have.append(f"{cl} has {cluster_config(cl).expert_memory(native).sum() / GB:.1f} GB")
+        except ConfigError:
+          have.append(f"{cl} cannot even hold its dense weights")
+      why = (f" Served with {b:g} bytes/param ({'4-bit' if b == 0.5 else f'{8 * b:g}-bit'} "
+             f"weights): at {native.bytes_per_param:g} bytes/param its experts need "
+             f"{need / GB:.1f} GB while after the dense weights {', '.join(have)}.")
+    lines.append(f"- {name}: {model.n_moe_layers} x {model.n_experts} experts of "
+                 f"{model.expert_bytes / 1e6:.2f} MB ({total / GB:.2f} GB per copy); "
+                 f"{'; '.join(parts)}.{why}")
+  return lines
+
+
+def format_model_table(rows: Sequence[dict], model: str) -> str:
+  """Markdown table of one model: every cluster and method; the best value per cluster bold."""
+  head = ("| cluster | method | decode ms/token | prefill ms/request | cross kB/token | "
+          "local coverage | replicas/expert | objective J | J vs ILP | status |")
+  lines = [head, "|" + "---|" * 10]
+  mine = [r for r in rows if r["model"] == model]
+  for cluster in dict.fromkeys(r["cluster"] for r in mine):
+    here = [r for r in mine if r["cluster"] == cluster]
+    ok = _ok(here)
+    best = {k: min(r[k] for r in ok) for k in ("decode_ms", "prefill_ms", "cross_kb_per_token")
+            } if ok else {}
+    for r in here:
+      def cell(k, spec):
+        s = _fmt(r.get(k), spec)
+        return f"**{s}**" if k in best and r.get(k) == best[k] else s
+      if r["status"] != "ok":
+        lines.append(f"| {cluster} | {r['method']} | - | - | - | - | - | - | - | "
+                     f"{r['status']} |")
+        continue
+      gap = r.get("gap_to_ilp")
+      lines.append(
+          f"| {cluster} | {r['method']} | {cell('decode_ms', '.2f')} | "
+          f"{cell('prefill_ms', '.1f')} | {cell('cross_kb_per_token', '.1f')} | "
+          f"{_fmt(r.get('coverage'), '.3f')} | {_fmt(r.get('replicas_per_expert'), '.2f')} | "
+          f"{_fmt(r.get('objective'), '.4g')} | {'-' if gap is None else _pct(gap)} | "
+          f"{r['status'] if r['method'] != 'ilp' else r.get('ilp_status', 'ok')} |")
+  return "\n".join(lines)
+
+
+def format_crosscheck(rows: Sequence[dict]) -> str:
+  """Markdown table of the cost-model cross-check (``crosscheck.py``)."""
+  if not rows:
+    return ""
+  lines = ["| placement | local coverage | measured ms/step | measured, all tokens masked | "
+           "predicted ms/step | measured / predicted | predicted, servers serialised | "
+           "measured / serialised | bytes equal |", "|" + "---|" * 9]
+  for r in rows:
+    lines.append(f"| {r['method']} | {r['coverage']:.3f} | {r['measured_ms']:.2f} | "
+                 f"{r['measured_masked_ms']:.2f} | {r['predicted_ms']:.3f} | {r['ratio']:.2f} | "
+                 f"{r['predicted_serial_ms']:.3f} | {r['ratio_serial']:.2f} | "
+                 f"{'yes' if r['bytes_equal'] else 'NO'} |")
+  return "\n".join(lines)
+
+
+def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = "",
+                    crosscheck: Sequence[dict] | None = None,
+                    crosscheck_note: str = "") -> str:
+  """``tables.md``: setup, headline, one table per model, the cross-check."""
+  head = headline(rows)
+  ok = _ok(rows)
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  workloads = {r["model"]: r["workload"] for r in rows}
+  out = ["# Latency and communication of expert placement on edge clusters", ""]
+  if command:
+    out += [f"Made by `{command}` (config `{cfg.name}`, seed {cfg.seed}).", ""]
+  out += [
+      "**Setup.** Clusters " + ", ".join(f"`{c}`" for c in cfg.clusters) +
+      f" at {cfg.link_gbps:g} Gbps (configs/clusters). Placements are planned on a profiling "
+      f"trace and costed on a separate evaluation trace of the same distribution "
+      f"(seed {cfg.seed} + {cfg.profile_seed_offset} vs seed {cfg.seed}) by the cost model "
+      f"(moe_edge/cost): decode = {cfg.decode_batch} concurrent requests per server, latency "
+      f"per token = mean step time; prefill = {cfg.prefill_requests} request(s) per server per "
+      f"step, latency per request batch; cross-server bytes per token (dispatch + combine, "
+      f"bf16 activations); local coverage = share of token-choices served on the token's own "
+      f"server. Objective J = the placement objective (objective.py) on the profiling "
+      f"statistics; 'J vs ILP' = J / J_ILP - 1 where the ILP solves (N*L*E <= 1024).", "",
+      f"**Memory.** Real edge servers do not hold every expert (their memory also serves the KV "
+      f"cache and other work), so every server gets a share of {cfg.copies:g} copies of the "
+      f"model's experts, in proportion to its datasheet memory "
+      f"(moe_edge.config.with_expert_memory):", ""]
+  out += memory_lines(cfg) + [""]
+  out += ["**Calibration** (" + cfg.calibration + "): " +
+          "; ".join(calib.describe(cfg.calibration, models)) + ". Columns "
+          "`decode_ms_datasheet` / `prefill_ms_datasheet` of tables.csv give the same placements "
+          "under the plain datasheet roofline.", ""]
+  out += ["**Workloads.**", ""] + [f"- {m}: {workloads[m]}" for m in models] + [""]
+  out += ["## Headline", "", format_headline(head), ""]
+  if cfg.calibration != "datasheet" and ok and "decode_ms_datasheet" in ok[0]:
+    alt = headline(rows, "decode_ms_datasheet", "prefill_ms_datasheet")
+    alt = dict(alt, bytes={}, ilp=[])
+    out += ["Sensitivity: the same placements under the datasheet calibration (efficiency 1.0):",
+            "", format_headline(alt, " (datasheet)"), ""]
+  for m in models:
+    out += [f"## {m}", "", f"Workload: {workloads[m]}.", "", format_model_table(rows, m), ""]
+  if crosscheck:
+    out += ["## Cross-check: cost model vs the real dispatch", "", crosscheck_note, "",
+            format_crosscheck(crosscheck), ""]
+  return "\n".join(out)
+
+
+def write_csv(rows: Sequence[dict], path: str | Path, columns: Sequence[str] | None = None
+              ) -> Path:
+  """Rows as CSV (``columns`` in order; missing values empty)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols, extrasaction="raise")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, "") for k in cols})
+  return path
+
+
+def read_rows(path: str | Path) -> list[dict]:
+  """Rows of a CSV written by :func:`write_csv`, numbers and booleans parsed back."""
+  def parse(v: str):
+    if v in ("True", "False"):
+      return v == "True"
+    try:
+      return int(v) if v.lstrip("-").isdigit() else float(v)
+    except ValueError:
+      return None if v == "" else v
+  with open(path, newline="") as f:
+    return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def write_tables(cfg: ExperimentConfig, rows: Sequence[dict], out_dir: str | Path,
+                 command: str = "", crosscheck: Sequence[dict] | None = None,
+                 crosscheck_note: str = "", timings: dict | None = None,
+                 plots: bool = True) -> str:
+  """Write ``tables.csv``, ``tables.md`` (returned), plots and ``timings.json``."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  write_csv(rows, out / "tables.csv", COLUMNS)
+  md = format_markdown(cfg, rows, command, crosscheck, crosscheck_note)
+  (out / "tables.md").write_text(md + "\n")
+  if crosscheck:
+    write_csv(crosscheck, out / "crosscheck.csv")
+  if timings is not None:
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+  if plots:
+    from moe_edge.experiments.plots import plot_tables  # noqa: PLC0415  (matplotlib)
+    plot_tables(rows, out)
+  return md
+
+
+@dataclasses.dataclass(frozen=True)
+class TablesResult:
+  """What :func:`run_tables` made: the rows, the headline and the Markdown."""
+  rows: list
+  headline: dict
+  markdown: str
+  timings: dict
+
+
+def run_tables(cfg: ExperimentConfig, out_dir: str | Path, small: dict | None = None,
+               command: str = "", show_progress: bool = True, plots: bool = True,
+               crosscheck: Sequence[dict] | None = None, crosscheck_note: str = "",
+               small_note: str | None = None) -> TablesResult:
+  """Compute and write the tables of ``cfg`` into ``out_dir`` (``small``, ``small_note``: see
+  :func:`compute_rows`)."""
+  per = len(cfg.methods) + 1
+  with Progress(len(cfg.models) * len(cfg.clusters) * per, "tables",
+                enabled=show_progress) as progress:
+    rows, timings = compute_rows(cfg, small, progress, small_note)
+  md = write_tables(cfg, rows, out_dir, command, crosscheck, crosscheck_note, timings, plots)
+  return TablesResult(rows, headline(rows), md, timings)
+
+
+def run_demo_tables(out_dir: str | Path, small_model_trace: str | Path | ActivationTrace |
+                    None = None, echo: bool = False, show_progress: bool = True) -> str:
+  """A small version of the tables (config ``demo``) in about a minute on two CPU cores.
+
+  OLMoE-1B-7B and Mixtral-8x7B statistics on ``edge_hetero_4``, every method but ilp, small
+  token counts; plus the small model when ``small_model_trace`` is given (a recorded trace or
+  its path; its first half of steps profiles, its second half is costed). Writes
+  ``tables.csv``, ``tables.md`` and the plots into ``out_dir`` and returns the Markdown
+  (``echo=True`` also prints it).
+  """
+  cfg = load_experiment("demo")
+  small = None
+  if small_model_trace is not None:
+    trace = (small_model_trace if isinstance(small_model_trace, ActivationTrace)
+             else ActivationTrace.load(small_model_trace))
+    if trace.model != "small_moe":
+      raise ConfigError(f"run_demo_tables takes a small_moe trace, got one of {trace.model!r}.")
+    matching = tuple(c for c in cfg.clusters
+                     if cluster_config(c).num_servers == trace.num_servers)
+    if not matching:
+      raise ConfigError(f"the small-model trace has {trace.num_servers} servers but the demo's "
+                        f"clusters {list(cfg.clusters)} have "
+                        f"{[cluster_config(c).num_servers for c in cfg.clusters]}.")
+    cfg = with_overrides(cfg, models=cfg.models + ("small_moe",), clusters=matching)
+    small = {trace.num_servers: split_trace(trace)}
+    note = (f"own routing of the trained small model, the trace given to run_demo_tables "
+            f"({trace.num_tokens:,} tokens from {trace.source or 'an unnamed source'}): its first "
+            f"half of steps profiles, its second half is costed")
+  else:
+    note = None
+  result = run_tables(cfg, out_dir, small, command="moe_edge.experiments.tables."
+                      "run_demo_tables", show_progress=show_progress, small_note=note)
+  if echo:
+    print(result.markdown)
+  return result.markdown
