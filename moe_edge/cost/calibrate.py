@@ -87,6 +87,8 @@ class KernelMeasurement:
 
   @property
   def expert_weight_bytes(self) -> int:
+    # ml_dtypes registers bfloat16 with numpy (numpy alone does not know the name).
+    import ml_dtypes  # noqa: F401, PLC0415  (a dependency of jax)
     return 3 * self.d_model * self.d_ff * np.dtype(self.dtype).itemsize
 
   @property

@@ -1,6 +1,7 @@
 """Calibration: roofline fit, a short real measurement, JSON round trip, use in the cost model."""
 import numpy as np
 import pytest
+from conftest import REPO
 
 from moe_edge.config import ClusterConfig, ServerSpec, cluster_config, model_config
 from moe_edge.cost import (Calibration, CalibrationError, KernelMeasurement, calibrate_local,
@@ -120,3 +121,17 @@ def test_calibration_scales_the_roofline_and_ratio():
     predicted_vs_measured(np.ones(3), base)
   with pytest.raises(CalibrationError, match="positive"):
     predicted_vs_measured(-1.0, base)
+
+
+def test_bf16_measurement_fits_without_jax_imported_first():
+  """A saved bf16 GPU measurement is usable from a process that never imported JAX."""
+  import subprocess
+  import sys
+  code = ("from moe_edge.cost.calibrate import Calibration;"
+          "c = Calibration.load('results/calibration/gpu_olmoe_expert.json');"
+          "m = c.measurements[0]; assert m.dtype == 'bfloat16';"
+          "print(m.expert_weight_bytes)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert int(out.stdout) == 3 * 2048 * 1024 * 2
