@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "checkpoints/small_moe/final", "Trained small model.")
@@ -30,6 +30,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   t0 = time.perf_counter()
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   from moe_edge.config import model_config
   from moe_edge.experiments.tables import run_demo_tables
   from moe_edge.model.checkpoint import restore_checkpoint
