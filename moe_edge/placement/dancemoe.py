@@ -31,10 +31,17 @@ The method minimises the objective of ``objective.py`` (link time of remote toke
    eviction of a round takes its k-th cheapest copy, for an expert whose second-best server
    would cost more; the other experts wait for the next round.)
 4. **Routing**: ``problem.nearest_replica_route`` with the traffic.
+5. **Latency refinement** (``refine.py``): steps 1-4 minimise the objective, which counts
+   remote token-choices; the cost model's step time also charges one weight read per distinct
+   expert a server uses (replicas on a slow-memory server make it the decode bottleneck), a
+   link's latency once per step and the busiest NIC. Per layer, copies are pruned (never the
+   last), moved off the bottleneck server or added into free memory while the expected layer
+   time of ``cost.expected_cost`` (decode and prefill batches, ``refine_phase``) strictly
+   falls; the route table is recomputed after every accepted change.
 
 Options for ablations: ``entropy_budgets=False`` (no step 1), ``hetero_aware=False`` (decisions
 see every server at the mean speed and break ties by server id) and ``replicas=False`` (every
-expert exactly once: the greedy only places first copies).
+expert exactly once: the greedy only places first copies) and ``refine=False`` (no step 5).
 
 Why coverage comes last: placing every expert first on the server where it is hottest, then
 adding replicas (the obvious order), spends slots of busy servers on cold experts. On 10 seeded
@@ -43,6 +50,7 @@ the ILP optimum on average, this one 0.6% (``benchmarks/bench_placement.py`` rep
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -51,6 +59,9 @@ from moe_edge.placement.common import finish, greedy_assign
 from moe_edge.placement.objective import compute_time_per_token
 from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
 from moe_edge.placement.problem import link_time_per_token
+from moe_edge.placement.refine import LayerCost, phase_batches
+from moe_edge.placement.refine import refine as refine_placement
+from moe_edge.placement.routing import nearest_replica_route_fast
 
 _CHUNK = 1024  # columns per block when computing removal losses
 
@@ -374,7 +385,10 @@ class _Greedy:
 
 def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
              entropy_budgets: bool = True, hetero_aware: bool = True, replicas: bool = True,
-             route_slack: float = 0.1) -> Placement:
+             route_slack: float = 0.1, refine: bool = True, refine_phase: str = "both",
+             decode_tokens: float = 8.0, prefill_tokens: float = 128.0,
+             refine_rounds: int = 64, refine_max_size: int = 1 << 16,
+             calibration=None) -> Placement:
   """Activation-aware placement (module docstring). ``seed`` is unused (deterministic).
 
   Args:
@@ -384,6 +398,17 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
       on equal gains.
     replicas: add replicas (else every expert exactly once).
     route_slack: the ``slack`` of the nearest-replica route.
+    refine: step 5, the latency refinement (``refine.py``): prune, move and add copies where
+      the cost model's expected layer time falls. Off: the placement of steps 1-4.
+    refine_phase: what the refinement minimises: ``"decode"``, ``"prefill"`` or ``"both"``
+      (each phase's summed layer time relative to its value before refinement, weighted 1:1).
+    decode_tokens, prefill_tokens: tokens per server in one decode / prefill step (scaled by
+      each server's relative request rate ``problem.tokens / mean``).
+    refine_rounds: at most this many refinement rounds (one change per layer each).
+    refine_max_size: the refinement runs only when ``N * L * E`` is at most this (its
+      candidates cost ``O(N^2)`` each); larger instances skip it and say so in ``info``.
+    calibration: ``moe_edge.cost.Calibration`` of the servers' kernel efficiency for the
+      refinement's roofline (default: the datasheet).
   """
   if lam < 0:
     raise PlacementError(f"lam={lam}: the load-balance weight must be >= 0.")
@@ -398,7 +423,9 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
   t = t[perm]
   room = problem.capacity[perm].astype(np.int64).copy()
   info = dict(seed=seed, lam=lam, entropy_budgets=entropy_budgets, hetero_aware=hetero_aware,
-              replicas=replicas)
+              replicas=replicas, refine=refine, refine_phase=refine_phase)
+  if refine:
+    batch, weight = phase_batches(problem, refine_phase, decode_tokens, prefill_tokens)
 
   phase_s = {}
   tick = time.perf_counter()
@@ -418,4 +445,26 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
               coverage_in_room=in_room, coverage_by_eviction=evicted, phase_s=phase_s)
   out = np.empty_like(hosts)
   out[perm] = hosts
-  return finish(problem, out, "dancemoe", start, info, lam=lam, slack=route_slack)
+  route = None
+  if refine and n * l * e > refine_max_size:
+    info["refine_skipped"] = f"N*L*E = {n * l * e:,} > refine_max_size = {refine_max_size:,}"
+  elif refine:
+    tick = time.perf_counter()
+    out, route, stats = refine_placement(problem, out, _phase_cost(problem, out, batch, weight,
+                                                                   calibration, route_slack),
+                                         route_slack, refine_rounds, adds=replicas)
+    phase_s["refine"] = time.perf_counter() - tick
+    info["refine_stats"] = stats
+  return finish(problem, out, "dancemoe", start, info, route=route, lam=lam, slack=route_slack)
+
+
+def _phase_cost(problem: PlacementProblem, hosts: np.ndarray, batch: np.ndarray,
+                weight: np.ndarray, calibration, slack: float) -> LayerCost:
+  """The refinement's layer-time model, each phase normalised by its summed layer time on
+  ``hosts`` (so ``"both"`` weighs relative changes of decode and prefill equally)."""
+  cost = LayerCost.build(problem, batch, weight, calibration)
+  route = nearest_replica_route_fast(hosts, problem.model, problem.cluster, problem.traffic,
+                                     slack)
+  total = cost.phase_times(route).sum(axis=1)
+  return dataclasses.replace(cost, weight=np.where(total > 0, weight / np.where(
+      total > 0, total, 1.0), 0.0))

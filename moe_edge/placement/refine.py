@@ -1,0 +1,269 @@
+"""Latency refinement of a placement: prune, move and add expert copies where the cost model's
+expected layer time falls.
+
+The placement objective (``objective.py``) charges every remote token-choice its full link time,
+so minimising it maximises local coverage. The cost model (``moe_edge/cost/model.py``) prices a
+step differently: a layer takes ``dispatch + max_m P[m] + combine``, where ``P[m]`` charges one
+weight read per *distinct* expert a server uses (decode is weight-read bound, and slow-memory
+servers pay most), a link's latency once per step, and the exchange waits for the busiest NIC.
+This module applies exactly the expected-count formulas of ``cost.expected_cost`` per layer
+(notation as there; ``x[p, n, l, e] = batch[p, n] * freq[n, l, e]``)::
+
+  on[p, m, l, e]   = sum_{n : route[n, l, e] = m} x[p, n, l, e]
+  C[p, l, n, m]    = sum_{e : route[n, l, e] = m != n} x[p, n, l, e]
+  P[p, m, l]       = sum_e max(read[m] (1 - exp(-on)), on flop[m])
+  dispatch[p, l]   = max_n (max_m lat[n, m] (1 - exp(-C)) + sum_m a C / bw[n, m])
+  combine[p, l]    = max_m (max_n lat[m, n] (1 - exp(-C)) + sum_n a C / bw[m, n])
+  time[p, l]       = dispatch + max_m P + combine
+
+and minimises the score ``sum_p w[p] time[p, l] / S[p]`` of every layer (``S[p]``: the phase's
+summed layer time before refinement, so the phases weigh by relative change; the dense part does
+not depend on the placement). Layers are independent in the cost model and the route table, so
+each layer is refined on its own, all layers vectorised together. Moves per round:
+
+* **prune** a copy whose expert has another copy (never the last one);
+* **move** a copy of a bottleneck server (the largest ``P`` of a phase) to a server with room;
+* **add** a copy to a server with room.
+
+Each round predicts every candidate's layer score on a routing that re-routes only the changed
+expert (nearest copy by ``link time + compute time``, ties within ``slack`` to the least loaded, as
+``problem.nearest_replica_route``), applies each layer's best predicted improvement (room taken
+by the best gains first), recomputes the real route table of the changed layers
+(``routing.nearest_replica_route_fast``, the one the placement ships with) and keeps a change only
+when the layer's exact score strictly falls; a rejected candidate is not proposed again until its
+layer changes. At most ``max_rounds`` rounds. Every accepted step lowers the exact score, so the
+refined placement never scores worse than its input.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from moe_edge.placement.problem import PlacementError, PlacementProblem, link_time_per_token
+from moe_edge.placement.routing import nearest_replica_route_fast
+
+PHASE_WEIGHTS = {"decode": (1.0, 0.0), "prefill": (0.0, 1.0), "both": (0.5, 0.5)}
+_REL_TOL = 1e-9  # an accepted change lowers a layer's score by more than this (relative)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+  """The expected-count layer-time model of one problem (module docstring).
+
+  Attributes:
+    read: ``[N]`` seconds to read one expert's weights (``W_e / (mbw eta_b)``).
+    flop: ``[N]`` seconds of one token's expert compute (``F_e / (peak eta_f)``).
+    inv_bw: ``[N, N]`` seconds per byte (diagonal 0).
+    lat: ``[N, N]`` seconds per message (diagonal 0).
+    act: bytes of one token-choice on the wire.
+    x: ``[P, N, L, E]`` expected token-choices per step of each phase.
+    weight: ``[P]`` weight of each phase's layer time in the score (already normalised).
+  """
+  read: np.ndarray
+  flop: np.ndarray
+  inv_bw: np.ndarray
+  lat: np.ndarray
+  act: float
+  x: np.ndarray
+  weight: np.ndarray
+
+  @classmethod
+  def build(cls, problem: PlacementProblem, batch: np.ndarray, weight: np.ndarray,
+            calibration=None) -> "LayerCost":
+    """Cost model of ``problem`` with ``batch [P, N]`` tokens per server and step of each phase.
+
+    ``calibration``: a ``moe_edge.cost.Calibration`` (its ``flops_efficiency`` and
+    ``bw_efficiency`` scale the datasheet numbers); ``None`` uses the datasheet (factors 1).
+    """
+    model, cluster = problem.model, problem.cluster
+    n = cluster.num_servers
+    eta_f, eta_b = np.ones(n), np.ones(n)
+    if calibration is not None:
+      calibration.check(cluster)
+      eta_f, eta_b = calibration.flops_efficiency, calibration.bw_efficiency
+    inv_bw = 1.0 / cluster.bandwidth_matrix
+    np.fill_diagonal(inv_bw, 0.0)
+    lat = np.array(cluster.latency_matrix, dtype=np.float64)
+    np.fill_diagonal(lat, 0.0)
+    x = np.asarray(batch, dtype=np.float64)[:, :, None, None] * problem.freq[None]
+    return cls(model.expert_bytes / (cluster.mem_bandwidth * eta_b),
+               model.expert_flops_per_token / (cluster.peak_flops * eta_f), inv_bw, lat,
+               float(model.activation_bytes), x, np.asarray(weight, dtype=np.float64))
+
+  def expert_time(self, on: np.ndarray, m_axis: int) -> np.ndarray:
+    """Roofline seconds of expected counts ``on`` whose server axis is ``m_axis``."""
+    shape = [1] * on.ndim
+    shape[m_axis] = -1
+    return np.maximum(self.read.reshape(shape) * -np.expm1(-on), on * self.flop.reshape(shape))
+
+  def exchange(self, flows: np.ndarray) -> np.ndarray:
+    """Dispatch plus combine seconds of ``flows [..., N, M]`` (expected remote choices)."""
+    used = -np.expm1(-flows)
+    send = self.act * np.einsum("...nm,nm->...n", flows, self.inv_bw)
+    dispatch = (send + (used * self.lat).max(axis=-1)).max(axis=-1)
+    back = self.act * np.einsum("...nm,mn->...m", flows, self.inv_bw)
+    combine = (back + (used * self.lat.T).max(axis=-2)).max(axis=-1)
+    return dispatch + combine
+
+  def state(self, route: np.ndarray, layers: np.ndarray | None = None):
+    """``(on [P, L', M, E], flows [P, L', N, M], per [P, L', M])`` of ``route [N, L', E]``."""
+    x = self.x if layers is None else self.x[:, :, layers]
+    n = route.shape[0]
+    to = np.eye(n)[route]                                          # [N, L', E, M]
+    on = np.einsum("pnle,nlem->plme", x, to)
+    flows = np.einsum("pnle,nlem->plnm", x, to) * (1.0 - np.eye(n))
+    per = self.expert_time(on, 2).sum(axis=3)
+    return on, flows, per
+
+  def phase_times(self, route: np.ndarray, layers: np.ndarray | None = None) -> np.ndarray:
+    """``[P, L']`` expected seconds of each layer (dispatch + slowest server + combine)."""
+    _, flows, per = self.state(route, layers)
+    return self.exchange(flows) + per.max(axis=2)
+
+  def scores(self, route: np.ndarray, layers: np.ndarray | None = None) -> np.ndarray:
+    """``[L']`` weighted layer scores ``sum_p weight[p] time[p, l]``."""
+    return np.einsum("p,pl->l", self.weight, self.phase_times(route, layers))
+
+
+def phase_batches(problem: PlacementProblem, phase: str, decode_tokens: float,
+                  prefill_tokens: float) -> tuple[np.ndarray, np.ndarray]:
+  """``(batch [P, N], weight [P])`` for ``phase``: a step's tokens per server (scaled by each
+  server's relative request rate ``tokens / mean(tokens)``) and the phases' weights."""
+  if phase not in PHASE_WEIGHTS:
+    raise PlacementError(f"refine_phase must be one of {sorted(PHASE_WEIGHTS)}, got {phase!r}.")
+  if not (decode_tokens > 0 and prefill_tokens > 0):
+    raise PlacementError(f"decode_tokens={decode_tokens} and prefill_tokens={prefill_tokens} "
+                         f"must be positive tokens per server and step.")
+  rate = problem.tokens / problem.tokens.mean() if problem.tokens.mean() > 0 else (
+      np.ones_like(problem.tokens))
+  batch = np.stack([decode_tokens * rate, prefill_tokens * rate])
+  return batch, np.asarray(PHASE_WEIGHTS[phase])
+
+
+def _predict(cost: LayerCost, hosts, route, on, flows, per, load, route_cost, peak, slack,
+             lk, ek, hk):
+  """Predicted ``[K]`` scores of candidates: layer ``lk``, expert ``ek``, new hosts ``hk [K, N]``.
+
+  Only the candidate's expert is re-routed: a source hosting it serves itself, a source whose
+  old destination still hosts it and stays within ``slack`` of the cheapest keeps it, the others
+  take the least loaded (``load / peak``) copy within ``slack`` of the cheapest.
+  """
+  k, n = hk.shape
+  old = route[:, lk, ek].T                                           # [K, S]
+  cm = np.where(hk[:, None, :], route_cost[None], np.inf)            # [K, S, M]
+  near = cm <= cm.min(axis=2, keepdims=True) * (1.0 + slack)
+  keep = np.take_along_axis(near, old[:, :, None], axis=2)[..., 0]
+  pick = np.where(near, (load[lk] / peak)[:, None, :], np.inf).argmin(axis=2)
+  new = np.where(hk, np.arange(n)[None, :], np.where(keep, old, pick))  # [K, S]
+  xk = cost.x[:, :, lk, ek].transpose(0, 2, 1)                        # [P, K, S]
+  eye = np.eye(n)
+  d_old, d_new = eye[old], eye[new]                                   # [K, S, M]
+  on_col = on[:, lk, :, ek].transpose(1, 0, 2)                        # [P, K, M]
+  on_new = on_col + np.einsum("pks,ksm->pkm", xk, d_new - d_old)
+  per_new = per[:, lk] - cost.expert_time(on_col, 2) + cost.expert_time(on_new, 2)
+  off = 1.0 - eye
+  fl = flows[:, lk] + xk[..., None] * ((d_new - d_old) * off)[None]  # [P, K, S, M]
+  times = cost.exchange(fl) + per_new.max(axis=2)                     # [P, K]
+  return np.einsum("p,pk->k", cost.weight, times)
+
+
+def refine(problem: PlacementProblem, hosts: np.ndarray, cost: LayerCost, slack: float = 0.1,
+           max_rounds: int = 64, moves: bool = True, adds: bool = True):
+  """Greedy latency refinement (module docstring).
+
+  Args:
+    hosts: ``[N, L, E]`` bool, every expert hosted, within ``problem.capacity``.
+    cost: the layer-time model (its ``weight`` already normalised as wanted).
+    slack: the route table's ``slack``.
+    max_rounds: bound on rounds (each applies at most one change per layer).
+    moves, adds: also try moving copies off bottleneck servers / adding copies into free room.
+  Returns:
+    ``(hosts, route, stats)``: the refined hosts and their route table, and counts
+    (``rounds``, ``pruned``, ``moved``, ``added``, ``rejected``, ``score_before``,
+    ``score_after``).
+  """
+  model, cluster = problem.model, problem.cluster
+  traffic = problem.traffic
+  hosts = np.array(hosts, dtype=bool)
+  n, nl, e = hosts.shape
+  route = nearest_replica_route_fast(hosts, model, cluster, traffic, slack)
+  route_cost = link_time_per_token(model, cluster) + (
+      model.expert_flops_per_token / cluster.peak_flops)[None, :]
+  peak = cluster.peak_flops
+  room = problem.capacity - hosts.sum(axis=(1, 2))
+  score = cost.scores(route)
+  before = float(score.sum())
+  banned = np.zeros((nl, 3, n, n, e), dtype=bool)  # [layer, kind, from, to, expert]
+  stats = dict(rounds=0, pruned=0, moved=0, added=0, rejected=0)
+  lidx = np.arange(nl)
+  for _ in range(max_rounds):
+    on, flows, per = cost.state(route)
+    load = np.einsum("nle,nlem->lm", traffic, np.eye(n)[route])     # [L, M] planning loads
+    count = hosts.sum(axis=0)                                       # [L, E]
+    cand = []  # (kind, layer, from, to, expert)
+    nn, ll, ee = np.nonzero(hosts & (count[None] >= 2))
+    cand.append((np.zeros_like(ll), nn, nn, ll, ee))   # prune: from = to = n
+    if moves or adds:
+      free = room > 0
+      if adds:
+        nn, ll, ee = np.nonzero(~hosts & free[:, None, None])
+        cand.append((np.full_like(ll, 2), nn, nn, ll, ee))
+      if moves and free.any():
+        bott = np.zeros((nl, n), dtype=bool)
+        bott[np.repeat(lidx, per.shape[0]), per.argmax(axis=2).T.ravel()] = True
+        src_n, src_l, src_e = np.nonzero(hosts & bott.T[:, :, None])
+        for m in np.flatnonzero(free):
+          ok = ~hosts[m, src_l, src_e]
+          cand.append((np.ones(ok.sum(), dtype=np.int64), src_n[ok],
+                       np.full(ok.sum(), m), src_l[ok], src_e[ok]))
+    kind, frm, to, lk, ek = (np.concatenate(c) for c in zip(*cand))
+    live = ~banned[lk, kind, frm, to, ek]
+    kind, frm, to, lk, ek = kind[live], frm[live], to[live], lk[live], ek[live]
+    if kind.size == 0:
+      break
+    hk = hosts[:, lk, ek].T.copy()                                  # [K, N]
+    kk = np.arange(kind.size)
+    hk[kk, frm] &= kind == 2
+    hk[kk, to] |= kind >= 1
+    pred = _predict(cost, hosts, route, on, flows, per, load, route_cost, peak, slack,
+                    lk, ek, hk)
+    gain = score[lk] - pred
+    good = gain > _REL_TOL * score[lk]
+    if not good.any():
+      break
+    # Each layer's best candidate; room goes to the largest gains first.
+    g = np.flatnonzero(good)
+    g = g[np.lexsort((-gain[g], lk[g]))]
+    g = g[np.unique(lk[g], return_index=True)[1]]
+    g = g[np.argsort(-gain[g], kind="stable")]
+    need = kind[g] >= 1
+    tgt = to[g]
+    nth = np.zeros(g.size, dtype=np.int64)
+    for s in np.unique(tgt[need]):
+      sel = np.flatnonzero(need & (tgt == s))
+      nth[sel] = np.arange(sel.size)
+    g = g[~need | (nth < room[tgt])]
+    stats["rounds"] += 1
+    layers = np.sort(lk[g])
+    g = g[np.argsort(lk[g], kind="stable")]
+    trial = hosts[:, layers].copy()
+    trial[:, np.arange(layers.size), ek[g]] = hk[g].T
+    t_route = nearest_replica_route_fast(trial, model, cluster, traffic[:, layers], slack)
+    t_score = cost.scores(t_route, layers)
+    ok = t_score < score[layers] * (1.0 - _REL_TOL)
+    acc, rej = g[ok], g[~ok]
+    banned[lk[rej], kind[rej], frm[rej], to[rej], ek[rej]] = True
+    stats["rejected"] += int(rej.size)
+    if acc.size:
+      la = layers[ok]
+      banned[la] = False
+      hosts[:, la] = trial[:, ok]
+      route[:, la] = t_route[:, ok]
+      score[la] = t_score[ok]
+      room -= np.bincount(to[acc], weights=(kind[acc] >= 1), minlength=n).astype(np.int64)
+      room += np.bincount(frm[acc], weights=(kind[acc] <= 1), minlength=n).astype(np.int64)
+      for name, kd in (("pruned", 0), ("moved", 1), ("added", 2)):
+        stats[name] += int((kind[acc] == kd).sum())
+  stats.update(score_before=before, score_after=float(score.sum()))
+  return hosts, route, stats
