@@ -94,7 +94,7 @@ from moe_edge.placement.problem import Placement, PlacementError, PlacementProbl
 from moe_edge.workload.traces import ActivationTrace
 
 PHASES = ("decode", "prefill")
-_CHUNK_CHOICES = 1 << 21   # token-choices per chunk of steps (bounds temporary memory)
+_CHUNK_CHOICES = 1 << 18   # token-choices per chunk of steps (keeps temporaries in cache)
 _CHUNK_FLOWS = 1 << 22     # entries of the dense [S_c, L, N, N] flow counts per chunk
 
 
@@ -384,13 +384,15 @@ def _chunk_small(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: in
   group = sloc * n_srv + srv
   order = np.argsort(group, kind="stable")             # tokens by (step, source server)
   group, ids, srv = group[order], ids[order], srv[order]
-  tok = np.zeros(ids.shape[:2] + (words,), dtype=np.uint64)   # [T_c, L, W] expert masks
-  for r in range(ids.shape[2]):
-    e = ids[:, :, r]
-    if words == 1:
-      tok[:, :, 0] |= _BIT[e]
-    else:
-      bit, word = _BIT[e % 64], e // 64
+  if words == 1:                                        # [T_c, L, W] expert masks
+    tok = np.take(_BIT, ids[:, :, 0])
+    for r in range(1, ids.shape[2]):
+      tok |= np.take(_BIT, ids[:, :, r])
+    tok = tok[:, :, None]
+  else:
+    tok = np.zeros(ids.shape[:2] + (words,), dtype=np.uint64)
+    for r in range(ids.shape[2]):
+      bit, word = _BIT[ids[:, :, r] % 64], ids[:, :, r] // 64
       for w in range(words):
         tok[:, :, w] |= np.where(word == w, bit, np.uint64(0))
   # Token masks restricted to the experts each destination m computes: [L, M, W, T_c].
@@ -398,11 +400,16 @@ def _chunk_small(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: in
   starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
   count = _popcount(hit)
   count = count.sum(axis=2, dtype=np.int64) if words > 1 else count[:, :, 0]
-  routed = np.zeros((n_srv, n_srv, n_steps, n_lay))
   biggest = int(np.diff(np.append(starts, len(group))).max())
   acc = np.uint16 if biggest * ids.shape[2] < 2**16 else np.int64   # exact group sums
-  routed[group[starts] % n_srv, :, group[starts] // n_srv, :] = np.add.reduceat(
-      count, starts, axis=-1, dtype=acc).transpose(2, 1, 0)         # [G, M, L]
+  if starts.size < group.size:                                      # some group has 2+ tokens
+    count = np.add.reduceat(count, starts, axis=-1, dtype=acc)      # [L, M, G]
+  if starts.size == n_steps * n_srv:               # every (step, server) has tokens: G = S_c N
+    routed = np.ascontiguousarray(
+        count.reshape(n_lay, n_srv, n_steps, n_srv).transpose(3, 1, 2, 0), dtype=np.float64)
+  else:
+    routed = np.zeros((n_srv, n_srv, n_steps, n_lay))
+    routed[group[starts] % n_srv, :, group[starts] // n_srv, :] = count.transpose(2, 1, 0)
   step_starts = np.flatnonzero(np.concatenate([[True], sloc[order][1:] != sloc[order][:-1]]))
   used = _popcount(np.bitwise_or.reduceat(hit, step_starts, axis=-1)).sum(
       axis=2, dtype=np.int64)                                         # [L, M, S_c]
@@ -456,6 +463,18 @@ def _exchange_times(vol: np.ndarray, hw: _Hardware,
   back = np.einsum("nmx,mn->mx", vol, hw.inv_bw)
   wait_back = (link_used * hw.lat.T[:, :, None]).max(axis=0)
   return (send + wait).max(axis=0), (back + wait_back).max(axis=0)
+
+
+def _count_exchange_times(routed: np.ndarray, act: int,
+                          hw: _Hardware) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`_exchange_times` of counted token-choices ``routed [N, M, X]`` (diagonal: local
+  choices, which move nothing: ``inv_bw`` and ``lat`` are zero there)."""
+  used = routed > 0
+  send = np.einsum("nmx,nm->nx", routed, act * hw.inv_bw)
+  send += (used * hw.lat[:, :, None]).max(axis=1)
+  back = np.einsum("nmx,mn->mx", routed, act * hw.inv_bw)
+  back += (used * hw.lat.T[:, :, None]).max(axis=0)
+  return send.max(axis=0), back.max(axis=0)
 
 
 def _dense_times(tokens: np.ndarray, hw: _Hardware) -> np.ndarray:
@@ -520,15 +539,13 @@ def evaluate(trace: ActivationTrace, model: ModelConfig | str, cluster: ClusterC
   compute = np.zeros((n_steps, n_lay))
   server_compute = np.zeros((n_srv, n_lay))
   routed_total = np.zeros((n_srv, n_srv, n_lay))
-  off_diag = (1.0 - np.eye(n_srv))[:, :, None, None]
   step_tokens = tokens.sum(axis=1)
   for s0, s1, t0, t1 in _chunks(step_tokens, n_lay * k, n_lay * n_srv * n_srv):
     path = _counting_path(s1 - s0, (t1 - t0) * n_lay * k, int(step_tokens[s0:s1].max()), maps,
                           hw)
     routed, per = path(ids[t0:t1], srv[t0:t1], sidx[t0:t1] - s0, s1 - s0, maps, hw)
     routed_total += routed.sum(axis=2)
-    flows = (routed * off_diag).reshape(n_srv, n_srv, -1)
-    disp, comb = _exchange_times(act * flows, hw, flows > 0)
+    disp, comb = _count_exchange_times(routed.reshape(n_srv, n_srv, -1), act, hw)
     dispatch[s0:s1], combine[s0:s1] = disp.reshape(-1, n_lay), comb.reshape(-1, n_lay)
     compute[s0:s1] = per.max(axis=0)
     server_compute += per.sum(axis=1)

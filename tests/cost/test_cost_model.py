@@ -260,6 +260,33 @@ def test_matches_reference_small_steps(n_experts, tokens_per_step, peak_scale, p
   assert_matches_reference(rep, reference(trace, model, cluster, placement))
 
 
+@pytest.mark.parametrize("n_experts,every_server", [(40, True), (40, False), (128, True)])
+def test_matches_reference_one_token_per_server_per_step(n_experts, every_server):
+  # Decode with one token per server per step: every (step, server) group is a single token
+  # (no group sums) and, when every server has a token at every step, the counts are laid out
+  # by reshaping instead of scattering.
+  model = ModelConfig(name="wide", vocab_size=16, d_model=8, n_layers=2, n_heads=1,
+                      n_kv_heads=1, head_dim=8, n_experts=n_experts, top_k=2, d_ff_expert=4)
+  rng = np.random.default_rng(n_experts + every_server)
+  cluster = scaled_peak(random_cluster(rng, 4), 1e3)
+  placement = random_placement(rng, model, cluster)
+  n_steps = 400
+  step = np.repeat(np.arange(n_steps), 4)
+  server = np.tile(np.arange(4), n_steps)
+  if not every_server:
+    keep = rng.random(step.size) < 0.6
+    step, server = step[keep], server[keep]
+  ids = np.argsort(rng.random((step.size, 2, n_experts)), axis=-1)[..., :2]
+  perm = rng.permutation(step.size)
+  trace = make_trace(ids[perm], server[perm], step[perm] * 2 + 1, n_experts, 4)
+  hw = cost_model._hardware(model, cluster, None)
+  chosen = cost_model._counting_path(n_steps, trace.num_tokens * 2 * 2, 4,
+                                     cost_model._RouteMaps.build(placement.route), hw)
+  assert chosen.__name__ == "_chunk_small"  # the premise of this case
+  rep = evaluate(trace, model, cluster, placement, activation_bytes=12)
+  assert_matches_reference(rep, reference(trace, model, cluster, placement, act=12))
+
+
 # --------------------------------------------------------------------------------------------
 # Properties
 # --------------------------------------------------------------------------------------------
