@@ -1,5 +1,6 @@
 """Ablation sweeps: link bandwidth, number of servers, memory budget, locality, DanceMoE's parts
-switched off one at a time, and migration under a drifting workload.
+switched off one at a time, migration under a drifting workload, and the routing extensions
+(substitution / drop threshold on the trained small model).
 
 One CSV and one PNG per sweep into ``--out`` (``<sweep>.csv``, ``<sweep>.png``), plus
 ``summary.md`` with a Markdown pivot of every sweep (decode / prefill latency and bytes per
@@ -63,6 +64,8 @@ def main(argv):
       write_csv(rows, out / f"{name}.csv")
       if name == "parts":
         plots.plot_parts(rows, out / f"{name}.png")
+      elif name == "extensions":
+        plots.plot_extensions(rows, out / f"{name}.png")
       elif name == "migration":
         shifts = [int(s) for s in str(rows[0]["drift_after"]).split(";") if s]
         plots.plot_migration(rows, shifts, out / f"{name}.png")
@@ -83,6 +86,10 @@ def main(argv):
         summary += ["", "(means over the intervals after the first; copies, GB and transfer "
                     "time summed)", ""]
         summary.append(format_sweep(rows, name, "decode_ms"))
+      elif name == "extensions":
+        summary.append(format_sweep(rows, name, "cross_kb_per_token", ".3f"))
+        summary.append(format_sweep(rows, name, "decode_ms"))
+        summary.append(format_sweep(rows, name, "delta_nll", "+.4f"))
       else:
         summary.append(format_sweep(rows, name, "decode_ms"))
         summary.append(format_sweep(rows, name, "prefill_ms", ".1f"))

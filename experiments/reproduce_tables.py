@@ -4,7 +4,8 @@ For every model x cluster x placement method of the experiment config: decode la
 token, prefill latency per request, cross-server bytes per token and local coverage from the
 cost model, DanceMoE's reductions against the baselines (the headline) and its gap to the ILP
 where the ILP solves; then, with ``crosscheck`` on, the cost model's per-step time against the
-real dispatch on 8 host CPU devices. Writes ``tables.csv``, ``tables.md``, ``crosscheck.csv``,
+real dispatch on 8 host CPU devices; with ``extension_rows`` the routing extensions as extra rows
+(``moe_edge/experiments/extension_rows.py``). Writes ``tables.csv``, ``tables.md``, ``crosscheck.csv``,
 ``timings.json`` and the plots into ``--out``, prints the Markdown and the headline.
 Deterministic under ``--seed`` (the CSV holds no wall times).
 
@@ -40,6 +41,8 @@ flags.DEFINE_enum("calibration", None, ["datasheet", "h100_kernels"],
 flags.DEFINE_string("trace_cache", None, "Override the small-model trace cache folder "
                     "('' = no cache).")
 flags.DEFINE_bool("crosscheck", None, "Override whether the cost-model cross-check runs.")
+flags.DEFINE_bool("extension_rows", None, "Override whether the routing extensions' rows "
+                  "(dancemoe+subst / +budget / +drop) are added.")
 flags.DEFINE_bool("progress", True, "Show a progress display on stderr.")
 
 
@@ -58,7 +61,8 @@ def main(argv):
         clusters=tuple(FLAGS.clusters) if FLAGS.clusters else None,
         models=tuple(FLAGS.models) if FLAGS.models else None, copies=FLAGS.copies,
         link_gbps=FLAGS.link_gbps, calibration=FLAGS.calibration,
-        trace_cache=FLAGS.trace_cache, crosscheck=FLAGS.crosscheck)
+        trace_cache=FLAGS.trace_cache, crosscheck=FLAGS.crosscheck,
+        extension_rows=FLAGS.extension_rows)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

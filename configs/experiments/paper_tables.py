@@ -4,7 +4,8 @@ OLMoE-1B-7B and Mixtral-8x7B driven by their real routing statistics, the small 
 its own routing over real held-out text, DeepSeek-V2-Lite and Qwen1.5-MoE by the small model's
 traces mapped to their expert counts; edge_hetero_4 and edge_hetero_8 at 1 Gbps, 1.5 copies of
 expert memory, Mixtral at 4-bit; the ILP where it solves; the cost-model cross-check on 8 host
-CPU devices. About 2-3 minutes on two CPU cores once the small-model traces are cached.
+CPU devices; the routing extensions as extra rows (substitution and budgeted selection with their
+loss change on small_moe, the weight-free drop on the others). About 2-3 minutes on two CPU cores once the small-model traces are cached.
 """
 from moe_edge.experiments.config import ExperimentConfig
 
@@ -22,4 +23,5 @@ def get_config() -> ExperimentConfig:
       trace_cache="results/tables/traces", decode_batch=8, prefill_requests=1,
       calibration="h100_kernels", ilp_time_limit=60.0, crosscheck=True,
       crosscheck_methods=("uniform_ep", "greedy_local", "dancemoe"), crosscheck_steps=4,
-      crosscheck_repeats=3)
+      crosscheck_repeats=3, extension_rows=True, substitution_threshold=0.2,
+      budget_remote_choices=1.0, extension_calib_requests=8)

@@ -23,7 +23,8 @@ ALL_METHODS = ("dancemoe", "uniform_ep", "random", "greedy_local", "eplb", "topo
 #: How the compute terms of the cost model are calibrated (see ``calibration.py``).
 CALIBRATIONS = ("datasheet", "h100_kernels")
 #: The ablation sweeps ``experiments/ablations.py`` knows (see ``sweeps.py``).
-SWEEPS = ("link_bandwidth", "num_servers", "memory", "alpha", "parts", "migration")
+SWEEPS = ("link_bandwidth", "num_servers", "memory", "alpha", "parts", "migration",
+          "extensions")
 #: DanceMoE's parts that the ``parts`` sweep switches off one at a time.
 PARTS = ("entropy_budgets", "hetero_aware", "replicas")
 
@@ -57,6 +58,17 @@ class ExperimentConfig:
     calibration: ``"datasheet"`` (efficiency 1.0) or ``"h100_kernels"`` (H100-measured expert
       kernel efficiency applied to the edge GPUs' datasheet numbers).
     ilp_time_limit: seconds HiGHS may search per ILP instance.
+  Extensions (``extension_rows.py``; off by default):
+    extension_rows: add rows ``dancemoe+subst(tau)`` and ``dancemoe+budget(B)`` to ``small_moe``
+      (with the next-token loss change on the evaluation trace) and the weight-free
+      ``dancemoe+drop(tau)`` to every other model.
+    substitution_threshold: ``tau``, the gate below which a remote choice is substituted or
+      dropped.
+    budget_remote_choices: ``B``, the latency budget per token and layer of budgeted selection
+      (top-1 forced) in units of the cluster's mean cost of one remote choice.
+    extension_thresholds: the ``tau`` values of the ``extensions`` sweep (``small_moe``).
+    extension_calib_requests: calibration requests per corpus domain (train split) for the
+      output similarity of substitution.
   Cross-check (cost model vs the real dispatch on 8 host CPU devices):
     crosscheck: run it.
     crosscheck_methods: placements to time.
@@ -102,6 +114,12 @@ class ExperimentConfig:
   prefill_requests: int = 1
   calibration: str = "h100_kernels"
   ilp_time_limit: float = 60.0
+  # ---- extensions --------------------------------------------------------------------------
+  extension_rows: bool = False
+  substitution_threshold: float = 0.2
+  budget_remote_choices: float = 1.0
+  extension_thresholds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
+  extension_calib_requests: int = 8
   # ---- cross-check -------------------------------------------------------------------------
   crosscheck: bool = False
   crosscheck_methods: tuple[str, ...] = ("uniform_ep", "greedy_local", "dancemoe")
@@ -125,7 +143,7 @@ class ExperimentConfig:
   def __post_init__(self):
     for key in ("models", "clusters", "methods", "bytes_per_param", "crosscheck_methods",
                 "sweeps", "sweep_models", "sweep_methods", "link_gbps_values", "server_counts",
-                "copies_values", "alpha_values"):
+                "copies_values", "alpha_values", "extension_thresholds"):
       value = getattr(self, key)
       if isinstance(value, str) or not isinstance(value, (tuple, list)):
         raise ConfigError(f"experiment {self.name!r}: {key} must be a tuple, got {value!r}.")
@@ -152,11 +170,18 @@ class ExperimentConfig:
     positive = ("tokens_per_server", "request_len", "small_requests_per_server",
                 "small_seq_len", "decode_batch", "prefill_requests", "ilp_time_limit",
                 "crosscheck_steps", "crosscheck_repeats", "sweep_tokens_per_server",
-                "link_gbps", "migration_steps", "migration_interval", "migration_request_len")
+                "link_gbps", "migration_steps", "migration_interval", "migration_request_len",
+                "extension_calib_requests")
     for key in positive:
       if not getattr(self, key) > 0:
         raise ConfigError(f"experiment {self.name!r}: {key} must be positive, got "
                           f"{getattr(self, key)!r}.")
+    for t in (self.substitution_threshold, self.budget_remote_choices) + tuple(
+        self.extension_thresholds):
+      if not (t >= 0 and math.isfinite(t)):
+        raise ConfigError(f"experiment {self.name!r}: substitution_threshold, "
+                          f"budget_remote_choices and extension_thresholds must be finite and "
+                          f">= 0, got {t!r}.")
     if self.migration_max_moves < 0:
       raise ConfigError(f"experiment {self.name!r}: migration_max_moves must be >= 0.")
     if self.migration_steps < 3 * self.migration_interval:

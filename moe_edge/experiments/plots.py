@@ -148,3 +148,30 @@ def plot_migration(rows: Sequence[dict], shifts: Sequence[int], path: str | Path
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return Path(path)
+
+
+def plot_extensions(rows: Sequence[dict], path: str | Path) -> Path:
+  """The ``extensions`` sweep: bytes saved, decode latency ratio and loss change vs threshold,
+  one line per policy (``subst``, ``drop``)."""
+  plt = _plt()
+  fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
+  panels = (("bytes_saved", "cross-server bytes saved (share)"),
+            ("latency_ratio", "decode latency / plain DanceMoE"),
+            ("delta_nll", "delta NLL (nats/byte)"))
+  for policy, style in (("subst", "-o"), ("drop", "--^")):
+    mine = sorted((r for r in rows if r["method"] == policy), key=lambda r: r["x"])
+    label = {"subst": "substitute (output sim.)", "drop": "drop (control)"}[policy]
+    for a, (key, ylabel) in zip(ax, panels):
+      a.plot([r["x"] for r in mine], [r[key] for r in mine], style, ms=4, label=label)
+      a.set(xlabel="gate threshold tau", ylabel=ylabel)
+  for a in ax:
+    a.grid(alpha=0.3)
+    a.legend(fontsize=7)
+  m = rows[0]
+  fig.suptitle(f"{m['model']} on {m['cluster']}: routing extensions on the DanceMoE placement",
+               fontsize=9)
+  fig.tight_layout()
+  path = Path(path)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

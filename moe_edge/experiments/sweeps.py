@@ -21,6 +21,10 @@ the :class:`~moe_edge.experiments.config.ExperimentConfig`: statistics-driven tr
   :func:`moe_edge.placement.migration.plan_incremental` (at most ``migration_max_moves`` expert
   copies per interval) planned on the previous interval's statistics, ``full_replan`` re-runs
   DanceMoE from scratch on them (the upper reference, at many more copies).
+* ``extensions``: importance-driven substitution and its drop control at every
+  ``extension_thresholds`` value on ``small_moe`` (the only model with weights) on
+  ``sweep_cluster``, DanceMoE placement: bytes saved, latency and next-token loss change
+  (:func:`moe_edge.experiments.extension_rows.sweep_extensions`).
 """
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ X_LABELS = dict(link_bandwidth="link bandwidth (Gbit/s, 0.5 ms latency)",
                 num_servers="servers (edge_hetero_8 device types cycled)",
                 memory="copies of the experts the cluster holds",
                 alpha="locality alpha (share of requests from the home domain)",
-                parts="DanceMoE variant", migration="trace step")
+                parts="DanceMoE variant", migration="trace step",
+                extensions="gate threshold tau (small_moe, DanceMoE placement)")
 
 
 class SweepError(ValueError):
@@ -264,9 +269,15 @@ def sweep_migration(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[
   return rows
 
 
+def sweep_extensions(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[dict]:
+  """Substitution and drop over ``extension_thresholds`` (``extension_rows.py``)."""
+  from moe_edge.experiments.extension_rows import sweep_extensions as run  # noqa: PLC0415
+  return run(cfg, tick)
+
+
 SWEEP_FUNCTIONS = dict(link_bandwidth=sweep_link_bandwidth, num_servers=sweep_num_servers,
                        memory=sweep_memory, alpha=sweep_alpha, parts=sweep_parts,
-                       migration=sweep_migration)
+                       migration=sweep_migration, extensions=sweep_extensions)
 assert tuple(SWEEP_FUNCTIONS) == SWEEPS
 
 
@@ -276,7 +287,8 @@ def sweep_units(cfg: ExperimentConfig, name: str) -> int:
   return dict(link_bandwidth=k * len(cfg.link_gbps_values),
               num_servers=k * len(cfg.server_counts), memory=k * len(cfg.copies_values),
               alpha=k * len(cfg.alpha_values), parts=k * len(cfg.clusters),
-              migration=-(-cfg.migration_steps // cfg.migration_interval))[name]
+              migration=-(-cfg.migration_steps // cfg.migration_interval),
+              extensions=len(cfg.extension_thresholds))[name]
 
 
 def run_sweep(cfg: ExperimentConfig, name: str, progress: Progress | None = None) -> list[dict]:

@@ -47,7 +47,7 @@ COLUMNS = ("model", "cluster", "servers", "copies", "bytes_per_param", "method",
            "decode_compute_ms", "decode_dense_ms", "prefill_exchange_ms", "prefill_compute_ms",
            "decode_cross_mb_per_step", "decode_ms_datasheet", "prefill_ms_datasheet",
            "objective", "gap_to_ilp", "ilp_status", "ilp_proven_gap", "replicas_per_expert",
-           "fits", "calibration", "workload")
+           "fits", "calibration", "workload", "delta_nll", "extension")
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +236,33 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
           row["ilp_proven_gap"] = r.placement.info.get("gap", float("nan"))
         row["replicas_per_expert"] = float(r.placement.hosts.sum()) / (l * e)
         rows.append(row)
+      dm = next((r for r in results if r.method == "dancemoe" and r.placement is not None),
+                None)
+      if cfg.extension_rows and dm is not None:
+        rows += _extension_rows(cfg, model_name, work, cluster, cal, ds, dm.placement,
+                                next(x for x in rows if x["model"] == model_name and
+                                     x["cluster"] == cluster_name and x["method"] == "dancemoe"))
+        if progress is not None:
+          progress.note(f"{model_name} on {cluster_name}: extension rows")
   return rows, timings
+
+
+def _extension_rows(cfg: ExperimentConfig, model_name: str, work, cluster: ClusterConfig,
+                    cal: Calibration | None, ds: Calibration, placement: Placement,
+                    base_row: dict) -> list[dict]:
+  """The extensions' rows of one setting (``extension_rows.py``), costed like the others."""
+  from moe_edge.experiments import extension_rows as ext  # noqa: PLC0415
+
+  def cost(trace: ActivationTrace) -> dict:
+    phases = phase_traces(trace, "both", cfg.decode_batch, cfg.prefill_requests)
+    out = report_metrics(cost_placement(placement, phases, work.model, cluster, cal))
+    alt = cost_placement(placement, phases, work.model, cluster, ds)
+    out["decode_ms_datasheet"] = 1e3 * alt["decode"].latency
+    out["prefill_ms_datasheet"] = 1e3 * alt["prefill"].latency
+    return out
+
+  return ext.extension_rows(cfg, model_name, work.model, cluster, work.trace, placement,
+                            base_row, cost, with_weights=work.kind == "recorded")
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,13 +432,15 @@ def memory_lines(cfg: ExperimentConfig) -> list[str]:
 
 def format_model_table(rows: Sequence[dict], model: str) -> str:
   """Markdown table of one model: every cluster and method; the best value per cluster bold."""
-  head = ("| cluster | method | decode ms/token | prefill ms/request | cross kB/token | "
-          "local coverage | replicas/expert | objective J | J vs ILP | status |")
-  lines = [head, "|" + "---|" * 10]
   mine = [r for r in rows if r["model"] == model]
+  loss = any(r.get("extension") for r in mine)
+  head = ("| cluster | method | decode ms/token | prefill ms/request | cross kB/token | "
+          "local coverage | replicas/expert | objective J | J vs ILP | " +
+          ("delta NLL (nats/byte) | " if loss else "") + "status |")
+  lines = [head, "|" + "---|" * (11 if loss else 10)]
   for cluster in dict.fromkeys(r["cluster"] for r in mine):
     here = [r for r in mine if r["cluster"] == cluster]
-    ok = _ok(here)
+    ok = [r for r in _ok(here) if not r.get("extension")]  # bold: best placement method
     best = {k: min(r[k] for r in ok) for k in ("decode_ms", "prefill_ms", "cross_kb_per_token")
             } if ok else {}
     for r in here:
@@ -421,14 +449,17 @@ def format_model_table(rows: Sequence[dict], model: str) -> str:
         return f"**{s}**" if k in best and r.get(k) == best[k] else s
       if r["status"] != "ok":
         lines.append(f"| {cluster} | {r['method']} | - | - | - | - | - | - | - | "
-                     f"{r['status']} |")
+                     + ("- | " if loss else "") + f"{r['status']} |")
         continue
       gap = r.get("gap_to_ilp")
+      dn = r.get("delta_nll")
+      dn = ((f"{dn:+.4f}" if isinstance(dn, float) else str(dn)) if r.get("extension") else
+            "-") + " | " if loss else ""
       lines.append(
           f"| {cluster} | {r['method']} | {cell('decode_ms', '.2f')} | "
           f"{cell('prefill_ms', '.1f')} | {cell('cross_kb_per_token', '.1f')} | "
           f"{_fmt(r.get('coverage'), '.3f')} | {_fmt(r.get('replicas_per_expert'), '.2f')} | "
-          f"{_fmt(r.get('objective'), '.4g')} | {'-' if gap is None else _pct(gap)} | "
+          f"{_fmt(r.get('objective'), '.4g')} | {'-' if gap is None else _pct(gap)} | {dn}"
           f"{r['status'] if r['method'] != 'ilp' else r.get('ilp_status', 'ok')} |")
   return "\n".join(lines)
 
@@ -446,6 +477,24 @@ def format_crosscheck(rows: Sequence[dict]) -> str:
                  f"{r['predicted_serial_ms']:.3f} | {r['ratio_serial']:.2f} | "
                  f"{'yes' if r['bytes_equal'] else 'NO'} |")
   return "\n".join(lines)
+
+
+def extension_note(cfg: ExperimentConfig) -> str:
+  """What the extension rows are (``extension_rows.py``)."""
+  tau, b = cfg.substitution_threshold, cfg.budget_remote_choices
+  return (f"`dancemoe+subst({tau:g})`: a remote token-choice with gate < {tau:g} is replaced by "
+          f"the most similar locally hosted expert (routed output similarity on "
+          f"{cfg.extension_calib_requests} requests per domain of train-split text); "
+          f"`dancemoe+budget({b:g})`: per token and layer the top-1 choice always runs, the "
+          f"others only within a latency budget of {b:g} x the cluster's mean cost of one "
+          f"remote choice; `dancemoe+drop({tau:g})`: remote choices with gate < {tau:g} are "
+          f"skipped. Each transforms the evaluation trace's recorded routing layer by layer with "
+          f"the DanceMoE placement's hosts and is costed by the same cost model. Only small_moe "
+          f"has real weights, so only it gets substitution and budgeted selection and a "
+          f"measured loss change (delta NLL: mean next-token loss in nats/byte on the "
+          f"evaluation trace's own held-out text, model run with the transform inside every MoE "
+          f"layer, against the plain model); the other models (routing statistics or mapped "
+          f"traces, no weights) get only the weight-free drop, loss n/a (no weights).")
 
 
 def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = "",
@@ -480,6 +529,10 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
           "`decode_ms_datasheet` / `prefill_ms_datasheet` of tables.csv give the same placements "
           "under the plain datasheet roofline.", ""]
   out += ["**Workloads.**", ""] + [f"- {m}: {workloads[m]}" for m in models] + [""]
+  if any(r.get("extension") for r in rows):
+    out += ["**Extensions** (moe_edge/extensions, rows `dancemoe+...`, not placement methods: "
+            "they change the routing on the DanceMoE placement, and the headline ignores "
+            "them). " + extension_note(cfg), ""]
   out += ["## Headline", "", format_headline(head), ""]
   if cfg.calibration != "datasheet" and ok and "decode_ms_datasheet" in ok[0]:
     alt = headline(rows, "decode_ms_datasheet", "prefill_ms_datasheet")
