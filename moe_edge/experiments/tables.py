@@ -117,7 +117,13 @@ def cost_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterCon
   for name in methods:
     t0 = time.perf_counter()
     try:
-      placement = place(name, problem, seed=seed, **(options or {}).get(name, {}))
+      opts = dict((options or {}).get(name, {}))
+      if name == "dancemoe":
+        # The latency-aware refinement plans with what a deployment knows: the servers'
+        # calibrated kernel efficiency and the decode batch it serves (baselines use neither).
+        opts.setdefault("calibration", calibration)
+        opts.setdefault("decode_tokens", float(decode_batch))
+      placement = place(name, problem, seed=seed, **opts)
     except PlacementError as e:
       results.append(MethodResult(name, None, time.perf_counter() - t0, {}, str(e)))
     else:
