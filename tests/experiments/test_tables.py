@@ -51,7 +51,10 @@ def test_rows_are_consistent_with_the_cost_model(tiny_rows):
   cal = calib.edge_calibration(TINY.calibration, cluster, "mixtral_8x7b")
   problem = PlacementProblem.from_trace(work.profile, work.model, cluster)
   for method in ("dancemoe", "eplb"):
-    p = place(method, problem, seed=TINY.seed)
+    # DanceMoE plans with the deployment's calibration and decode batch (tables.cost_methods).
+    opts = dict(calibration=cal, decode_tokens=float(TINY.decode_batch)) if (
+        method == "dancemoe") else {}
+    p = place(method, problem, seed=TINY.seed, **opts)
     dec = evaluate(decode_batches(work.trace, TINY.decode_batch), work.model, cluster, p,
                    "decode", cal)
     pre = evaluate(prefill_batches(work.trace, 1), work.model, cluster, p, "prefill", cal)
