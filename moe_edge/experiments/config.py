@@ -26,7 +26,7 @@ CALIBRATIONS = ("datasheet", "h100_kernels")
 SWEEPS = ("link_bandwidth", "num_servers", "memory", "alpha", "parts", "migration",
           "extensions")
 #: DanceMoE's parts that the ``parts`` sweep switches off one at a time.
-PARTS = ("entropy_budgets", "hetero_aware", "replicas")
+PARTS = ("entropy_budgets", "hetero_aware", "replicas", "refine")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ the :class:`~moe_edge.experiments.config.ExperimentConfig`: statistics-driven tr
   expert); ``x`` is the copies the cluster really holds (whole experts).
 * ``alpha``: locality ``alpha_values`` (0.2 = no locality with five domains).
 * ``parts``: DanceMoE with one part off at a time (``entropy_budgets``, ``hetero_aware``,
-  ``replicas``), on every cluster of ``clusters``; ``uniform_ep`` for reference.
+  ``replicas``, ``refine``), on every cluster of ``clusters``; ``uniform_ep`` for reference.
 * ``migration``: a drifting workload (the first model's statistics; servers 0 and 1 swap home
   domains at 1/3 of the run, servers 2 and 3 at 2/3) replayed in intervals; ``off`` keeps the
   DanceMoE placement planned on interval 0, ``incremental`` applies
@@ -117,6 +117,8 @@ def _point(cfg: ExperimentConfig, sweep: str, x: float, setting: str, model_name
     from moe_edge.placement import place  # noqa: PLC0415
     phases = phase_traces(trace, "both", cfg.decode_batch, cfg.prefill_requests)
     for label, opts in variants:
+      # The same planner inputs as the full method's row (tables.cost_methods).
+      opts = dict(dict(calibration=cal, decode_tokens=float(cfg.decode_batch)), **opts)
       p = place("dancemoe", problem, seed=cfg.seed, **opts)
       rows.append(dict(base, method=label,
                        **report_metrics(cost_placement(p, phases, model, cluster, cal)),
