@@ -40,18 +40,7 @@ from absl import app, flags
 from moe_edge.extensions import budgeted, harness
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_config", "small_moe", "Model preset (configs/models/).")
-flags.DEFINE_string("checkpoint", "checkpoints/small_moe/final",
-                    "Checkpoint directory; 'none' = random-init model.")
-flags.DEFINE_string("cluster", "edge_hetero_4", "Cluster preset (configs/clusters/).")
-flags.DEFINE_float("link_gbps", 1.0, "Link bandwidth of the cluster preset, Gbit/s.")
-flags.DEFINE_float("copies", 1.5, "Expert memory as copies of all experts.")
-flags.DEFINE_string("placement", "dancemoe", "Placement method (moe_edge.placement.METHODS).")
-flags.DEFINE_float("alpha", 0.8, "Share of a server's requests from its home domain.")
-flags.DEFINE_integer("requests_per_server", 16, "Held-out requests per server.")
-flags.DEFINE_integer("calib_requests_per_server", 8, "Calibration requests per server.")
-flags.DEFINE_integer("seq_len", 256, "Tokens per request (model input length).")
-flags.DEFINE_integer("seed", 0, "Seed of the held-out streams (calibration uses seed + 1).")
+harness.define_workload_flags()
 flags.DEFINE_list("kinds", ["latency", "energy"], "Budget kinds: latency, energy.")
 flags.DEFINE_list("budget_units", ["0", "0.1", "0.5", "1.05", "1.5", "2.1", "inf"],
                   "Budgets per token and layer, in units of one remote choice's mean cost.")
@@ -60,10 +49,6 @@ flags.DEFINE_list("variants", ["force+renorm", "force+raw", "free+renorm"],
 flags.DEFINE_enum("solver", "greedy", ["greedy", "exact"], "Solver inside the model.")
 flags.DEFINE_integer("instances", 20000, "Random instances per k for greedy vs exact.")
 flags.DEFINE_integer("decode_batch", 1, "Requests per server per decode step (cost model).")
-flags.DEFINE_integer("batch_rows", 16, "Requests per forward pass.")
-flags.DEFINE_float("pj_per_flop", 3.0, "Energy model: picojoules per FLOP (EnergyModel).")
-flags.DEFINE_float("nj_per_byte", 20.0, "Energy model: nanojoules per byte sent (EnergyModel).")
-flags.DEFINE_string("out", "results/extensions", "Output folder.")
 
 
 def parse_variant(v: str) -> tuple[bool, bool]:

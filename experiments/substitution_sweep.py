@@ -43,19 +43,7 @@ from moe_edge.model.transformer import expert_weights
 from moe_edge.workload.corpus import DOMAINS
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_config", "small_moe", "Model preset (configs/models/).")
-flags.DEFINE_string("checkpoint", "checkpoints/small_moe/final",
-                    "Checkpoint directory; 'none' = random-init model.")
-flags.DEFINE_string("cluster", "edge_hetero_4", "Cluster preset (configs/clusters/).")
-flags.DEFINE_float("link_gbps", 1.0, "Link bandwidth of the cluster preset, Gbit/s.")
-flags.DEFINE_float("copies", 1.5, "Expert memory as copies of all experts.")
-flags.DEFINE_string("placement", "dancemoe", "Placement method (moe_edge.placement.METHODS).")
-flags.DEFINE_float("alpha", 0.8, "Share of a server's requests from its home domain.")
-flags.DEFINE_integer("requests_per_server", 16, "Held-out requests per server.")
-flags.DEFINE_integer("calib_requests_per_server", 8, "Calibration (train split) requests per "
-                     "server, for the placement and the output similarity.")
-flags.DEFINE_integer("seq_len", 256, "Tokens per request (model input length).")
-flags.DEFINE_integer("seed", 0, "Seed of the held-out streams (calibration uses seed + 1).")
+harness.define_workload_flags()
 flags.DEFINE_list("thresholds", ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3", "0.35",
                                   "0.4", "0.45", "0.5", "0.6", "0.8", "1"],
                   "Gate thresholds to sweep (with top-2 renormalised gates the second choice "
@@ -72,10 +60,6 @@ flags.DEFINE_bool("drop_renormalize", False, "Rescale the kept gates of the drop
                   "original mass (budget_sweep.py finds raw gates better for small_moe).")
 flags.DEFINE_list("decode_batches", ["1", "8"], "Concurrent requests per server in a decode "
                   "step (one latency column each; the first is the one summarised).")
-flags.DEFINE_integer("batch_rows", 16, "Requests per forward pass.")
-flags.DEFINE_float("pj_per_flop", 3.0, "Energy model: picojoules per FLOP (EnergyModel).")
-flags.DEFINE_float("nj_per_byte", 20.0, "Energy model: nanojoules per byte sent (EnergyModel).")
-flags.DEFINE_string("out", "results/extensions", "Output folder.")
 flags.DEFINE_bool("replot", False, "Only redraw substitution_sweep.png from the CSV in --out.")
 
 
