@@ -56,6 +56,17 @@ def _run_all_layers(placement, x, ids, gates, mask, w, n=8, transport="padded", 
   return np.stack(out)
 
 
+def _deployed(kind: str, n: int, rng: np.random.Generator):
+  """A ``scenario`` placement on an ``n``-device mesh with random expert weights in its slots:
+  ``(placement, tables, mesh, slot_weights)``."""
+  p = scenario(kind, n, rng)
+  tables = mesh_lib.tables_from_placement(p)
+  w = weights(rng)
+  m = mesh_lib.server_mesh(n)
+  return p, tables, m, mesh_lib.shard_expert_weights(w["w_gate"], w["w_up"], w["w_down"],
+                                                     tables, m)
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_layer_matches_references_and_cost_model(name):
   for seed in range(2):
@@ -132,11 +143,7 @@ def test_four_servers_and_unpadded_slots():
 
 def test_capacity_bound_is_proven_and_overflow_refused():
   rng = np.random.default_rng(14)
-  p = scenario("expert_parallel", 8, rng)
-  tables = mesh_lib.tables_from_placement(p)
-  w = weights(rng)
-  m = mesh_lib.server_mesh(8)
-  sw = mesh_lib.shard_expert_weights(w["w_gate"], w["w_up"], w["w_down"], tables, m)
+  p, tables, m, sw = _deployed("expert_parallel", 8, rng)
   x = rng.normal(size=(8 * T, D)).astype(np.float32)
   ids, gates = random_routing(rng, 8 * T)
   need = dispatch_lib.required_capacity(tables, 0, ids[:, 0])
@@ -167,11 +174,7 @@ def test_capacity_bound_is_proven_and_overflow_refused():
 
 def test_bad_inputs_raise_clear_errors():
   rng = np.random.default_rng(15)
-  p = scenario("replicas", 8, rng)
-  tables = mesh_lib.tables_from_placement(p)
-  w = weights(rng)
-  m = mesh_lib.server_mesh(8)
-  sw = mesh_lib.shard_expert_weights(w["w_gate"], w["w_up"], w["w_down"], tables, m)
+  p, tables, m, sw = _deployed("replicas", 8, rng)
   x = rng.normal(size=(8 * T, D)).astype(np.float32)
   ids, gates = random_routing(rng, 8 * T)
   fn = dispatch_lib.make_moe_dispatch(m, tables, 0)
@@ -207,11 +210,7 @@ def test_ragged_equals_padded_on_gpu():
                 "implement; this test runs on a GPU backend (JAX_PLATFORMS=cuda).")
   n = min(jax.device_count(), 8)
   rng = np.random.default_rng(16)
-  p = scenario("uneven", n, rng)
-  tables = mesh_lib.tables_from_placement(p)
-  w = weights(rng)
-  m = mesh_lib.server_mesh(n)
-  sw = mesh_lib.shard_expert_weights(w["w_gate"], w["w_up"], w["w_down"], tables, m)
+  p, tables, m, sw = _deployed("uneven", n, rng)
   per = [rng.normal(size=(c, D)).astype(np.float32) for c in rng.integers(0, 33, n)]
   x, mask = mesh_lib.pack_rows(per, rows=32)
   ids, gates = random_routing(rng, x.shape[0])
