@@ -8,7 +8,8 @@
 (b) Quality: on ``--instances`` seeded problems per cluster (``tiny``: 2 layers x 8 experts, on
     ``edge_hetero_4`` and ``edge_hetero_8`` with 1.5x memory), each heuristic's objective
     (``moe_edge/placement/objective.py``) relative to the ILP optimum: mean and max gap
-    (goal: dancemoe within 2% on average), with dancemoe's ablations.
+    (goal: dancemoe within 2% on average), with dancemoe's ablations and dancemoe_refined
+    (which minimises the cost model's latency instead, so its J is not expected to be optimal).
 
 Frequencies are synthetic: per server and layer, a Zipf(``--zipf``) law over a random expert
 order, mixed with weight ``--mix`` with a Zipf law shared by all servers of that layer.
@@ -33,7 +34,7 @@ from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import PlacementError, PlacementProblem
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("repeats", 3, "Timed runs per method and size (the best is reported).")
+flags.DEFINE_integer("repeats", 5, "Timed runs per method and size (the best is reported).")
 flags.DEFINE_integer("instances", 20, "Seeded small instances per cluster for the ILP gap.")
 flags.DEFINE_string("quality_clusters", "edge_hetero_4,edge_hetero_8",
                     "Cluster presets of the quality study (the tiny model, 2 x 8 experts).")
@@ -106,7 +107,7 @@ def time_methods(problems: dict[str, PlacementProblem]) -> None:
         f"routing, validation and the objective included; memory {FLAGS.copies:g} copies")
   print(f"{'method':16s}" + "".join(f"{s:>22s}" for s in sizes) + "   goal")
   rows = [(m, m, {}) for m in METHODS]
-  rows.insert(1, ("dancemoe/-refine", "dancemoe", {"refine": False}))
+  rows.insert(1, ("dancemoe/-exchange", "dancemoe", {"exchange": False}))
   for label, method, opts in rows:
     cells, verdict = [], ""
     for size in sizes:
@@ -115,7 +116,7 @@ def time_methods(problems: dict[str, PlacementProblem]) -> None:
         wall, cpu = map(min, zip(*[_timed(method, problem, opts)
                                    for _ in range(FLAGS.repeats)]))
         cells.append(f"{1e3 * wall:.1f} ({1e3 * cpu:.1f})")
-        if method == "dancemoe":
+        if label == "dancemoe":
           ok = wall <= GOALS_S[size]
           verdict += f" {size} <= {1e3 * GOALS_S[size]:g} ms: {'met' if ok else 'MISSED'};"
       except PlacementError:
@@ -127,7 +128,7 @@ def time_methods(problems: dict[str, PlacementProblem]) -> None:
 
 def _timed(method: str, problem: PlacementProblem, opts: dict) -> tuple[float, float]:
   wall, cpu = time.perf_counter(), time.process_time()
-  place(method, problem, seed=0, **({"lam": FLAGS.lam, **opts} if method == "dancemoe"
+  place(method, problem, seed=0, **({"lam": FLAGS.lam, **opts} if method.startswith("dancemoe")
                                     else opts))
   return time.perf_counter() - wall, time.process_time() - cpu
 
@@ -138,7 +139,7 @@ def quality(cluster_name: str) -> None:
   cluster = with_expert_memory(cluster_config(cluster_name), model, FLAGS.copies)
   n, l, e = cluster.num_servers, model.n_moe_layers, model.n_experts
   runs = {m: (m, {}) for m in METHODS if m != "ilp"}
-  runs.update({"dancemoe/-refine": ("dancemoe", dict(refine=False)),
+  runs.update({"dancemoe/-exchange": ("dancemoe", dict(exchange=False)),
                "dancemoe/-budgets": ("dancemoe", dict(entropy_budgets=False)),
                "dancemoe/-hetero": ("dancemoe", dict(hetero_aware=False)),
                "dancemoe/-replicas": ("dancemoe", dict(replicas=False))})
@@ -151,7 +152,7 @@ def quality(cluster_name: str) -> None:
     best = place("ilp", problem, lam=FLAGS.lam, time_limit=FLAGS.ilp_time_limit)
     proven.append(best.info["gap"])
     for row, (m, opts) in runs.items():
-      opts = dict(opts, lam=FLAGS.lam) if m == "dancemoe" else opts
+      opts = dict(opts, lam=FLAGS.lam) if m.startswith("dancemoe") else opts
       got = place(m, problem, seed=seed, **opts)
       gaps[row].append(objective(problem, got, FLAGS.lam) / best.info["objective"] - 1.0)
   print(f"\n(b) objective gap to the ILP optimum: {FLAGS.instances} instances, {cluster.name}, "
@@ -161,12 +162,11 @@ def quality(cluster_name: str) -> None:
   for row, g in gaps.items():
     g = 100 * np.array(g)
     print(f"{row:20s}{g.mean():9.2f}%{g.max():9.2f}%")
-  for row in ("dancemoe", "dancemoe/-refine"):
-    mean = 100 * np.mean(gaps[row])
-    print(f"goal: {row} within 2% of the ILP's J on average: "
-          f"{'met' if mean <= 2.0 else 'MISSED'} ({mean:.2f}%)")
-  print("(the refinement trades the surrogate J for the cost model's expected latency; "
-        "dancemoe/-refine is the greedy alone)")
+  mean = 100 * np.mean(gaps["dancemoe"])
+  print(f"goal: dancemoe within 2% of the ILP's J on average: "
+        f"{'met' if mean <= 2.0 else 'MISSED'} ({mean:.2f}%)")
+  print("(dancemoe_refined trades J for the cost model's expected latency, which J does not "
+        "model; dancemoe/-exchange is the greedy without the exchange search)")
 
 
 def main(argv):

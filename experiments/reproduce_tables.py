@@ -52,7 +52,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress display
   from moe_edge.config import ConfigError
   from moe_edge.experiments.config import load_experiment, with_overrides
-  from moe_edge.experiments.tables import format_headline, run_tables, write_tables
+  from moe_edge.experiments.tables import (format_headline, headline, ours_present,
+                                            run_tables, write_tables)
   t0 = time.perf_counter()
   try:
     cfg = with_overrides(
@@ -86,7 +87,8 @@ def main(argv):
     print(f"cross-check: {time.perf_counter() - t1:.0f} s", flush=True)
   print()
   print(md)
-  print("\nHeadline:\n" + format_headline(result.headline))
+  for ours in ours_present(result.rows):
+    print(f"\nHeadline ({ours}):\n" + format_headline(headline(result.rows, ours=ours)))
   print(f"\nwrote {FLAGS.out}/tables.csv, tables.md and the plots "
         f"({time.perf_counter() - t0:.0f} s)")
 

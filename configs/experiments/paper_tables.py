@@ -16,7 +16,7 @@ def get_config() -> ExperimentConfig:
       models=("olmoe_1b_7b", "mixtral_8x7b", "small_moe", "deepseek_v2_lite",
               "qwen1_5_moe_a2_7b"),
       clusters=("edge_hetero_4", "edge_hetero_8"),
-      methods=("dancemoe", "uniform_ep", "random", "greedy_local", "eplb", "topology_aware",
+      methods=("dancemoe", "dancemoe_refined", "uniform_ep", "random", "greedy_local", "eplb", "topology_aware",
                "ilp"),
       link_gbps=1.0, copies=1.5, bytes_per_param=(("mixtral_8x7b", 0.5),), alpha=0.8,
       tokens_per_server=8192, request_len=128, small_requests_per_server=32, small_seq_len=128,

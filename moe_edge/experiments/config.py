@@ -18,7 +18,7 @@ from typing import Any
 from moe_edge.config import ConfigError, available, load_preset
 
 #: Placement methods of the tables (``moe_edge.placement.METHODS``, in table order).
-ALL_METHODS = ("dancemoe", "uniform_ep", "random", "greedy_local", "eplb", "topology_aware",
+ALL_METHODS = ("dancemoe", "dancemoe_refined", "uniform_ep", "random", "greedy_local", "eplb", "topology_aware",
                "ilp")
 #: How the compute terms of the cost model are calibrated (see ``calibration.py``).
 CALIBRATIONS = ("datasheet", "h100_kernels")
@@ -26,7 +26,7 @@ CALIBRATIONS = ("datasheet", "h100_kernels")
 SWEEPS = ("link_bandwidth", "num_servers", "memory", "alpha", "parts", "migration",
           "extensions")
 #: DanceMoE's parts that the ``parts`` sweep switches off one at a time.
-PARTS = ("entropy_budgets", "hetero_aware", "replicas", "refine")
+PARTS = ("entropy_budgets", "hetero_aware", "replicas", "exchange", "refine")
 
 
 @dataclasses.dataclass(frozen=True)

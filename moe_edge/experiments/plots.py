@@ -7,9 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
-METHOD_COLORS = {"dancemoe": "tab:red", "uniform_ep": "tab:gray", "random": "tab:olive",
+METHOD_COLORS = {"dancemoe": "tab:red", "dancemoe_refined": "tab:orange", "uniform_ep": "tab:gray", "random": "tab:olive",
                  "greedy_local": "tab:blue", "eplb": "tab:purple", "topology_aware": "tab:cyan",
                  "ilp": "black"}
+FULL = "dancemoe_refined"  # the full method of the parts ablation
 TABLE_FIGURES = (("decode_ms", "decode latency (ms / token)", "decode_latency.png"),
                  ("prefill_ms", "prefill latency (ms / request)", "prefill_latency.png"),
                  ("cross_kb_per_token", "cross-server kB / token", "cross_bytes.png"))
@@ -78,7 +79,7 @@ def plot_sweep(rows: Sequence[dict], sweep: str, path: str | Path, x_label: str,
                      r.get(key) is not None)
         xs = [p[0] for p in pts]
         ax.plot(xs, [p[1] for p in pts], marker="o", ms=3, label=method, color=_color(method),
-                lw=2.0 if method == "dancemoe" else 1.0)
+                lw=2.0 if method.startswith("dancemoe") else 1.0)
       if log_x:
         ax.set_xscale("log")
       ax.tick_params(labelsize=7)
@@ -97,7 +98,8 @@ def plot_sweep(rows: Sequence[dict], sweep: str, path: str | Path, x_label: str,
 
 
 def plot_parts(rows: Sequence[dict], path: str | Path) -> Path:
-  """Bars: DanceMoE with each part switched off, per model and cluster, relative to full."""
+  """Bars: DanceMoE with each part switched off, per model and cluster, relative to the full
+  method (``dancemoe_refined``)."""
   plt = _plt()
   keys = list(dict.fromkeys((r["model"], r["setting"]) for r in rows))
   variants = list(dict.fromkeys(r["method"] for r in rows))
@@ -107,7 +109,7 @@ def plot_parts(rows: Sequence[dict], path: str | Path) -> Path:
                               (m, c, v))
   for ax, (key, label) in zip(axes, SWEEP_METRICS):
     for v_i, v in enumerate(variants):
-      vals = [find(m, c, v)[key] / find(m, c, "dancemoe")[key] if find(m, c, "dancemoe")[key]
+      vals = [find(m, c, v)[key] / find(m, c, FULL)[key] if find(m, c, FULL)[key]
               else math.nan for m, c in keys]
       ax.bar(np.arange(len(keys)) + v_i * width, vals, width, label=v,
              color=_color(v) if v in METHOD_COLORS else None)

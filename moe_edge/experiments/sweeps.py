@@ -13,8 +13,9 @@ the :class:`~moe_edge.experiments.config.ExperimentConfig`: statistics-driven tr
 * ``memory``: ``copies_values`` copies of expert memory (``inf``: every server holds every
   expert); ``x`` is the copies the cluster really holds (whole experts).
 * ``alpha``: locality ``alpha_values`` (0.2 = no locality with five domains).
-* ``parts``: DanceMoE with one part off at a time (``entropy_budgets``, ``hetero_aware``,
-  ``replicas``, ``refine``), on every cluster of ``clusters``; ``uniform_ep`` for reference.
+* ``parts``: the full method (``dancemoe_refined``) with one part off at a time
+  (``entropy_budgets``, ``hetero_aware``, ``replicas``, ``exchange``, ``refine``; ``no_refine``
+  is plain ``dancemoe``), on every cluster of ``clusters``; ``uniform_ep`` for reference.
 * ``migration``: a drifting workload (the first model's statistics; servers 0 and 1 swap home
   domains at 1/3 of the run, servers 2 and 3 at 2/3) replayed in intervals; ``off`` keeps the
   DanceMoE placement planned on interval 0, ``incremental`` applies
@@ -194,14 +195,15 @@ def sweep_alpha(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[dict
 
 
 def sweep_parts(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[dict]:
-  variants = [(f"no_{p}", {p: False}) for p in PARTS]
+  # The full method is dancemoe_refined; "no_refine" is plain dancemoe.
+  variants = [(f"no_{p}", {p: False, "refine": p != "refine"}) for p in PARTS]
   rows = []
   for m in _stats_models(cfg):
     for cl in cfg.clusters:
       base = cluster_config(cl, link_gbps=cfg.link_gbps)
       c = with_expert_memory(base, served_model(cfg, m), cfg.copies)
       rows += _point(cfg, "parts", 0, cl, m, c, _traces(cfg, m, base.num_servers, cfg.alpha),
-                     ("dancemoe", "uniform_ep"), variants)
+                     ("dancemoe_refined", "uniform_ep"), variants)
       tick(f"parts {m} {cl}")
   return rows
 

@@ -42,6 +42,7 @@ from moe_edge.placement.problem import Placement, PlacementError, PlacementProbl
 from moe_edge.workload.traces import ActivationTrace
 
 BASELINES = ("uniform_ep", "random", "greedy_local", "eplb", "topology_aware")
+OURS = {"dancemoe": "DanceMoE", "dancemoe_refined": "DanceMoE-refined"}  # method -> headline name
 COLUMNS = ("model", "cluster", "servers", "copies", "bytes_per_param", "method", "status",
            "decode_ms", "prefill_ms", "cross_kb_per_token", "coverage", "decode_exchange_ms",
            "decode_compute_ms", "decode_dense_ms", "prefill_exchange_ms", "prefill_compute_ms",
@@ -118,7 +119,7 @@ def cost_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterCon
     t0 = time.perf_counter()
     try:
       opts = dict((options or {}).get(name, {}))
-      if name == "dancemoe":
+      if name in OURS:
         # The latency-aware refinement plans with what a deployment knows: the servers'
         # calibrated kernel efficiency and the decode batch it serves (baselines use neither).
         opts.setdefault("calibration", calibration)
@@ -288,14 +289,15 @@ def settings(rows: Sequence[dict]) -> list[tuple[str, str]]:
   return out
 
 
-def _comparison(rows: Sequence[dict], key: str, baselines: Sequence[str]) -> dict:
-  """DanceMoE's ``key`` against each baseline and the best baseline, over the settings."""
+def _comparison(rows: Sequence[dict], key: str, baselines: Sequence[str],
+                ours: str = "dancemoe") -> dict:
+  """``ours``' ``key`` against each baseline and the best baseline, over the settings."""
   by = {(r["model"], r["cluster"], r["method"]): r for r in _ok(rows)}
   out = {}
   best_ratios, best_names, labels = [], [], []
   per = {b: [] for b in baselines}
   for model, cluster in settings(rows):
-    dm = by.get((model, cluster, "dancemoe"))
+    dm = by.get((model, cluster, ours))
     base = {b: by[(model, cluster, b)][key] for b in baselines if (model, cluster, b) in by}
     if dm is None or not base:
       continue
@@ -323,22 +325,24 @@ def _comparison(rows: Sequence[dict], key: str, baselines: Sequence[str]) -> dic
 
 
 def headline(rows: Sequence[dict], decode_key: str = "decode_ms",
-             prefill_key: str = "prefill_ms") -> dict:
-  """DanceMoE against the baselines (geometric-mean reductions over the settings) and the ILP.
+             prefill_key: str = "prefill_ms", ours: str = "dancemoe") -> dict:
+  """``ours`` (a key of ``OURS``) against the baselines (geometric-mean reductions over the
+  settings) and the ILP.
 
-  Returns ``{"decode": ..., "prefill": ..., "bytes": ..., "ilp": [...]}``; the first three map
+  Returns ``{"ours": ours, "decode": ..., "prefill": ..., "bytes": ..., "ilp": [...]}``; the
+  three comparisons map
   a baseline (and ``"best"``: per setting the baseline with the lowest value) to
   ``reduction`` (``1 - geomean(dancemoe / baseline)``), ``min_reduction``, ``max_reduction``,
   ``wins`` (settings where DanceMoE is lower) and ``settings``.
   """
   present = {r["method"] for r in _ok(rows)}
   baselines = [b for b in BASELINES if b in present]
-  out = dict(decode=_comparison(rows, decode_key, baselines),
-             prefill=_comparison(rows, prefill_key, baselines),
-             bytes=_comparison(rows, "cross_kb_per_token", baselines), ilp=[])
+  out = dict(ours=ours, decode=_comparison(rows, decode_key, baselines, ours),
+             prefill=_comparison(rows, prefill_key, baselines, ours),
+             bytes=_comparison(rows, "cross_kb_per_token", baselines, ours), ilp=[])
   by = {(r["model"], r["cluster"], r["method"]): r for r in _ok(rows)}
   for model, cluster in settings(rows):
-    opt, dm = by.get((model, cluster, "ilp")), by.get((model, cluster, "dancemoe"))
+    opt, dm = by.get((model, cluster, "ilp")), by.get((model, cluster, ours))
     if opt is None or dm is None:
       continue
     m = model_config(model)
@@ -354,6 +358,12 @@ def headline(rows: Sequence[dict], decode_key: str = "decode_ms",
   return out
 
 
+def ours_present(rows: Sequence[dict]) -> list[str]:
+  """The DanceMoE variants (``OURS``) that have rows, in ``OURS`` order."""
+  present = {r["method"] for r in _ok(rows)}
+  return [m for m in OURS if m in present]
+
+
 def _pct(x: float) -> str:
   return f"{100 * x:+.1f}%".replace("+-", "-")
 
@@ -366,6 +376,7 @@ def _red(x: float) -> str:
 def format_headline(head: dict, label: str = "") -> str:
   """The headline as readable lines (Markdown list items)."""
   lines = []
+  who = OURS.get(head.get("ours", "dancemoe"), head.get("ours", "dancemoe"))
   names = dict(decode="decode latency per token", prefill="prefill latency per request",
                bytes="cross-server bytes per token")
   for key in ("decode", "prefill", "bytes"):
@@ -376,7 +387,7 @@ def format_headline(head: dict, label: str = "") -> str:
     per = ", ".join(f"{b} {_red(v['reduction'])} ({v['wins']}/{v['settings']} won, range "
                     f"{_pct(-v['max_reduction'])}..{_pct(-v['min_reduction'])})"
                     for b, v in comp.items() if b != "best")
-    lines.append(f"- **{names[key]}**{label}: DanceMoE is {_red(best['reduction'])} than the "
+    lines.append(f"- **{names[key]}**{label}: {who} is {_red(best['reduction'])} than the "
                  f"best baseline of each setting (geometric mean over {best['settings']} "
                  f"settings; better in {best['wins']}, range {_pct(-best['max_reduction'])}.."
                  f"{_pct(-best['min_reduction'])}); per baseline: {per}.")
@@ -384,7 +395,7 @@ def format_headline(head: dict, label: str = "") -> str:
     lines.append(
         f"- **gap to the ILP optimum** ({g['model']} on {g['cluster']}, {g['shape']}: "
         f"{g['binaries']:,} binaries, HiGHS {g['status']}, proven gap "
-        f"{100 * g['proven_gap']:.2g}%): DanceMoE's objective J is {_pct(g['dancemoe_gap'])} "
+        f"{100 * g['proven_gap']:.2g}%): {who}'s objective J is {_pct(g['dancemoe_gap'])} "
         f"above the optimum; its decode latency is {_pct(g['decode_vs_ilp'])} and prefill "
         f"{_pct(g['prefill_vs_ilp'])} relative to the ILP placement's (the ILP optimises J, "
         f"not the cost model's latency).")
@@ -507,7 +518,6 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
                     crosscheck: Sequence[dict] | None = None,
                     crosscheck_note: str = "") -> str:
   """``tables.md``: setup, headline, one table per model, the cross-check."""
-  head = headline(rows)
   ok = _ok(rows)
   models = list(dict.fromkeys(r["model"] for r in rows))
   workloads = {r["model"]: r["workload"] for r in rows}
@@ -539,12 +549,15 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
     out += ["**Extensions** (moe_edge/extensions, rows `dancemoe+...`, not placement methods: "
             "they change the routing on the DanceMoE placement, and the headline ignores "
             "them). " + extension_note(cfg), ""]
-  out += ["## Headline", "", format_headline(head), ""]
+  out += ["## Headline", ""]
+  for ours in ours_present(rows):
+    out += [format_headline(headline(rows, ours=ours)), ""]
   if cfg.calibration != "datasheet" and ok and "decode_ms_datasheet" in ok[0]:
-    alt = headline(rows, "decode_ms_datasheet", "prefill_ms_datasheet")
-    alt = dict(alt, bytes={}, ilp=[])
     out += ["Sensitivity: the same placements under the datasheet calibration (efficiency 1.0):",
-            "", format_headline(alt, " (datasheet)"), ""]
+            ""]
+    for ours in ours_present(rows):
+      alt = headline(rows, "decode_ms_datasheet", "prefill_ms_datasheet", ours)
+      out += [format_headline(dict(alt, bytes={}, ilp=[]), " (datasheet)"), ""]
   for m in models:
     out += [f"## {m}", "", f"Workload: {workloads[m]}.", "", format_model_table(rows, m), ""]
   if crosscheck:

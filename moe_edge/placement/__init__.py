@@ -1,7 +1,9 @@
 """Expert placement: the problem (``problem.py``), one objective (``objective.py``) and the
 methods, all ``method(problem, seed=0, **options) -> Placement``:
 
-  dancemoe        activation-aware: entropy budgets, coverage, greedy marginal-gain replicas
+  dancemoe        activation-aware: entropy budgets, greedy marginal-gain replicas, coverage,
+                  exchange search on the objective (milliseconds)
+  dancemoe_refined  dancemoe plus the latency refinement on the cost model (refine.py; seconds)
   uniform_ep      vanilla expert parallelism (round robin, no replicas)
   random          random copies, then random replicas
   greedy_local    each server its own hottest experts, then the rest spread
@@ -21,6 +23,7 @@ from moe_edge.placement.problem import Placement, PlacementError, PlacementProbl
 
 METHODS: dict[str, Callable[..., Placement]] = {
     "dancemoe": dancemoe.dancemoe,
+    "dancemoe_refined": dancemoe.dancemoe_refined,
     "uniform_ep": baselines.uniform_ep,
     "random": baselines.random_placement,
     "greedy_local": baselines.greedy_local,

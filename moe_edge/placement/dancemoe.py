@@ -30,18 +30,25 @@ The method minimises the objective of ``objective.py`` (link time of remote toke
    worth least. (Evictions run in rounds over the hottest remaining experts: a server's k-th
    eviction of a round takes its k-th cheapest copy, for an expert whose second-best server
    would cost more; the other experts wait for the next round.)
-4. **Routing**: ``problem.nearest_replica_route`` with the traffic.
-5. **Latency refinement** (``refine.py``): steps 1-4 minimise the objective, which counts
-   remote token-choices; the cost model's step time also charges one weight read per distinct
-   expert a server uses (replicas on a slow-memory server make it the decode bottleneck), a
-   link's latency once per step and the busiest NIC. Per layer, copies are pruned (never the
-   last), moved off the bottleneck server or added into free memory while the expected layer
-   time of ``cost.expected_cost`` (decode and prefill batches, ``refine_phase``) strictly
-   falls; the route table is recomputed after every accepted change.
+4. **Exchange search** (``exchange.py``): pairs of changes no single copy can make (server a
+   drops a replica and takes expert z from server b, which adds a new copy in z's slot; or a
+   and b swap two copies), applied in rounds while the exact objective falls.
+5. **Routing**: ``problem.nearest_replica_route`` with the traffic.
+6. **Latency refinement** (``refine.py``, off by default; the method ``dancemoe_refined`` has it
+   on): steps 1-5 minimise the objective, which counts remote token-choices; the cost model's
+   step time also charges one weight read per distinct expert a server uses (replicas on a
+   slow-memory server make it the decode bottleneck), a link's latency once per step and the
+   busiest NIC. Per layer, copies are pruned (never the last), moved off the bottleneck server
+   or added into free memory while the expected layer time of ``cost.expected_cost`` (decode
+   and prefill batches, ``refine_phase``) strictly falls; the route table is recomputed after
+   every accepted change. It trades the objective for the cost model's latency and takes
+   seconds where steps 1-5 take milliseconds (``benchmarks/bench_placement.py``).
 
-Options for ablations: ``entropy_budgets=False`` (no step 1), ``hetero_aware=False`` (decisions
-see every server at the mean speed and break ties by server id) and ``replicas=False`` (every
-expert exactly once: the greedy only places first copies) and ``refine=False`` (no step 5).
+Options for ablations: ``entropy_budgets=False`` (no step 1), ``hetero_aware=False`` (the
+greedy sees every server at the mean speed and breaks ties by server id; the exchange search's
+exact check always uses the real speeds), ``replicas=False`` (every expert exactly once: the
+greedy only places first copies and the exchange search only moves and swaps), ``exchange=False``
+(no step 4) and ``refine=True`` (step 6).
 
 Why coverage comes last: placing every expert first on the server where it is hottest, then
 adding replicas (the obvious order), spends slots of busy servers on cold experts. On 10 seeded
@@ -56,6 +63,7 @@ import time
 import numpy as np
 
 from moe_edge.placement.common import finish, greedy_assign
+from moe_edge.placement.exchange import exchange_search
 from moe_edge.placement.objective import compute_time_per_token
 from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
 from moe_edge.placement.problem import link_time_per_token
@@ -343,7 +351,7 @@ class _Greedy:
     while pending.size:
       # Each server's q cheapest copies; an orphan takes the k-th cheapest of its best server
       # when it is the k-th orphan choosing that server and that still beats its second choice.
-      q = min(8, width)
+      q = min(32, width)
       part = np.argpartition(loss, q - 1, axis=1)[:, :q] if width > q else np.tile(
           np.arange(width), (n, 1))
       srt = np.argsort(np.take_along_axis(loss, part, axis=1), axis=1, kind="stable")
@@ -385,7 +393,8 @@ class _Greedy:
 
 def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
              entropy_budgets: bool = True, hetero_aware: bool = True, replicas: bool = True,
-             route_slack: float = 0.1, refine: bool = True, refine_phase: str = "both",
+             route_slack: float = 0.1, exchange: bool = True, exchange_rounds: int = 16,
+             exchange_max_size: int = 1 << 24, refine: bool = False, refine_phase: str = "both",
              decode_tokens: float = 8.0, prefill_tokens: float = 128.0,
              refine_rounds: int = 64, refine_max_size: int = 1 << 16,
              calibration=None) -> Placement:
@@ -398,7 +407,12 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
       on equal gains.
     replicas: add replicas (else every expert exactly once).
     route_slack: the ``slack`` of the nearest-replica route.
-    refine: step 5, the latency refinement (``refine.py``): prune, move and add copies where
+    exchange: step 4, the exchange local search on the objective (``exchange.py``).
+    exchange_rounds: at most this many exchange rounds.
+    exchange_max_size: the exchange search runs only when ``N * N * L * E`` is at most this (it
+      keeps the move value of every copy to every server); larger instances skip it and say so
+      in ``info``.
+    refine: step 6, the latency refinement (``refine.py``): prune, move and add copies where
       the cost model's expected layer time falls. Off: the placement of steps 1-4.
     refine_phase: what the refinement minimises: ``"decode"``, ``"prefill"`` or ``"both"``
       (each phase's summed layer time relative to its value before refinement, weighted 1:1).
@@ -423,7 +437,7 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
   t = t[perm]
   room = problem.capacity[perm].astype(np.int64).copy()
   info = dict(seed=seed, lam=lam, entropy_budgets=entropy_budgets, hetero_aware=hetero_aware,
-              replicas=replicas, refine=refine, refine_phase=refine_phase)
+              replicas=replicas, exchange=exchange, refine=refine, refine_phase=refine_phase)
   if refine:
     batch, weight = phase_batches(problem, refine_phase, decode_tokens, prefill_tokens)
 
@@ -446,6 +460,14 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
   out = np.empty_like(hosts)
   out[perm] = hosts
   route = None
+  if exchange and n * n * l * e > exchange_max_size:
+    info["exchange_skipped"] = (f"N*N*L*E = {n * n * l * e:,} > exchange_max_size = "
+                                f"{exchange_max_size:,}")
+  elif exchange:
+    tick = time.perf_counter()
+    out, route, info["exchange_stats"] = exchange_search(problem, out, lam, route_slack,
+                                                         exchange_rounds, adds=replicas)
+    phase_s["exchange"] = time.perf_counter() - tick
   if refine and n * l * e > refine_max_size:
     info["refine_skipped"] = f"N*L*E = {n * l * e:,} > refine_max_size = {refine_max_size:,}"
   elif refine:
@@ -456,6 +478,14 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
     phase_s["refine"] = time.perf_counter() - tick
     info["refine_stats"] = stats
   return finish(problem, out, "dancemoe", start, info, route=route, lam=lam, slack=route_slack)
+
+
+def dancemoe_refined(problem: PlacementProblem, seed: int = 0, **options) -> Placement:
+  """DanceMoE with the latency refinement (step 6) on: ``dancemoe(..., refine=True)``."""
+  if "refine" in options:
+    raise PlacementError("dancemoe_refined always refines; use dancemoe(refine=...) to choose.")
+  p = dancemoe(problem, seed=seed, refine=True, **options)
+  return dataclasses.replace(p, method="dancemoe_refined")
 
 
 def _phase_cost(problem: PlacementProblem, hosts: np.ndarray, batch: np.ndarray,

@@ -58,8 +58,9 @@ def test_sweeps_vary_one_knob(shared_data):
   full = [r for r in mem if r["setting"] == "every expert everywhere"]
   assert {r["method"]: r["coverage"] for r in full}["greedy_local"] == pytest.approx(1.0)
   parts = run_sweep(CFG, "parts")
-  assert {r["method"] for r in parts} == {"dancemoe", "uniform_ep", "no_entropy_budgets",
-                                          "no_hetero_aware", "no_replicas", "no_refine"}
+  assert {r["method"] for r in parts} == {"dancemoe_refined", "uniform_ep", "no_entropy_budgets",
+                                          "no_hetero_aware", "no_replicas", "no_exchange",
+                                          "no_refine"}
 
 
 def test_migration_sweep(shared_data):

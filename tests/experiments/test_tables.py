@@ -148,7 +148,7 @@ def test_command_lines(tmp_path, shared_data):
   proc = run("experiments/reproduce_tables.py", "--config", "demo", "--out", str(out),
              "--methods", "dancemoe,uniform_ep", "--models", "mixtral_8x7b", "--noprogress")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "Headline:" in proc.stdout and "uniform_ep" in proc.stdout
+  assert "Headline (dancemoe):" in proc.stdout and "uniform_ep" in proc.stdout
   rows = read_rows(out / "tables.csv")
   assert [r["method"] for r in rows] == ["dancemoe", "uniform_ep"]
   for png in ("decode_latency.png", "prefill_latency.png", "cross_bytes.png"):

@@ -136,7 +136,7 @@ def test_dancemoe_beats_uniform_ep_on_real_olmoe_counts():
 
 
 def test_unknown_method():
-  with pytest.raises(PlacementError, match="known methods: dancemoe, uniform_ep"):
+  with pytest.raises(PlacementError, match="known methods: dancemoe, dancemoe_refined, uniform_ep"):
     place("round_robin", make_problem())
 
 

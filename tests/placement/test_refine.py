@@ -25,7 +25,7 @@ def test_layer_times_equal_expected_cost():
 def test_refinement_lowers_the_expected_latency_it_optimises(phase):
   problem = olmoe_problem()
   old = place("dancemoe", problem, refine=False)
-  new = place("dancemoe", problem, refine_phase=phase)
+  new = place("dancemoe_refined", problem, refine_phase=phase)
   new.validate(problem)  # capacity respected, route consistent
   assert np.all(new.hosts.sum(axis=0) >= 1)  # every expert stays hosted
   assert np.all(new.experts_per_server <= problem.capacity)
@@ -47,22 +47,25 @@ def test_refinement_lowers_the_expected_latency_it_optimises(phase):
 def test_refine_off_is_the_unrefined_placement_and_on_stays_feasible(case):
   problem = make_problem(**CASES[case])
   off = place("dancemoe", problem, refine=False)
-  on = place("dancemoe", problem)
+  on = place("dancemoe_refined", problem)
+  assert place("dancemoe", problem) == off  # the default is the unrefined method
   assert off.info["refine"] is False and "refine_stats" not in off.info
-  assert on.info["refine"] is True
+  assert on.info["refine"] is True and on.method == "dancemoe_refined"
   on.validate(problem)
   np.testing.assert_array_less(0, on.hosts.sum(axis=0))
-  # refine=False only stops after step 4: the same hosts as the unrefined steps give.
-  no_refine_rounds = place("dancemoe", problem, refine_rounds=0)
+  # refine=False only stops after step 5: the same hosts as the unrefined steps give.
+  no_refine_rounds = place("dancemoe_refined", problem, refine_rounds=0)
   assert no_refine_rounds == off
 
 
 def test_refinement_skips_large_instances_and_checks_options():
   problem = olmoe_problem()
-  p = place("dancemoe", problem, refine_max_size=10)
+  p = place("dancemoe_refined", problem, refine_max_size=10)
   assert "refine_skipped" in p.info
   assert p == place("dancemoe", problem, refine=False)
   with pytest.raises(PlacementError, match="refine_phase"):
-    place("dancemoe", problem, refine_phase="train")
+    place("dancemoe_refined", problem, refine_phase="train")
   with pytest.raises(PlacementError, match="decode_tokens"):
-    place("dancemoe", problem, decode_tokens=0.0)
+    place("dancemoe_refined", problem, decode_tokens=0.0)
+  with pytest.raises(PlacementError, match="always refines"):
+    place("dancemoe_refined", problem, refine=False)
