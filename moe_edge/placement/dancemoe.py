@@ -70,6 +70,7 @@ from moe_edge.placement.problem import link_time_per_token
 from moe_edge.placement.refine import LayerCost, phase_batches
 from moe_edge.placement.refine import refine as refine_placement
 from moe_edge.placement.routing import nearest_replica_route_fast
+from moe_edge.placement.sorting import stable_argsort_desc
 
 _CHUNK = 1024  # columns per block when computing removal losses
 
@@ -144,7 +145,7 @@ class _Greedy:
     g = self.c - self.penalty(np.arange(nl)[:, None, None], np.arange(n)[None, None, :],
                               self.delta)
     g = np.ascontiguousarray(g.transpose(0, 2, 1))  # rows [L, N, E]
-    self.order = np.argsort(-g, axis=2, kind="stable")  # [L, N, E] candidates, best first
+    self.order = stable_argsort_desc(g)  # [L, N, E] candidates, best first
     self.past = np.take_along_axis(g, self.order, axis=2)  # their gains when sorted
     self.ptr = np.zeros((nl, n), dtype=np.int64)
 
@@ -385,7 +386,7 @@ class _Greedy:
       count[lu[take], eu[take]] = 1
       copy_l[srv, vj], copy_e[srv, vj] = lu[take], eu[take]  # the new copy: never removable
       where[lu[take], srv, eu[take]] = vj
-      refresh(*np.unique(np.stack([vl, ve]), axis=1))
+      refresh(*np.divmod(np.unique(vl * e + ve), e))  # the evicted columns, once each
       pending = np.setdiff1d(pending, take, assume_unique=True)
     self.covered[:] = True
     return free, lu.size - free

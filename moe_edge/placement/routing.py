@@ -27,6 +27,7 @@ import numpy as np
 
 from moe_edge.config import ClusterConfig, ModelConfig
 from moe_edge.placement.problem import PlacementError, link_time_per_token
+from moe_edge.placement.sorting import stable_argsort_desc
 
 _CHUNK = 1024  # replicated (layer, expert) columns per near-mask block
 
@@ -62,7 +63,7 @@ def nearest_replica_route_fast(hosts: np.ndarray, model: ModelConfig, cluster: C
 
   # Flows of every layer in the reference's order (stable sort, then drop local ones).
   t_l = traffic.transpose(1, 0, 2).reshape(n_lay, n_srv * n_exp)
-  order = np.argsort(-t_l, axis=1, kind="stable")
+  order = stable_argsort_desc(t_l)
   remote = np.take_along_axis(~hosts.transpose(1, 0, 2).reshape(n_lay, -1), order, axis=1)
   f_lay, f_k = np.nonzero(remote)  # layer-major, processing order inside a layer
   f_pos = order[f_lay, f_k]
