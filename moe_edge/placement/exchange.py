@@ -15,18 +15,23 @@ over columns. With ``d1``/``d2`` the nearest / second-nearest holder's link time
 
 * add gain ``A[c, n] = sum_m T[c, m] relu(d1[c, m] - tau[m, n])`` (n not holding c);
 * drop loss ``D[c, n] = sum_{m : nearest(m) = n} T[c, m] (d2[c, m] - d1[c, m])`` (inf for a last copy);
-* move gain of ``z`` from ``b`` to ``a``: exact for a sole copy, ``R[z, b] - R[z, a]`` with
-  ``R = T tau``; for a replicated copy the lower bound ``A[z, a] - D[z, b]`` (``a``'s gain is
-  counted while ``b`` still holds ``z``, so it can only be larger).
+* move gain ``M[c, b -> a] = sum_m T[c, m] (d1[c, m] - min(w_b[c, m], tau[m, a]))`` of the copy
+  on ``b`` going to ``a``, with ``w_b`` the nearest distance without ``b`` (``d2`` where ``b``
+  was the nearest, else ``d1``).
 
-A **chain** ``(a, b)``: ``a`` drops its cheapest removable replica ``x`` (nothing when ``a`` has
-free room), ``z`` moves ``b -> a`` and ``b`` adds its best ``y`` (``b == a`` is a plain
-replacement ``x -> y`` on one server). Its gain ``-D[x, a] + M[z, b -> a] + A[y, b]`` is exact for
-distinct columns. Each round takes the best chain of every server pair, applies non-overlapping
-ones (each server and column in at most one chain) best first, and keeps the round only when the
-exact objective (``objective.py``: the placement's real route table, the compute term included)
-of the changed layers falls; otherwise only the best chain is tried, and the search stops when
-that fails too. Every accepted round lowers the exact objective.
+A **chain** ``(b, a)`` moves a copy ``z`` from ``b`` to ``a``; ``a`` makes room by using free
+memory, by dropping its cheapest removable replica ``x``, or by sending a copy ``x`` to ``b``
+(a swap); when ``b`` is left with a free slot it adds its best new copy ``y`` if that gains.
+``b == a`` is a plain replacement ``x -> y`` on one server. The gain (``M[z] - D[x] + A[y]``,
+``M[z] + M[x]`` for a swap) is exact for
+distinct columns. Each round takes the best chain of every server pair, best first, and applies
+those that touch disjoint columns (so their gains add up exactly) and fit the servers' free
+room; the values of the changed columns are then recomputed. After at most ``max_rounds``
+rounds the exact objective (``objective.py``: the placement's real route table, whose ties
+within ``slack`` go to the least loaded copy, and the compute term, neither of which the
+nearest-copy values see) must be lower than before; if it is not, the search is redone with every
+round checked on the exact objective of its layers (the round, else its best chain alone, must
+lower it). The returned placement never has a higher objective than the input.
 """
 from __future__ import annotations
 
@@ -177,8 +182,9 @@ def exchange_search(problem: PlacementProblem, hosts: np.ndarray, lam: float = 1
     verify: check every round's chains on the exact objective of the changed layers (else
       once, at the end, falling back to verified rounds when the search did not lower it).
   Returns:
-    ``(hosts, stats)``: the improved hosts and ``rounds``, ``chains``, ``objective_before``,
-    ``objective_after`` (of the changed layers, summed).
+    ``(hosts, route, stats)``: the improved hosts, their route table
+    (``routing.nearest_replica_route_fast``) and ``rounds``, ``chains``, ``verified``,
+    ``objective_before``, ``objective_after`` (the exact objective of all layers).
   """
   hosts = np.array(hosts, dtype=bool)
   n, nl, e = hosts.shape
@@ -212,6 +218,8 @@ def exchange_search(problem: PlacementProblem, hosts: np.ndarray, lam: float = 1
   tol = _TOL * max(before, 1e-300)
   for _ in range(max_rounds):
     batch = _round(cols, room, tol, adds)
+    if not batch:
+      break
     if verify:  # the whole round, else its best chain alone, must lower the exact objective
       for trial_batch in (batch, batch[:1]):
         trial = h_cn.copy()
