@@ -10,8 +10,9 @@ server per step), cross-server bytes per token and local coverage; plus the plac
 ``J`` (``objective.py``, on the profiling problem) and, where the ILP solves, every method's gap
 to the optimal ``J``.
 
-Compose (:func:`headline`): DanceMoE's latency and communication reduction against each baseline
-and the best baseline of each setting, and its gap to the ILP.
+Compose (:func:`headline`): the latency and communication reduction of each DanceMoE variant
+(``OURS``: ``dancemoe``, ``dancemoe_refined``) against each baseline and the best baseline of
+each setting, and its gap to the ILP.
 
 Format (:func:`format_markdown`, :func:`write_tables`): ``tables.csv``, ``tables.md``, plots.
 The CSV holds no wall-clock times, so two runs with one seed write identical files
@@ -332,8 +333,8 @@ def headline(rows: Sequence[dict], decode_key: str = "decode_ms",
   Returns ``{"ours": ours, "decode": ..., "prefill": ..., "bytes": ..., "ilp": [...]}``; the
   three comparisons map
   a baseline (and ``"best"``: per setting the baseline with the lowest value) to
-  ``reduction`` (``1 - geomean(dancemoe / baseline)``), ``min_reduction``, ``max_reduction``,
-  ``wins`` (settings where DanceMoE is lower) and ``settings``.
+  ``reduction`` (``1 - geomean(ours / baseline)``), ``min_reduction``, ``max_reduction``,
+  ``wins`` (settings where ``ours`` is lower) and ``settings``.
   """
   present = {r["method"] for r in _ok(rows)}
   baselines = [b for b in BASELINES if b in present]
