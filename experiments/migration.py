@@ -292,7 +292,8 @@ def recovery(rows, history, truths, shifts, interval):
   of the full re-plan's (1 = the first interval planned after the shift), the copies each
   policy made to get there, and a lower bound on the copies *any* plan needs to recover within
   ``--recovery_intervals`` (:func:`moe_edge.placement.migration.min_copies_for_coverage` on the
-  intervals' actual statistics, where coverage is exactly what the table reports). The same
+  intervals' actual statistics, where coverage is exactly what the table reports), also from the
+  re-plan policy's own placement before the shift. The same
   for the step latency: intervals until it is within ``1 / coverage_target`` of the re-plan's."""
   cov_i, cov_f = _series(rows, "incremental", "coverage"), _series(rows, "full", "coverage")
   lat_i, lat_f = _series(rows, "incremental", "latency_ms"), _series(rows, "full", "latency_ms")
@@ -321,6 +322,12 @@ def recovery(rows, history, truths, shifts, interval):
               for j in range(k + 1, min(end, k + 1 + FLAGS.recovery_intervals))]
     bounds = [b for b in bounds if b is not None]
     need = min(bounds) if bounds else None
+    # The same bound from the re-plan policy's own placement before the shift.
+    alt = [mig.min_copies_for_coverage(truths[j], history["full"][k],
+                                       FLAGS.coverage_target * cov_f[j])
+           for j in range(k + 1, min(end, k + 1 + FLAGS.recovery_intervals))]
+    alt = [b for b in alt if b is not None]
+    need_full = min(alt) if alt else None
     out.append(dict(step=int(s), interval=int(k), intervals_to_recover=rec,
                     ratio_at_recovery=None if rec is None else float(cov_i[k + rec] /
                                                                       cov_f[k + rec]),
@@ -329,7 +336,8 @@ def recovery(rows, history, truths, shifts, interval):
                     full_policy_moves_same_intervals=full_same,
                     min_copies_any_plan=need,
                     min_share_any_plan=need / full_moves if need is not None and full_moves
-                    else None, intervals_to_recover_latency=rec_lat,
+                    else None, min_copies_from_replan_state=need_full,
+                    intervals_to_recover_latency=rec_lat,
                     moves_to_recover_latency=None if rec_lat is None
                     else int(mv_i[k + 1:k + rec_lat + 1].sum())))
   return out
@@ -460,7 +468,11 @@ def main(argv):
     print(f"    lower bound: any plan needs >= {need if need is not None else 'n/a'} copies to "
           f"recover within {FLAGS.recovery_intervals} intervals"
           + (f" ({r['min_share_any_plan']:.0%} of the re-plan's)"
-             if r["min_share_any_plan"] is not None else ""))
+             if r["min_share_any_plan"] is not None else "")
+          + (f"; from the re-plan policy's placement before the shift >= "
+             f"{r['min_copies_from_replan_state']} "
+             f"({r['min_copies_from_replan_state'] / max(r['full_replan_moves'], 1):.0%})"
+             if r["min_copies_from_replan_state"] is not None else ""))
     tl = r["intervals_to_recover_latency"]
     print(f"    step latency within {1 / FLAGS.coverage_target - 1:.0%} of the re-plan's after "
           + ("never" if tl is None else f"{tl} interval(s), {r['moves_to_recover_latency']} "

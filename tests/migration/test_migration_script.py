@@ -39,3 +39,21 @@ def test_migration_script_writes_csv_plot_and_summary(tmp_path, shared_data):
   fail = summary["failure"]
   assert fail["server"] == 2 and fail["reloads"] == fail["orphans"]
   assert fail["unreachable_during_recovery"] == fail["orphans"]
+
+
+def test_recovery_bounds_from_both_starting_placements(tmp_path, shared_data):
+  """Both lower bounds are reported and each is no larger than the copies that did recover."""
+  out = tmp_path / "mig"
+  cmd = [sys.executable, str(REPO / "experiments" / "migration.py"), "--steps", "12",
+         "--interval", "3", "--request_len", "16", "--max_moves", "40",
+         "--drift", "3:book,arxiv,github,c4", "--out", str(out)]
+  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={"MOE_EDGE_DATA": str(shared_data), "JAX_PLATFORMS": "cpu",
+                            "PATH": "/usr/bin:/bin"})
+  assert res.returncode == 0, res.stderr[-3000:]
+  (rec,) = json.loads((out / "summary.json").read_text())["recovery"]
+  assert "from the re-plan policy's placement before the shift" in res.stdout
+  for key in ("min_copies_any_plan", "min_copies_from_replan_state"):
+    assert rec[key] is None or rec[key] >= 0
+  if rec["intervals_to_recover"] is not None and rec["intervals_to_recover"] <= 2:
+    assert rec["min_copies_any_plan"] <= rec["incremental_moves"]
