@@ -17,8 +17,9 @@
     with ``--real_ilp_time_limit`` seconds (OLMoE's MILP has 20k binaries; the ILP's proven
     lower bound gives the gap even when HiGHS stops at the limit).
 
-Frequencies of (a) and (b) are synthetic: per server and layer, a Zipf(``--zipf``) law over a random expert
-order, mixed with weight ``--mix`` with a Zipf law shared by all servers of that layer.
+Frequencies of (a) and (b) are synthetic: per server and layer, a Zipf(``--zipf``) law over a
+random expert order, mixed with weight ``--mix`` with a Zipf law shared by all servers of that
+layer.
 
 Run:
   .venv/bin/python benchmarks/bench_placement.py

@@ -16,6 +16,7 @@ Setup (one process, ``N`` = ``--num_devices`` devices of one host, one device pe
 
   - ``dancemoe``: our dispatch (:func:`moe_edge.parallel.dispatch.layer_program`) with a DanceMoE
     placement of ``--copies`` x E/N expert slots per device (replicas of hot experts allowed);
+  - ``dancemoe_refined``: the same with the latency-refined DanceMoE placement (not by default);
   - ``uniform_ep``: our dispatch with vanilla expert parallelism (E/N experts per device);
   - ``maxtext``: written here, MaxText style: uniform EP in contiguous blocks, sort the
     token-choices by expert, exchange per-destination buffers (``all_to_all`` sized to the max,
@@ -627,9 +628,10 @@ def report(summary: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  unknown = [m for m in FLAGS.methods if m not in ("dancemoe", "uniform_ep", "maxtext")]
+  known = ("dancemoe", "dancemoe_refined", "uniform_ep", "maxtext")
+  unknown = [m for m in FLAGS.methods if m not in known]
   if unknown:
-    raise app.UsageError(f"unknown methods {unknown}; use dancemoe, uniform_ep, maxtext.")
+    raise app.UsageError(f"unknown methods {unknown}; use {', '.join(known)}.")
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
 

@@ -18,8 +18,8 @@ from typing import Any
 from moe_edge.config import ConfigError, available, load_preset
 
 #: Placement methods of the tables (``moe_edge.placement.METHODS``, in table order).
-ALL_METHODS = ("dancemoe", "dancemoe_refined", "uniform_ep", "random", "greedy_local", "eplb", "topology_aware",
-               "ilp")
+ALL_METHODS = ("dancemoe", "dancemoe_refined", "uniform_ep", "random", "greedy_local", "eplb",
+               "topology_aware", "ilp")
 #: How the compute terms of the cost model are calibrated (see ``calibration.py``).
 CALIBRATIONS = ("datasheet", "h100_kernels")
 #: The ablation sweeps ``experiments/ablations.py`` knows (see ``sweeps.py``).

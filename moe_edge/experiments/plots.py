@@ -7,9 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-METHOD_COLORS = {"dancemoe": "tab:red", "dancemoe_refined": "tab:orange", "uniform_ep": "tab:gray", "random": "tab:olive",
-                 "greedy_local": "tab:blue", "eplb": "tab:purple", "topology_aware": "tab:cyan",
-                 "ilp": "black"}
+METHOD_COLORS = {"dancemoe": "tab:red", "dancemoe_refined": "tab:orange", "uniform_ep": "tab:gray",
+                 "random": "tab:olive", "greedy_local": "tab:blue", "eplb": "tab:purple",
+                 "topology_aware": "tab:cyan", "ilp": "black"}
 FULL = "dancemoe_refined"  # the full method of the parts ablation
 TABLE_FIGURES = (("decode_ms", "decode latency (ms / token)", "decode_latency.png"),
                  ("prefill_ms", "prefill latency (ms / request)", "prefill_latency.png"),

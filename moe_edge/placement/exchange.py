@@ -14,7 +14,8 @@ nearest-copy routing is ``comm_c(H) = sum_m T[c, m] min_{h in H} tau[m, h]``, an
 over columns. With ``d1``/``d2`` the nearest / second-nearest holder's link time of each source:
 
 * add gain ``A[c, n] = sum_m T[c, m] relu(d1[c, m] - tau[m, n])`` (n not holding c);
-* drop loss ``D[c, n] = sum_{m : nearest(m) = n} T[c, m] (d2[c, m] - d1[c, m])`` (inf for a last copy);
+* drop loss ``D[c, n] = sum_{m : nearest(m) = n} T[c, m] (d2[c, m] - d1[c, m])`` (inf for a
+  last copy);
 * move gain ``M[c, b -> a] = sum_m T[c, m] (d1[c, m] - min(w_b[c, m], tau[m, a]))`` of the copy
   on ``b`` going to ``a``, with ``w_b`` the nearest distance without ``b`` (``d2`` where ``b``
   was the nearest, else ``d1``).
