@@ -317,17 +317,15 @@ def recovery(rows, history, truths, shifts, interval):
     inc_moves = int(mv_i[k + 1:upto + 1].sum())
     full_moves = int(mv_f[k + 1])  # the one re-plan that adapts to the shift
     full_same = int(mv_f[k + 1:upto + 1].sum())  # the re-plan policy over the same intervals
-    bounds = [mig.min_copies_for_coverage(truths[j], history["incremental"][k],
-                                          FLAGS.coverage_target * cov_f[j])
-              for j in range(k + 1, min(end, k + 1 + FLAGS.recovery_intervals))]
-    bounds = [b for b in bounds if b is not None]
-    need = min(bounds) if bounds else None
-    # The same bound from the re-plan policy's own placement before the shift.
-    alt = [mig.min_copies_for_coverage(truths[j], history["full"][k],
-                                       FLAGS.coverage_target * cov_f[j])
-           for j in range(k + 1, min(end, k + 1 + FLAGS.recovery_intervals))]
-    alt = [b for b in alt if b is not None]
-    need_full = min(alt) if alt else None
+    def fewest_copies(start):
+      """Lower bound on the copies any plan from ``start`` needs to recover in time."""
+      bounds = [mig.min_copies_for_coverage(truths[j], start, FLAGS.coverage_target * cov_f[j])
+                for j in range(k + 1, min(end, k + 1 + FLAGS.recovery_intervals))]
+      bounds = [b for b in bounds if b is not None]
+      return min(bounds) if bounds else None
+
+    need = fewest_copies(history["incremental"][k])
+    need_full = fewest_copies(history["full"][k])  # from the re-plan policy's own placement
     out.append(dict(step=int(s), interval=int(k), intervals_to_recover=rec,
                     ratio_at_recovery=None if rec is None else float(cov_i[k + rec] /
                                                                       cov_f[k + rec]),

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_edge.placement.objective import compute_time_per_token
+from moe_edge.placement.objective import compute_time_per_token, layer_loads
 from moe_edge.placement.problem import PlacementProblem, link_time_per_token
 from moe_edge.placement.routing import nearest_replica_route_fast
 
@@ -171,7 +171,8 @@ def _chain(b: int, a: int, x: int, z: int, y: int, swap: bool) -> list[tuple[int
 
 def exchange_search(problem: PlacementProblem, hosts: np.ndarray, lam: float = 1.0,
                     slack: float = 0.1, max_rounds: int = 64,
-                    adds: bool = True, verify: bool = False) -> tuple[np.ndarray, dict]:
+                    adds: bool = True, verify: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, dict]:
   """Exchange local search on ``hosts [N, L, E]`` (module docstring).
 
   Args:
@@ -200,8 +201,7 @@ def exchange_search(problem: PlacementProblem, hosts: np.ndarray, lam: float = 1
     tr = traffic[:, layers]
     r = nearest_replica_route_fast(h[:, layers], model, cluster, tr, slack)
     comm = np.einsum("nle,nle->l", tr, tau[np.arange(n)[:, None, None], r])
-    load = np.zeros((n, len(layers)))
-    np.add.at(load, (r, np.broadcast_to(np.arange(len(layers))[None, :, None], r.shape)), tr)
+    load = layer_loads(problem, r, tr)
     return comm + lam * (load * t_comp[:, None]).max(axis=0), r
 
   def apply(h_cn, batch):

@@ -38,12 +38,18 @@ def compute_time_per_token(problem: PlacementProblem) -> np.ndarray:
   return problem.model.expert_flops_per_token / problem.cluster.peak_flops
 
 
-def layer_loads(problem: PlacementProblem, route: np.ndarray) -> np.ndarray:
-  """``[N, L]`` token-choices each server computes per layer under ``route [N, L, E]``."""
-  n, l, e = problem.shape
+def layer_loads(problem: PlacementProblem, route: np.ndarray,
+                traffic: np.ndarray | None = None) -> np.ndarray:
+  """``[N, L']`` token-choices each server computes per layer under ``route [N, L', E]``.
+
+  ``traffic [N, L', E]`` defaults to ``problem.traffic`` (then ``L' = L``); pass the traffic of
+  a subset of layers together with their route.
+  """
+  traffic = problem.traffic if traffic is None else traffic
+  n, l = problem.shape[0], route.shape[1]
   layer = np.broadcast_to(np.arange(l)[None, :, None], route.shape)
   flat = route.astype(np.int64) * l + layer
-  return np.bincount(flat.ravel(), weights=problem.traffic.ravel(), minlength=n * l).reshape(n, l)
+  return np.bincount(flat.ravel(), weights=traffic.ravel(), minlength=n * l).reshape(n, l)
 
 
 def objective_terms(problem: PlacementProblem, placement: Placement,
