@@ -4,7 +4,8 @@ Replays a drifting workload in intervals of ``--interval`` trace steps. By defau
 sampled from the real per-domain routing counts of OLMoE-1B-7B (``--source stats``): server ``i``
 serves mostly domain ``DOMAINS[i]`` (share ``--alpha``) and the servers' home domains swap
 (``--drift_preset pairs``: servers 0 and 1 after the first third, servers 2 and 3 after the
-second; ``all``: every neighbour pair, then a rotation of all homes; or ``--drift``).
+second; ``mix``: the same pairs instead both serve an even mix of their two homes; ``all``: every
+neighbour pair, then a rotation of all homes; or ``--drift``).
 ``--source PATH`` replays a recorded trace instead (e.g. real text through the Flax model,
 ``experiments/collect_traces.py --drift ...``; its drift steps are read from its metadata).
 
@@ -15,10 +16,13 @@ one (the online statistics, :mod:`moe_edge.workload.online_stats`):
 * ``full``: DanceMoE from scratch every interval;
 * ``incremental``: :func:`moe_edge.placement.migration.plan_incremental`, at most
   ``--max_moves`` expert copies per interval. The trigger
-  (:func:`~moe_edge.placement.migration.should_migrate`, fed with the held-out saving of
-  :func:`~moe_edge.placement.migration.cross_validated_saving`) judges a *campaign* of
-  ``--horizon`` intervals (``horizon x max_moves`` copies against the saving over the horizon);
-  once approved, the campaign runs its intervals, re-planned on fresh statistics each time.
+  (:func:`~moe_edge.placement.migration.choose_prefix`, fed with the held-out savings of
+  :func:`~moe_edge.placement.migration.cross_validated_savings`) judges a *campaign* of up to
+  ``--horizon`` intervals: every prefix of ``k`` of its ``horizon x max_moves`` best-first
+  copies (``k`` in steps of ``--prefix_step``; ``0`` = the whole campaign only, all or nothing)
+  against the saving over the horizon, and approves the prefix with the largest net gain; the
+  campaign then makes those copies, at most ``--max_moves`` per interval, re-planned on fresh
+  statistics each interval.
 
 Per interval and policy it reports local coverage and the cost model's step latency on the
 interval's actual tokens (``moe_edge.cost.model.evaluate``), the expected latency on the
@@ -33,9 +37,11 @@ needs for that (:func:`~moe_edge.placement.migration.min_copies_for_coverage`).
 step ``s``: reroute at once, re-load the experts only ``n`` held from storage, report the
 recovery time and the experts unreachable meanwhile.
 
-Example (about 15 s on two CPU cores)::
+Example (about 35 s on two CPU cores)::
 
   python experiments/migration.py --fail_server 3 --fail_step 40
+
+``experiments/migration_sweep.py`` runs it over seeds, drifts and budgets.
 """
 from __future__ import annotations
 
@@ -74,15 +80,19 @@ flags.DEFINE_integer("steps", 96, "Trace steps (requests per server) for --sourc
 flags.DEFINE_integer("interval", 8, "Trace steps per interval (the statistics window W).")
 flags.DEFINE_string("drift", None, "Home changes 'step:home0,home1,...;...' (default: "
                     "--drift_preset).")
-flags.DEFINE_enum("drift_preset", "pairs", ["pairs", "all"], "Default drift. pairs: servers 0 "
-                  "and 1 swap homes at steps/3, servers 2 and 3 at 2*steps/3; all: every pair of "
-                  "neighbours swaps at steps/3 and all homes rotate by one at 2*steps/3.")
+flags.DEFINE_enum("drift_preset", "pairs", ["pairs", "mix", "all"], "Default drift. pairs: "
+                  "servers 0 and 1 swap homes at steps/3, servers 2 and 3 at 2*steps/3; mix: the "
+                  "same pairs instead both serve an even mix of their two homes; all: every pair "
+                  "of neighbours swaps at steps/3 and all homes rotate by one at 2*steps/3.")
 flags.DEFINE_float("serving_steps_per_interval", 2000, "Serving steps an interval stands for "
                    "(the trigger weighs the saving over these against the transfer time).")
 flags.DEFINE_integer("max_moves", 192, "Incremental policy: most expert copies per interval.")
 flags.DEFINE_integer("horizon", 2, "Incremental policy: a migration the trigger approves is a "
                      "campaign of up to this many intervals of --max_moves copies each (judged "
                      "as a whole, re-planned on fresh statistics every interval).")
+flags.DEFINE_integer("prefix_step", 16, "Trigger resolution: judge every prefix of this many "
+                     "copies of the campaign's plan and make the one with the largest net gain "
+                     "(0 = judge the whole plan only: all or nothing).")
 flags.DEFINE_float("max_mb", None, "Incremental policy: most MB copied per interval.")
 flags.DEFINE_float("safety", 2.0, "Trigger: migrate when gain > safety x move cost.")
 flags.DEFINE_float("interference", 1.0, "Trigger: fraction of serving time lost while copying.")
@@ -113,14 +123,20 @@ def default_drift(num_servers: int, steps: int, interval: int,
   """Two home changes at ~steps/3 and ~2 steps/3 (interval-aligned; see --drift_preset)."""
   homes = [DOMAINS[i % len(DOMAINS)] for i in range(num_servers)]
   at = [max(1, round(steps * f / 3 / interval)) * interval for f in (1, 2)]
-  if preset == "pairs":
+  if preset in ("pairs", "mix"):
     if num_servers < 2:
-      raise app.UsageError("--drift_preset pairs needs at least two servers.")
-    first = list(homes)
-    first[0], first[1] = homes[1], homes[0]
-    second = list(first)
-    a, b = (2, 3) if num_servers >= 4 else (0, 1)
-    second[a], second[b] = first[b], first[a]
+      raise app.UsageError(f"--drift_preset {preset} needs at least two servers.")
+
+    def change(cur, a, b):
+      out = list(cur)
+      if preset == "pairs":
+        out[a], out[b] = cur[b], cur[a]
+      else:
+        out[a] = out[b] = {homes[a]: 0.5, homes[b]: 0.5}
+      return out
+
+    first = change(homes, 0, 1)
+    second = change(first, *((2, 3) if num_servers >= 4 else (0, 1)))
     return DriftSchedule(((at[0], tuple(first)), (at[1], tuple(second))))
   swapped = list(homes)
   for i in range(0, num_servers - 1, 2):
@@ -237,36 +253,44 @@ def replay(trace, model, cluster, capacity):
 
     cur = state["incremental"].placement
     max_mb = None if FLAGS.max_mb is None else FLAGS.max_mb * 1e6
-    planner = lambda prob, k=1, cur=cur: mig.plan_incremental(  # noqa: E731
-        prob, cur, FLAGS.max_moves * k, None if max_mb is None else max_mb * k, lam=FLAGS.lam)
+    def planner(prob, intervals=1, copies=None, cur=cur):
+      """plan_incremental with ``intervals`` budgets (or ``copies`` copies, within one)."""
+      return mig.plan_incremental(prob, cur, FLAGS.max_moves * intervals if copies is None
+                                  else copies, None if max_mb is None else max_mb * intervals,
+                                  lam=FLAGS.lam)
+
     if campaign_left > 0:
-      # An approved campaign goes on: re-planned on the fresh statistics, one budget's worth.
-      cand = planner(seen)
-      trig = dict(drift=drift, note=f"campaign continues ({campaign_left} interval(s) left)")
-      campaign_left -= 1
-      migrate = bool(cand.info["moves"])
+      # An approved campaign goes on: re-planned on the fresh statistics, with what is left of
+      # the copies it was approved for (at most one budget per interval).
+      allowed = min(FLAGS.max_moves, campaign_left)
+      cand = planner(seen, copies=allowed)
+      trig = dict(drift=drift, note=f"campaign continues ({campaign_left} copies approved)")
+      made = len(cand.info["moves"])
+      campaign_left = campaign_left - made if made == allowed else 0  # ends when nothing gains
+      migrate = made > 0
     else:
-      # The trigger judges the whole campaign: horizon x budget copies against the saving
-      # over the horizon.
+      # The trigger judges the campaign's prefixes: k of its horizon x budget copies (best
+      # first) against the saving they bring over the horizon; the best approved k is made,
+      # one budget per interval.
       whole = planner(seen, FLAGS.horizon)
-      plan = mig.move_cost(cur, whole, model, cluster, capacity, FLAGS.max_concurrent_per_link,
-                           sequence=mig.move_sequence(whole))
-      saving = None
+      savings = None
       if FLAGS.cross_validate:
         half_a, half_b = (_problem(model, cluster, f, step_tokens(win), capacity)
                           for f in stats.window_halves())
-        saving = mig.cross_validated_saving(half_a, half_b, cur,
-                                            lambda prob: planner(prob, FLAGS.horizon))
-      dec = mig.should_migrate(seen, cur, whole,
-                               FLAGS.serving_steps_per_interval * FLAGS.horizon, plan,
-                               FLAGS.safety, FLAGS.interference,
-                               FLAGS.max_concurrent_per_link, saving_per_step=saving)
+        savings = mig.cross_validated_savings(half_a, half_b, cur,
+                                              lambda prob: planner(prob, FLAGS.horizon))
+      choice = mig.choose_prefix(seen, cur, whole,
+                                 FLAGS.serving_steps_per_interval * FLAGS.horizon, savings,
+                                 FLAGS.prefix_step, FLAGS.safety, FLAGS.interference,
+                                 FLAGS.max_concurrent_per_link)
+      dec = choice.decision
       trig = dict(drift=drift, saving_ms=1e3 * dec.saving_per_step_s, gain_s=dec.gain_s,
                   cost_s=dec.cost_s, note=dec.reason)
-      migrate = dec.migrate
+      migrate = choice.migrate
       if migrate:
-        cand = planner(seen)  # the greedy's first budget of moves: a prefix of `whole`
-        campaign_left = FLAGS.horizon - 1
+        first = min(choice.moves, FLAGS.max_moves)
+        cand = mig.plan_prefix(seen, cur, whole, first)  # this interval's share
+        campaign_left = choice.moves - first
     if migrate:
       plan = mig.move_cost(cur, cand, model, cluster, capacity, FLAGS.max_concurrent_per_link,
                            sequence=mig.move_sequence(cand))
@@ -335,6 +359,9 @@ def recovery(rows, history, truths, shifts, interval):
                     min_copies_any_plan=need,
                     min_share_any_plan=need / full_moves if need is not None and full_moves
                     else None, min_copies_from_replan_state=need_full,
+                    goal_met=rec is not None and rec <= FLAGS.recovery_intervals
+                    and inc_moves <= FLAGS.move_fraction * full_moves,
+                    goal_feasible=need is not None and need <= FLAGS.move_fraction * full_moves,
                     intervals_to_recover_latency=rec_lat,
                     moves_to_recover_latency=None if rec_lat is None
                     else int(mv_i[k + 1:k + rec_lat + 1].sum())))
@@ -452,9 +479,7 @@ def main(argv):
   ok_all = bool(rec)
   for r in rec:
     t = r["intervals_to_recover"]
-    ok_t = t is not None and t <= FLAGS.recovery_intervals
-    ok_m = r["move_share"] is not None and r["move_share"] <= FLAGS.move_fraction
-    ok_all &= ok_t and ok_m
+    ok_all &= r["goal_met"]
     share = "n/a" if r["move_share"] is None else f"{r['move_share']:.0%}"
     need = r["min_copies_any_plan"]
     print(f"  shift at step {r['step']}: recovered after "
@@ -462,7 +487,9 @@ def main(argv):
           f"{r['ratio_at_recovery'] or float('nan'):.3f}) with {r['incremental_moves']} copies vs "
           f"{r['full_replan_moves']} of the re-plan after the shift ({share}; the re-plan policy "
           f"made {r['full_policy_moves_same_intervals']} over the same intervals) -> "
-          f"{'met' if ok_t and ok_m else 'NOT met'}")
+          f"{'met' if r['goal_met'] else 'NOT met'}"
+          + ("" if r["goal_met"] or r["goal_feasible"] else " (no plan can meet it: see the "
+             "lower bound)"))
     print(f"    lower bound: any plan needs >= {need if need is not None else 'n/a'} copies to "
           f"recover within {FLAGS.recovery_intervals} intervals"
           + (f" ({r['min_share_any_plan']:.0%} of the re-plan's)"

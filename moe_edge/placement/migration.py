@@ -45,6 +45,13 @@ whole transfer"; the true value is smaller because copies run beside serving. Th
 (:func:`cross_validated_saving`): fitted and scored on one noisy window, a plan always looks
 better than it is.
 
+**How much to move** (:func:`choose_prefix`). A greedy plan lists its moves best first, so its
+first ``k`` moves are the plan of budget ``k`` (:func:`plan_prefix`). The trigger judges every
+prefix (``k = step, 2 step, ..., all``; savings held out per prefix by
+:func:`cross_validated_savings`) and makes the approved one with the largest net gain
+``gain_s - safety * cost_s``: a budget is an upper bound, not a quota, and copies whose saving
+does not pay for their transfer are not made.
+
 **Incremental planning** (:func:`plan_incremental`). Greedy moves on the current placement:
 add replica ``(n, l, e)`` (into free room on ``n``, or evicting the least valuable replica on
 ``n`` that is not the last copy of its expert), or *relocate* (two copies: a full server hands one
@@ -526,6 +533,121 @@ def cross_validated_saving(problem_a: PlacementProblem, problem_b: PlacementProb
   plan_a, plan_b = plan(problem_a), plan(problem_b)
   return 0.5 * (score(problem_b, current) - score(problem_b, plan_a) +
                 score(problem_a, current) - score(problem_a, plan_b))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixChoice:
+  """How many of a plan's moves to make (:func:`choose_prefix`).
+
+  Attributes:
+    moves: copies of the chosen prefix (0: do not migrate).
+    decision: the trigger's :class:`Decision` for that prefix (for the whole plan when no
+      prefix pays).
+    table: ``((copies, saving_per_step_s, gain_s, cost_s), ...)`` for every prefix judged.
+  """
+  moves: int
+  decision: Decision
+  table: tuple[tuple[int, float, float, float], ...]
+
+  @property
+  def migrate(self) -> bool:
+    return self.moves > 0
+
+
+def plan_prefix(problem: PlacementProblem, current: Placement, plan: Placement,
+                k: int) -> Placement:
+  """The placement after the first ``k`` moves of ``plan`` (a :func:`plan_incremental` result
+  for ``current``): those added replicas and their evictions, kept experts in their slots,
+  the nearest-replica route on ``problem``'s traffic. A prefix of a valid move sequence is
+  valid, so the result carries ``info["moves"]``/``info["evicted"]`` for :func:`move_sequence`
+  like a plan of budget ``k`` (which the greedy's prefix is, up to a relocation cut in half)."""
+  seq = move_sequence(plan)
+  if not 0 <= k <= len(seq):
+    raise MigrationError(f"prefix of {k} moves asked of a plan with {len(seq)}.")
+  if k == len(seq):
+    return plan
+  hosts = current.hosts.copy()
+  for a, v in seq[:k]:
+    hosts[a] = True
+    if v is not None:
+      hosts[v] = False
+  info = dict(plan.info, moves=[list(a) for a, _ in seq[:k]],
+              evicted=[None if v is None else list(v) for _, v in seq[:k]], prefix_of=len(seq))
+  info.pop("score_after", None)
+  return placement_with_slots(hosts, current, problem.model, problem.cluster, problem.traffic,
+                              plan.method, info)
+
+
+def prefix_grid(total: int, step: int) -> list[int]:
+  """Prefix lengths ``step, 2 step, ..., total`` (always ending at ``total``; ``[total]`` when
+  ``step <= 0``; ``[]`` when ``total == 0``)."""
+  if total <= 0:
+    return []
+  if step <= 0:
+    return [total]
+  return sorted(set(range(step, total, step)) | {total})
+
+
+def choose_prefix(problem: PlacementProblem, current: Placement, plan: Placement,
+                  steps_per_interval: float, savings: Callable[[int], float] | None = None,
+                  step: int = 16, safety: float = 2.0, interference: float = 1.0,
+                  max_concurrent_per_link: int = 1, phase: str = "decode",
+                  score: Score | None = None) -> PrefixChoice:
+  """The trigger applied to every prefix of a plan: make the prefix whose net gain is largest.
+
+  A greedy plan ranks its moves best first, so its prefixes are the plans of smaller budgets.
+  For each prefix of ``k`` copies (:func:`prefix_grid`) the trigger of :func:`should_migrate`
+  weighs ``gain(k)`` against ``safety * cost(k)``; the choice is the approved prefix with the
+  largest ``gain(k) - safety * cost(k)``, or no migration when none is approved. A move the
+  workload does not pay for is not made, even when the budget would allow it; with ``step <= 0``
+  only the whole plan is judged (all or nothing).
+
+  Args:
+    problem, current, plan: the statistics the plan was made on, the placement in use and the
+      :func:`plan_incremental` result.
+    steps_per_interval: serving steps the saving counts over (see :func:`should_migrate`).
+    savings: ``k -> t_cur - t_new`` of the ``k``-move prefix, e.g. held out
+      (:func:`cross_validated_savings`); default: scored on ``problem`` with ``score``.
+    step: prefix resolution in copies.
+    safety, interference, max_concurrent_per_link, phase, score: as in :func:`should_migrate`.
+  """
+  seq = move_sequence(plan)
+  table, best, best_net, whole = [], None, -np.inf, None
+  for k in prefix_grid(len(seq), step):
+    cand = plan_prefix(problem, current, plan, k)
+    move = move_cost(current, cand, problem.model, problem.cluster, problem.capacity,
+                     max_concurrent_per_link, sequence=move_sequence(cand))
+    dec = should_migrate(problem, current, cand, steps_per_interval, move, safety,
+                         interference, max_concurrent_per_link, phase, score,
+                         None if savings is None else float(savings(k)))
+    table.append((k, dec.saving_per_step_s, dec.gain_s, dec.cost_s))
+    whole = dec
+    net = dec.gain_s - safety * dec.cost_s
+    if dec.migrate and net > best_net:
+      best, best_net = (k, dec), net
+  if best is None:
+    if whole is None:
+      whole = Decision(False, 0.0, 0.0, "candidate equals the current placement")
+    return PrefixChoice(0, whole, tuple(table))
+  return PrefixChoice(best[0], best[1], tuple(table))
+
+
+def cross_validated_savings(problem_a: PlacementProblem, problem_b: PlacementProblem,
+                            current: Placement, plan: Callable[[PlacementProblem], Placement],
+                            score: Score | None = None,
+                            phase: str = "decode") -> Callable[[int], float]:
+  """:func:`cross_validated_saving` for every prefix: ``k -> saving`` of the first ``k`` moves
+  of the plans fitted on each half, scored on the other half (a plan shorter than ``k`` counts
+  whole). The two plans are made once."""
+  score = score or (lambda p, x: expected_latency(p, x, phase))
+  plan_a, plan_b = plan(problem_a), plan(problem_b)
+  base_a, base_b = score(problem_a, current), score(problem_b, current)
+
+  def saving(k: int) -> float:
+    pa = plan_prefix(problem_a, current, plan_a, min(k, len(plan_a.info["moves"])))
+    pb = plan_prefix(problem_b, current, plan_b, min(k, len(plan_b.info["moves"])))
+    return 0.5 * (base_b - score(problem_b, pa) + base_a - score(problem_a, pb))
+  return saving
 
 
 # --------------------------------------------------------------------------------------------

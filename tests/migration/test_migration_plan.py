@@ -383,3 +383,81 @@ def test_random_plans_give_valid_sequences():
     assert plan.staged == 0 and plan.moves == len(seq)
     np.testing.assert_array_equal(mig.apply_steps(cur.hosts, plan.steps), new.hosts)
     assert mig.hosted_at_every_moment(cur.hosts, plan.steps, cap)
+
+
+# ---- prefixes: how many of a plan's moves to make ------------------------------------------
+def _swapped_plan(max_moves=8):
+  before = _problem(_freq(HOMES))
+  settled = mig.plan_incremental(before, _placement(_round_robin(), before))
+  after = _problem(_freq(SWAPPED))
+  return after, settled, mig.plan_incremental(after, settled, max_moves=max_moves)
+
+
+def test_plan_prefix_is_the_smaller_budget_plan_and_schedules():
+  after, cur, plan = _swapped_plan()
+  seq = mig.move_sequence(plan)
+  assert len(seq) == 8
+  assert mig.plan_prefix(after, cur, plan, len(seq)) is plan
+  for k in range(len(seq)):
+    pre = mig.plan_prefix(after, cur, plan, k)
+    pre.validate(after)
+    assert mig.move_sequence(pre) == seq[:k]
+    # The greedy's prefix is its plan of budget k (no relocation to cut in half here).
+    np.testing.assert_array_equal(pre.hosts, mig.plan_incremental(after, cur, k).hosts)
+    kept = cur.hosts & pre.hosts
+    np.testing.assert_array_equal(pre.expert_slot[kept], cur.expert_slot[kept])
+    steps = mig.move_cost(cur, pre, MODEL, after.cluster, after.capacity,
+                          sequence=mig.move_sequence(pre)).steps
+    assert mig.hosted_at_every_moment(cur.hosts, steps, after.capacity)
+  with pytest.raises(mig.MigrationError, match="prefix of 9 moves"):
+    mig.plan_prefix(after, cur, plan, 9)
+
+
+def test_prefix_grid():
+  assert mig.prefix_grid(0, 16) == []
+  assert mig.prefix_grid(40, 16) == [16, 32, 40]
+  assert mig.prefix_grid(32, 16) == [16, 32]
+  assert mig.prefix_grid(7, 0) == [7]
+
+
+def test_choose_prefix_makes_no_move_the_saving_does_not_pay_for():
+  """Saving grows over the first m copies and then stays flat: the trigger makes exactly m
+  (more copies cost transfer time and bring nothing); with no saving it makes none."""
+  after, cur, plan = _swapped_plan()
+  full = mig.expected_latency(after, cur) - mig.expected_latency(after, plan)
+  assert full > 0
+  for m in (2, 5):
+    got = mig.choose_prefix(after, cur, plan, 1e5, lambda k, m=m: full * min(k, m) / m, step=1)
+    assert got.migrate and got.moves == m
+    assert [row[0] for row in got.table] == list(range(1, 9))
+    assert got.decision.move.moves == m
+    nets = [g - 2.0 * c for _, _, g, c in got.table]
+    assert nets[m - 1] == max(nets)
+  none = mig.choose_prefix(after, cur, plan, 1e5, lambda k: 0.0, step=1)
+  assert not none.migrate and none.moves == 0 and not none.decision.migrate
+  # Too short an interval to earn any prefix back: no migration either.
+  assert not mig.choose_prefix(after, cur, plan, 1e-3, step=1).migrate
+  # step 0: only the whole plan is judged (all or nothing).
+  whole = mig.choose_prefix(after, cur, plan, 1e5, step=0)
+  assert len(whole.table) == 1 and whole.moves == 8
+
+
+def test_choose_prefix_on_unchanged_statistics_does_not_migrate():
+  prob = _problem(_freq(HOMES))
+  settled = mig.plan_incremental(prob, _placement(_round_robin(), prob))
+  again = mig.plan_incremental(prob, settled, max_moves=8)
+  got = mig.choose_prefix(prob, settled, again, 1e6, step=1)
+  assert not got.migrate and got.table == ()
+
+
+def test_cross_validated_savings_per_prefix():
+  after, cur, _ = _swapped_plan()
+  planner = lambda p: mig.plan_incremental(p, cur, max_moves=6)  # noqa: E731
+  savings = mig.cross_validated_savings(after, after, cur, planner)
+  plan = planner(after)
+  base = mig.expected_latency(after, cur)
+  for k in range(7):
+    want = base - mig.expected_latency(after, mig.plan_prefix(after, cur, plan, k))
+    assert savings(k) == pytest.approx(want)
+  assert savings(6) == pytest.approx(mig.cross_validated_saving(after, after, cur, planner))
+  assert savings(50) == pytest.approx(savings(6))  # a plan shorter than k counts whole

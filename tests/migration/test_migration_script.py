@@ -57,3 +57,37 @@ def test_recovery_bounds_from_both_starting_placements(tmp_path, shared_data):
     assert rec[key] is None or rec[key] >= 0
   if rec["intervals_to_recover"] is not None and rec["intervals_to_recover"] <= 2:
     assert rec["min_copies_any_plan"] <= rec["incremental_moves"]
+
+
+def test_migration_sweep_collects_every_run(tmp_path, shared_data):
+  """experiments/migration_sweep.py: one row per run and shift, consistent with each run's own
+  summary.json, and a summary table row per (drift, shift, policy)."""
+  out = tmp_path / "sweep"
+  cmd = [sys.executable, str(REPO / "experiments" / "migration_sweep.py"), "--seeds", "0",
+         "--drift_presets", "pairs,mix", "--budgets", "6:1", "--prefix_steps", "0,2",
+         "--extra=--steps=18,--interval=3,--request_len=16", "--keep_runs",
+         "--out", str(out)]
+  res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={"MOE_EDGE_DATA": str(shared_data), "JAX_PLATFORMS": "cpu",
+                            "PATH": "/usr/bin:/bin"})
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(out / "shifts.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 * 2 * 2  # drifts x trigger settings x shifts
+  for r in rows:
+    run = out / "runs" / f"{r['drift']}_b6h1_p{r['prefix_step']}_s0"
+    rec = json.loads((run / "summary.json").read_text())["recovery"][int(r["shift"]) - 1]
+    assert int(r["incremental_moves"]) == rec["incremental_moves"]
+    assert int(r["full_replan_moves"]) == rec["full_replan_moves"]
+    t = rec["intervals_to_recover"]
+    met = (t is not None and t <= 2 and rec["move_share"] is not None
+           and rec["move_share"] <= 0.25)
+    assert r["goal_met"] == str(met)
+    with open(run / "intervals.csv") as f:
+      inc = [x for x in csv.DictReader(f) if x["policy"] == "incremental"]
+    assert all(int(x["moves"]) <= 6 for x in inc)
+  table = (out / "summary.md").read_text()
+  for drift in ("pairs", "mix"):
+    for shift in (1, 2):
+      for trig in ("all-or-nothing", "prefix"):
+        assert f"| {drift} | {shift} | 6 x 1, {trig} |" in table
