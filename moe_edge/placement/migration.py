@@ -81,6 +81,7 @@ copies if needed). Recovery time = the slowest server's ``loads * W_e / storage_
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Sequence
 
 import numpy as np
@@ -529,10 +530,8 @@ def cross_validated_saving(problem_a: PlacementProblem, problem_b: PlacementProb
   migrates every interval. The held-out estimate is near zero (or negative) then and large after
   a real shift.
   """
-  score = score or (lambda p, x: expected_latency(p, x, phase))
-  plan_a, plan_b = plan(problem_a), plan(problem_b)
-  return 0.5 * (score(problem_b, current) - score(problem_b, plan_a) +
-                score(problem_a, current) - score(problem_a, plan_b))
+  # Every plan is its own longest prefix (plan_prefix returns it unchanged).
+  return cross_validated_savings(problem_a, problem_b, current, plan, score, phase)(sys.maxsize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,7 +584,7 @@ def prefix_grid(total: int, step: int) -> list[int]:
     return []
   if step <= 0:
     return [total]
-  return sorted(set(range(step, total, step)) | {total})
+  return [*range(step, total, step), total]
 
 
 def choose_prefix(problem: PlacementProblem, current: Placement, plan: Placement,
