@@ -37,7 +37,7 @@ needs for that (:func:`~moe_edge.placement.migration.min_copies_for_coverage`).
 step ``s``: reroute at once, re-load the experts only ``n`` held from storage, report the
 recovery time and the experts unreachable meanwhile.
 
-Example (about 35 s on two CPU cores)::
+Example (about 40 s on two CPU cores)::
 
   python experiments/migration.py --fail_server 3 --fail_step 40
 

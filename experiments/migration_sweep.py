@@ -15,7 +15,7 @@ From the runs' ``summary.json`` it writes
   median share of the re-plan's copies and the median lower-bound share, next to the per-run
   means.
 
-  python experiments/migration_sweep.py              # about 8 minutes on two CPU cores
+  python experiments/migration_sweep.py              # about 9 minutes on two CPU cores
   python experiments/migration_sweep.py --seeds 0 --budgets 96:1 --drift_presets mix
 """
 from __future__ import annotations
