@@ -31,3 +31,14 @@ def test_shipped_checkpoint_restores_and_matches_its_recorded_loss():
   # 8 random windows per domain vs the recorded 256: the domain mean agrees to sampling noise.
   # An untrained byte model scores ~8 bits/byte, so this cannot pass on a broken checkpoint.
   np.testing.assert_allclose(np.mean(got), np.mean(want), atol=0.25)
+
+
+def test_shipped_checkpoint_checksums_hold():
+  """checksums.json of the shipped checkpoint covers every file and matches it."""
+  import json  # noqa: PLC0415
+  from moe_edge.model.checkpoint import verify_checkpoint  # noqa: PLC0415
+  verify_checkpoint(CKPT / "final")
+  listed = set(json.loads((CKPT / "final" / "checksums.json").read_text())["files"])
+  on_disk = {p.relative_to(CKPT / "final").as_posix() for p in (CKPT / "final").rglob("*")
+             if p.is_file() and p.name != "checksums.json"}
+  assert listed == on_disk and len(listed) == 16
