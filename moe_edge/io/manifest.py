@@ -168,7 +168,7 @@ class OutputFolder:
   def claim(cls, folder: str | Path, identity: RunIdentity, outputs: Sequence[str],
             overwrite: bool = False, resume: bool = False, replace_same: bool = True,
             refuse_hint: str = "choose another folder, or pass --overwrite to replace them",
-            command: str | None = None) -> "OutputFolder":
+            command: str | None = None, leftovers: Sequence[str] = ()) -> "OutputFolder":
     """Check ``folder`` for this run and take it over; raises :class:`OutputError` if refused.
 
     Args:
@@ -181,6 +181,8 @@ class OutputFolder:
         too (training: a second run must say ``--resume`` or ``--overwrite``).
       refuse_hint: the fix printed when refused.
       command: the command line recorded (default: ``sys.argv``).
+      leftovers: names the caller will clean up itself (remains of interrupted writes); they are
+        not counted as clashes.
     """
     folder = Path(folder).resolve()
     if resume and overwrite:
@@ -212,7 +214,7 @@ class OutputFolder:
         what = "; ".join(diff) if diff else "the same settings"
         raise OutputError(f"{where}: {what}); {refuse_hint}.")
     clash = sorted(p.name for p in folder.iterdir()
-                   if p.name != MANIFEST and p.name not in inherited
+                   if p.name != MANIFEST and p.name not in inherited and p.name not in leftovers
                    and atomic.PARTIAL_TAG not in p.name
                    and any(fnmatch.fnmatchcase(p.name, pat) for pat in outputs))
     if clash and not overwrite:
