@@ -13,13 +13,14 @@ import hashlib
 import json
 from pathlib import Path
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.io import atomic
 
 CHECKSUM_FILE = "checksums.json"
 _CHUNK = 1 << 20
 
 
-class ChecksumError(ValueError):
+class ChecksumError(MoeEdgeError):
   """A file does not match the checksum recorded when it was written."""
 
 

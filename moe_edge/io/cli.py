@@ -6,8 +6,8 @@ traceback.
     cli.run(main)
 
 instead of ``app.run(main)``. A flag error (unknown flag, bad value, failed validator), an
-``app.UsageError`` and every moe-edge error (an exception whose class, or a base class, is defined
-in a ``moe_edge`` module: ``CheckpointError``, ``PlacementError``, ``OutputError``, ...) print
+``app.UsageError`` and every :class:`~moe_edge.core.errors.MoeEdgeError` (``CheckpointError``,
+``PlacementError``, ``OutputError``, ...) print
 
   <script>: error: <message on one line>
 
@@ -23,19 +23,15 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
+from moe_edge.core.errors import MoeEdgeError
+
 USAGE_EXIT = 2
 
 
 def is_user_error(exc: BaseException) -> bool:
-  """True for errors that describe bad configuration or input, not a bug.
-
-  ``app.UsageError``, absl flag errors, and exceptions of classes defined in a ``moe_edge``
-  module (or derived from one).
-  """
-  if isinstance(exc, (app.UsageError, flags.Error)):
-    return True
-  return isinstance(exc, Exception) and any(
-      (cls.__module__ or "").split(".")[0] == "moe_edge" for cls in type(exc).__mro__)
+  """True for errors that describe bad configuration or input, not a bug: ``app.UsageError``,
+  absl flag errors and :class:`MoeEdgeError`."""
+  return isinstance(exc, (app.UsageError, flags.Error, MoeEdgeError))
 
 
 def error_line(script: str, exc: BaseException) -> str:

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.io import atomic
 
 MANIFEST = "manifest.json"
@@ -43,7 +44,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "absl
 _REPO = Path(__file__).resolve().parents[2]
 
 
-class OutputError(ValueError):
+class OutputError(MoeEdgeError):
   """An output folder cannot be used: it holds another run's results, or is not writable."""
 
 

@@ -9,10 +9,11 @@ import numpy as np
 from flax import nnx
 
 from moe_edge.config import ModelConfig
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.model.transformer import MoETransformer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoeEdgeError):
   """A checkpoint is missing, incomplete, or does not match the model it is loaded into."""
 
 
