@@ -69,7 +69,8 @@ def test_another_identity_is_refused_unless_overwrite(tmp_path):
   out = OutputFolder.claim(tmp_path, ident(), OUTS)
   out.write_text("olmoe.csv", "x")
   out.finish()
-  with pytest.raises(OutputError, match=r"another run .*seed: 0 vs 1; alpha: 0.8 vs 0.5\); choose"):
+  refused = r"another run .*seed: 0 vs 1; alpha: 0.8 vs 0.5\); choose"
+  with pytest.raises(OutputError, match=refused):
     OutputFolder.claim(tmp_path, ident(alpha=0.5, seed=1), OUTS)
   new = OutputFolder.claim(tmp_path, ident(alpha=0.5), OUTS, overwrite=True)
   assert not (tmp_path / "olmoe.csv").exists()  # gone before the new run writes anything
