@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_edge.config import model_config
-from moe_edge.model.checkpoint import restore_checkpoint
+from moe_edge.model.checkpoint import restore_checkpoint, verify_checkpoint
 from moe_edge.model.transformer import token_losses
 from moe_edge.workload import corpus
 from conftest import REPO
@@ -35,8 +35,6 @@ def test_shipped_checkpoint_restores_and_matches_its_recorded_loss():
 
 def test_shipped_checkpoint_checksums_hold():
   """checksums.json of the shipped checkpoint covers every file and matches it."""
-  import json  # noqa: PLC0415
-  from moe_edge.model.checkpoint import verify_checkpoint  # noqa: PLC0415
   verify_checkpoint(CKPT / "final")
   listed = set(json.loads((CKPT / "final" / "checksums.json").read_text())["files"])
   on_disk = {p.relative_to(CKPT / "final").as_posix() for p in (CKPT / "final").rglob("*")
