@@ -21,6 +21,7 @@ and keeps ``files`` up to date as the run writes (each file atomically). Ownersh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fnmatch
@@ -31,7 +32,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from moe_edge.core.errors import MoeEdgeError
 from moe_edge.io import atomic
@@ -266,6 +267,14 @@ class OutputFolder:
   def write_json(self, name: str, obj, indent: int | None = 1, default=None) -> Path:
     atomic.write_json(self.path(name), obj, indent=indent, default=default)
     return self.record(name)
+
+  @contextlib.contextmanager
+  def atomic_path(self, name: str) -> Iterator[Path]:
+    """Yield a temporary path for writers that take a path (``fig.savefig(tmp, format="png")``,
+    ``np.savez(open(tmp, "wb"), ...)``); on success it becomes output ``name`` and is recorded."""
+    with atomic.atomic_path(self.path(name)) as tmp:
+      yield tmp
+    self.record(name)
 
   def finish(self) -> None:
     """Remove the previous run's files not written again (same-identity rerun) and mark the

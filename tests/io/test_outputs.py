@@ -105,6 +105,14 @@ def test_folder_errors(tmp_path):
   out = OutputFolder.claim(tmp_path / "ok", ident(), OUTS)
   with pytest.raises(ValueError, match="not among the declared outputs"):
     out.write_text("notes.txt", "x")
+  with pytest.raises(RuntimeError):
+    with out.atomic_path("plots") as tmp:
+      tmp.write_bytes(b"half a png")
+      raise RuntimeError("killed")
+  assert not (tmp_path / "ok" / "plots").exists() and out.files == []
+  with out.atomic_path("plots") as tmp:
+    tmp.write_bytes(b"png")
+  assert out.files == ["plots"] and (tmp_path / "ok" / "plots").read_bytes() == b"png"
 
 
 # ---- CLI helper ------------------------------------------------------------------------------
