@@ -195,6 +195,11 @@ class Placement:
   def validate(self, problem: PlacementProblem | None = None) -> None:
     """Raise PlacementError unless the placement is consistent (and feasible for ``problem``)."""
     h = self.hosts
+    if h.dtype != bool:
+      raise PlacementError(f"hosts must be a bool table, got {h.dtype}; build placements with "
+                           f"Placement.from_hosts.")
+    if not np.issubdtype(self.route.dtype, np.integer):
+      raise PlacementError(f"route must be an integer table, got {self.route.dtype}.")
     if h.ndim != 3:
       raise PlacementError(f"hosts must be [N, L, E], got shape {h.shape}.")
     if self.route.shape != h.shape:

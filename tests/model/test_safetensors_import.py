@@ -111,3 +111,50 @@ def test_scheme_config_mismatch():
     ckpt.hf_tensor_map(TINY, "mixtral")
   with pytest.raises(ckpt.CheckpointError, match="unknown safetensors scheme"):
     ckpt.hf_tensor_map(TINY, "llama")
+
+
+@pytest.fixture(scope="module")
+def mixtral_tensors(tmp_path_factory):
+  """The tensors of a real exported tiny Mixtral-style checkpoint."""
+  path = tmp_path_factory.mktemp("st") / "m.safetensors"
+  ckpt.export_hf_safetensors(MoETransformer(CONFIGS["mixtral"], nnx.Rngs(6)), path, "mixtral")
+  return path, safetensors.numpy.load_file(str(path))
+
+
+@pytest.mark.parametrize("name,value,fragment", [
+    ("model.layers.0.block_sparse_moe.experts.1.w1.weight", "int32",
+     r"not floating point: \['model.layers.0.block_sparse_moe.experts.1.w1.weight \(I32\)'\]"),
+    ("model.layers.1.input_layernorm.weight", "bool",
+     r"not floating point: \['model.layers.1.input_layernorm.weight \(BOOL\)'\]"),
+    ("model.layers.1.self_attn.v_proj.weight", "nan",
+     r"tensor model.layers.1.self_attn.v_proj.weight holds 1 non-finite values"),
+    ("lm_head.weight", "inf", r"tensor lm_head.weight holds 3 non-finite values"),
+])
+def test_wrong_dtype_and_non_finite_tensors_are_named(tmp_path, mixtral_tensors, name, value,
+                                                      fragment):
+  """int32 and bool tensors were cast silently (logits off by 4.98 and 2.91), NaN propagated."""
+  _, tensors = mixtral_tensors
+  t = dict(tensors)
+  if value in ("int32", "bool"):
+    t[name] = np.ones_like(t[name]).astype(value)
+  else:
+    t[name] = t[name].copy()
+    t[name].flat[:1 if value == "nan" else 3] = np.nan if value == "nan" else np.inf
+  path = tmp_path / "hostile.safetensors"
+  safetensors.numpy.save_file(t, str(path))
+  with pytest.raises(ckpt.CheckpointError, match=fragment):
+    ckpt.import_hf_safetensors(path, CONFIGS["mixtral"], "mixtral")
+
+
+def test_truncated_and_foreign_files_are_named(tmp_path, mixtral_tensors):
+  path, _ = mixtral_tensors
+  raw = path.read_bytes()
+  cut = tmp_path / "cut.safetensors"
+  cut.write_bytes(raw[:len(raw) // 2])
+  with pytest.raises(ckpt.CheckpointError, match=r"cut.safetensors is not a readable safetensors "
+                                                 r"file .*truncated, corrupt"):
+    ckpt.import_hf_safetensors(cut, CONFIGS["mixtral"], "mixtral")
+  text = tmp_path / "notes.safetensors"
+  text.write_text("these are not weights\n")
+  with pytest.raises(ckpt.CheckpointError, match=r"notes.safetensors is not a readable"):
+    ckpt.import_hf_safetensors(text, CONFIGS["mixtral"], "mixtral")

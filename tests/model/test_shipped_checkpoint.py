@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_edge.config import model_config
-from moe_edge.model.checkpoint import restore_checkpoint
+from moe_edge.model.checkpoint import restore_checkpoint, verify_checkpoint
 from moe_edge.model.transformer import token_losses
 from moe_edge.workload import corpus
 from conftest import REPO
@@ -31,3 +31,12 @@ def test_shipped_checkpoint_restores_and_matches_its_recorded_loss():
   # 8 random windows per domain vs the recorded 256: the domain mean agrees to sampling noise.
   # An untrained byte model scores ~8 bits/byte, so this cannot pass on a broken checkpoint.
   np.testing.assert_allclose(np.mean(got), np.mean(want), atol=0.25)
+
+
+def test_shipped_checkpoint_checksums_hold():
+  """checksums.json of the shipped checkpoint covers every file and matches it."""
+  verify_checkpoint(CKPT / "final")
+  listed = set(json.loads((CKPT / "final" / "checksums.json").read_text())["files"])
+  on_disk = {p.relative_to(CKPT / "final").as_posix() for p in (CKPT / "final").rglob("*")
+             if p.is_file() and p.name != "checksums.json"}
+  assert listed == on_disk and len(listed) == 16

@@ -1,0 +1,90 @@
+"""Script entry points: configuration and input errors become one usage line, bugs keep their
+traceback.
+
+  from moe_edge.io import cli
+  if __name__ == "__main__":
+    cli.run(main)
+
+instead of ``app.run(main)``. A flag error (unknown flag, bad value, failed validator), an
+``app.UsageError`` and every :class:`~moe_edge.core.errors.MoeEdgeError` (``CheckpointError``,
+``PlacementError``, ``OutputError``, ...) print
+
+  <script>: error: <message on one line>
+
+to stderr and exit with :data:`USAGE_EXIT` (2). Any other exception is a bug in moe-edge and
+propagates with its traceback. :func:`invoke` does the same in-process (tests call a script's
+``main`` through it) and returns the exit code.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from absl import app, flags
+
+from moe_edge.core.errors import MoeEdgeError
+
+USAGE_EXIT = 2
+
+
+def is_user_error(exc: BaseException) -> bool:
+  """True for errors that describe bad configuration or input, not a bug: ``app.UsageError``,
+  absl flag errors and :class:`MoeEdgeError`."""
+  return isinstance(exc, (app.UsageError, flags.Error, MoeEdgeError))
+
+
+def error_line(script: str, exc: BaseException) -> str:
+  """``<script>: error: <message>`` with the message's lines joined."""
+  msg = " ".join(str(exc).split()) or type(exc).__name__
+  return f"{script}: error: {msg}"
+
+
+def _script_name(argv: Sequence[str]) -> str:
+  return Path(argv[0]).name if argv else "moe-edge"
+
+
+def _fail(script: str, exc: BaseException) -> None:
+  sys.stderr.write(error_line(script, exc) + "\n")
+  sys.stderr.flush()
+  sys.exit(USAGE_EXIT)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with a flag error printed as one usage line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(_script_name(argv), e)
+    raise  # unreachable: _fail exits
+
+
+def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+  """``main`` with user errors turned into one usage line and exit code 2."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except Exception as e:  # noqa: BLE001 (re-raised unless it is a user error)
+      if is_user_error(e):
+        _fail(_script_name(argv or sys.argv), e)
+      raise
+
+  return wrapped
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+  """``app.run(main)`` with one-line usage errors (see the module docstring)."""
+  app.run(guarded(main), flags_parser=parse_flags)
+
+
+def invoke(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
+  """Parse ``argv`` into absl's FLAGS and call ``main`` as :func:`run` would; return the exit
+  code (0 when ``main`` returns normally). Flags are reset before parsing."""
+  flags.FLAGS.unparse_flags()
+  try:
+    rest = parse_flags(list(argv))
+    guarded(main)(rest)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  return 0
