@@ -1,0 +1,1 @@
+"""Runtime migration: slots, transfer schedules, trigger, incremental planner, failure, replay."""
