@@ -56,7 +56,7 @@ from absl import app, flags
 
 from moe_edge.config import cluster_config, model_config, with_expert_memory
 from moe_edge.cost.model import evaluate, expected_cost
-from moe_edge.migration import incremental as mig
+from moe_edge import migration as mig
 from moe_edge.placement import place
 from moe_edge.placement.problem import Placement, PlacementProblem
 from moe_edge.workload.corpus import DOMAINS

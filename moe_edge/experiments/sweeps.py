@@ -226,7 +226,7 @@ def pair_swap_drift(num_servers: int, steps: int, interval: int) -> DriftSchedul
 def sweep_migration(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[dict]:
   """Per interval and policy: latency, coverage, bytes and the migration (expert copies, GB,
   transfer time) applied at the interval's start."""
-  from moe_edge.migration import incremental as mig  # noqa: PLC0415
+  from moe_edge import migration as mig  # noqa: PLC0415
   from moe_edge.placement import place  # noqa: PLC0415
   m = _stats_models(cfg)[0]
   model = served_model(cfg, m)
