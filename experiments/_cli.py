@@ -37,13 +37,20 @@ def presets() -> list[str]:
 
 def define_config(default: str, help_text: str = "") -> config_flags.FlagHolder:
   """``--config`` (a preset file or name, default ``configs/experiments/<default>.py``) with
-  ``--config.KEY=VALUE`` overrides."""
+  ``--config.KEY=VALUE`` overrides. ``ml_collections`` reads the overrides off ``sys.argv``
+  when the flag is defined, so preset names are expanded and unknown keys reported here."""
   _DEFAULT["config"] = str(PRESETS / f"{default}.py")
-  return config_flags.DEFINE_config_file(
-      "config", _DEFAULT["config"],
-      help_text or f"Experiment preset: a file whose get_config() returns a ConfigDict, or a "
-      f"preset name ({', '.join(presets())}); override settings with --config.KEY=VALUE.",
-      lock_config=True)
+  try:
+    sys.argv[1:] = _expand(sys.argv[1:])
+    return config_flags.DEFINE_config_file(
+        "config", _DEFAULT["config"],
+        help_text or f"Experiment preset: a file whose get_config() returns a ConfigDict, or a "
+        f"preset name ({', '.join(presets())}); override settings with --config.KEY=VALUE.",
+        lock_config=True)
+  except ConfigError as e:
+    sys.exit(f"FATAL Flags parsing error: {e}")
+  except (AttributeError, KeyError) as e:
+    _unknown_key(sys.argv, e)
 
 
 def _preset_path(value: str) -> str:
@@ -89,20 +96,22 @@ def _known_keys(path: str) -> list[str]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser: preset names expanded; bad overrides reported in one line."""
+  """absl flags parser: bad overrides reported in one line."""
   try:
-    argv = _expand(list(argv))
-  except ConfigError as e:
-    sys.exit(f"FATAL Flags parsing error: {e}")
-  try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(list(argv))
   except flags.Error as e:
     sys.exit(f"FATAL Flags parsing error: {e}")
   except (AttributeError, KeyError) as e:
-    path = _config_file(argv)
-    key = str(e).strip("\"'")
-    sys.exit(f"FATAL Flags parsing error: --config.{key}: no such setting in {path}; known: "
-             f"{', '.join(_known_keys(path))}.")
+    _unknown_key(argv, e)
+
+
+def _unknown_key(argv: list[str], e: Exception) -> None:
+  path = _config_file(argv)
+  key = str(e).strip("\"'")
+  bad = next((a.partition("=")[0] for a in argv if a.startswith("--config.")
+              and key in a.partition("=")[0].split(".")), f"--config.{key}")
+  sys.exit(f"FATAL Flags parsing error: {bad}: no such setting ({key!r}) in {path}; known: "
+           f"{', '.join(_known_keys(path))}.")
 
 
 def build(fn: Callable, *args):
