@@ -142,27 +142,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
     w.writerows(rows)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  sw = _cli.build(BudgetSweepConfig.from_flat, CONFIG.value.to_dict())
+def budget_rows(sw: BudgetSweepConfig, st: harness.Setup, cms: dict, variants: dict
+                ) -> list[dict]:
+  """One row per budget kind, variant and budget: loss, kept mass, drops, spent cost, costs."""
   h = sw.harness
-  t0 = time.perf_counter()
-  variants = {v: sw.parse_variant(v) for v in sw.variants}
-  st = h.prepare()
   cfg, work, placement, hosts = st.cfg, st.heldout, st.placement, st.placement.hosts
-  energy = budgeted.EnergyModel(h.pj_per_flop, h.nj_per_byte)
-  cms = {kind: budgeted.choice_cost_matrix(cfg, st.cluster, kind, energy)
-         for kind in budgeted.COST_KINDS}
-  out = Path(OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
-  print(f"model {cfg.name} ({st.origin}) on {st.cluster.name}: {placement.method} placement; "
-        f"held-out {work.tokens.shape[0]} requests x {work.seq_len} tokens")
-  for kind, cm in cms.items():
-    scale, u = (1e3, "ms") if kind == "latency" else (1e6, "uJ")
-    print(f"  {kind} cost of one token-choice [from n, on m] ({u}):\n" + "\n".join(
-        "    " + " ".join(f"{v * scale:9.5f}" for v in row) for row in cm))
-
   runners = {}
   for v, (force, renorm) in variants.items():
     runners[v] = harness.Runner(
@@ -206,6 +190,31 @@ def main(argv):
               f"{row['spent_units_per_token_layer']:.3f} units, "
               f"{row['cross_kb_per_token']:.3f} kB/token, greedy!=exact "
               f"{row['greedy_exact_mismatch']}")
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
+  sw = _cli.build(BudgetSweepConfig.from_flat, CONFIG.value.to_dict())
+  h = sw.harness
+  t0 = time.perf_counter()
+  variants = {v: sw.parse_variant(v) for v in sw.variants}
+  st = h.prepare()
+  cfg, work, placement, hosts = st.cfg, st.heldout, st.placement, st.placement.hosts
+  energy = budgeted.EnergyModel(h.pj_per_flop, h.nj_per_byte)
+  cms = {kind: budgeted.choice_cost_matrix(cfg, st.cluster, kind, energy)
+         for kind in budgeted.COST_KINDS}
+  out = Path(OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  print(f"model {cfg.name} ({st.origin}) on {st.cluster.name}: {placement.method} placement; "
+        f"held-out {work.tokens.shape[0]} requests x {work.seq_len} tokens")
+  for kind, cm in cms.items():
+    scale, u = (1e3, "ms") if kind == "latency" else (1e6, "uJ")
+    print(f"  {kind} cost of one token-choice [from n, on m] ({u}):\n" + "\n".join(
+        "    " + " ".join(f"{v * scale:9.5f}" for v in row) for row in cm))
+
+  rows = budget_rows(sw, st, cms, variants)
   write_csv(rows, out / "budget_sweep.csv")
 
   gve = greedy_vs_exact(cms["latency"], hosts, sw.instances, h.seed)

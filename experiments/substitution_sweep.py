@@ -195,37 +195,21 @@ def write_csv(rows: list[dict], path: Path) -> None:
     w.writerows(rows)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  s = _cli.build(SubstitutionSweepConfig.from_flat, CONFIG.value.to_dict())
-  h = s.harness
-  t0 = time.perf_counter()
-  out = Path(OUT.value)
-  if REPLOT.value:
-    rows = read_csv(out / "substitution_sweep.csv")
-    for r in rows:
-      r["similarity"] = "" if r["similarity"] in ("", None) else r["similarity"]
-    base = next(r for r in rows if r["policy"] == "substitute" and r["knob"] == 0.0)
-    plot(rows, base, out / "substitution_sweep.png", s.drop_renormalize)
-    print(f"redrew {out}/substitution_sweep.png")
-    return
-  cfg, model, origin, cluster, placement, work, sims = setup(h)
-  out.mkdir(parents=True, exist_ok=True)
-  energy = budgeted.EnergyModel(h.pj_per_flop, h.nj_per_byte)
-  energy_cost = budgeted.choice_cost_matrix(cfg, cluster, "energy", energy)
-  hosts = placement.hosts
-  print(f"model {cfg.name} ({origin}) on {cluster.name}: {placement.method} placement, "
-        f"{int(hosts.sum())} experts hosted (capacity {cluster.expert_capacity(cfg).tolist()}); "
-        f"held-out {work.tokens.shape[0]} requests x {work.seq_len} tokens")
+def replot(out: Path, drop_renormalize: bool) -> None:
+  """Redraw substitution_sweep.png from the CSV in ``out``."""
+  rows = read_csv(out / "substitution_sweep.csv")
+  for r in rows:
+    r["similarity"] = "" if r["similarity"] in ("", None) else r["similarity"]
+  base = next(r for r in rows if r["policy"] == "substitute" and r["knob"] == 0.0)
+  plot(rows, base, out / "substitution_sweep.png", drop_renormalize)
+  print(f"redrew {out}/substitution_sweep.png")
 
-  ranks = rank_rows(sims)
-  write_csv(ranks, out / "similarity_rank.csv")
-  print("Spearman rho between similarity matrices (off-diagonal pairs), per layer:")
-  for r in ranks:
-    print("  layer {layer}: ".format(**r) + ", ".join(f"{k} {v:+.2f}" for k, v in r.items()
-                                                       if k != "layer"))
 
+def sweep_rows(s: SubstitutionSweepConfig, cfg, model, cluster, placement, work, sims,
+               energy_cost) -> list[dict]:
+  """One row per run: substitution per similarity and threshold, the drop control, the
+  local-preferring top-k per tolerance."""
+  h, hosts = s.harness, placement.hosts
   sub_runner = harness.Runner(
       lambda server, t, knob: substitution.substitution_moe_fn(t["hosts"], t["sim"], server,
                                                                knob, record=True),
@@ -274,6 +258,36 @@ def main(argv):
       print(f"  prefer_local tol={tol:.2f}: nll {rows[-1]['nll']:.4f}, changed "
             f"{rows[-1]['substituted_frac']:.3f}, coverage {rows[-1]['coverage']:.3f}, "
             f"{rows[-1]['cross_kb_per_token']:.3f} kB/token")
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
+  s = _cli.build(SubstitutionSweepConfig.from_flat, CONFIG.value.to_dict())
+  h = s.harness
+  t0 = time.perf_counter()
+  out = Path(OUT.value)
+  if REPLOT.value:
+    replot(out, s.drop_renormalize)
+    return
+  cfg, model, origin, cluster, placement, work, sims = setup(h)
+  out.mkdir(parents=True, exist_ok=True)
+  energy = budgeted.EnergyModel(h.pj_per_flop, h.nj_per_byte)
+  energy_cost = budgeted.choice_cost_matrix(cfg, cluster, "energy", energy)
+  hosts = placement.hosts
+  print(f"model {cfg.name} ({origin}) on {cluster.name}: {placement.method} placement, "
+        f"{int(hosts.sum())} experts hosted (capacity {cluster.expert_capacity(cfg).tolist()}); "
+        f"held-out {work.tokens.shape[0]} requests x {work.seq_len} tokens")
+
+  ranks = rank_rows(sims)
+  write_csv(ranks, out / "similarity_rank.csv")
+  print("Spearman rho between similarity matrices (off-diagonal pairs), per layer:")
+  for r in ranks:
+    print("  layer {layer}: ".format(**r) + ", ".join(f"{k} {v:+.2f}" for k, v in r.items()
+                                                       if k != "layer"))
+
+  rows = sweep_rows(s, cfg, model, cluster, placement, work, sims, energy_cost)
   write_csv(rows, out / "substitution_sweep.csv")
 
   base = next(r for r in rows if r["policy"] == "substitute" and r["knob"] == 0.0)
