@@ -24,11 +24,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from moe_edge.config import ConfigError
-from moe_edge.placement.problem import PlacementError
+from moe_edge.core.errors import MoeEdgeError
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "experiments"
-ERRORS = (ConfigError, PlacementError)  # the library's errors: reported in one line
+ERRORS = (MoeEdgeError,)  # bad input to the library: reported in one line (else a bug)
 _DEFAULT: dict[str, str] = {}
 
 
