@@ -17,6 +17,7 @@ setup(
         "scipy>=1.11",
         "matplotlib>=3.8",
         "safetensors>=0.4",
+        "ml_collections>=1.0",
     ],
     extras_require={"test": ["pytest>=8.0"]},
 )

@@ -129,7 +129,7 @@ def serve(f) -> dict:
   from moe_edge.model.transformer import generate  # noqa: PLC0415
   from moe_edge.parallel.mesh import MeshError, server_mesh  # noqa: PLC0415
   from moe_edge.parallel.runtime import ServingRuntime  # noqa: PLC0415
-  from moe_edge.placement import migration as mig  # noqa: PLC0415
+  from moe_edge import migration as mig  # noqa: PLC0415
   from moe_edge.placement import place  # noqa: PLC0415
   from moe_edge.placement.problem import Placement, PlacementProblem  # noqa: PLC0415
   from moe_edge.workload.record import record_trace  # noqa: PLC0415

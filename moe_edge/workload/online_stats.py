@@ -263,7 +263,7 @@ class OnlineStats:
     """Window frequencies ``[N, L, E]`` of two disjoint, interleaved halves of the window's steps
     (ring slots of even and of odd index). A plan fitted on one half and scored on the other
     gives a gain estimate free of the optimism of scoring a plan on its own sample
-    (:func:`moe_edge.placement.migration.cross_validated_saving`)."""
+    (:func:`moe_edge.migration.trigger.cross_validated_saving`)."""
     if min(self.steps, self.window) < 2:
       raise StatsError("window_halves needs at least two steps in the window.")
     even, odd = self.ring_counts[0::2].sum(axis=0), self.ring_counts[1::2].sum(axis=0)
