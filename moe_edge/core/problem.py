@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from moe_edge.config import ClusterConfig, ModelConfig, model_config
+from moe_edge.core import atomic, files
 from moe_edge.core.errors import PlacementError
 from moe_edge.core.hardware import Hardware
 from moe_edge.core.routing import route_table
@@ -240,38 +241,62 @@ class Placement:
                 route=self.route.tolist(), slot_expert=self.slot_expert.tolist())
 
   @classmethod
-  def from_dict(cls, d: dict) -> "Placement":
-    p = cls(np.asarray(d["hosts"], dtype=bool), np.asarray(d["route"], dtype=np.int32),
-            np.asarray(d["slot_expert"], dtype=np.int32), d.get("method", ""),
-            d.get("info", {}))
-    p.validate()
+  def from_dict(cls, d: dict, where: str = "placement") -> "Placement":
+    """The placement of :meth:`to_dict`'s layout, validated; a missing key, a ragged or
+    non-numeric table raises PlacementError naming ``where``."""
+    files.check_keys(d, where, PlacementError, "placement", _FIX,
+                     required=("hosts", "route", "slot_expert"))
+    try:
+      hosts, route, slots = (np.asarray(d[k]) for k in ("hosts", "route", "slot_expert"))
+      if hosts.dtype != bool and np.issubdtype(hosts.dtype, np.number):
+        if not np.isin(hosts, (0, 1)).all():
+          raise PlacementError(f"{where}: hosts must hold 0/1 (or booleans).")
+        hosts = hosts.astype(bool)
+      p = cls(hosts, route.astype(np.int32, casting="same_kind"),
+              slots.astype(np.int32, casting="same_kind"), str(d.get("method", "")),
+              d.get("info", {}) if isinstance(d.get("info", {}), dict) else {})
+    except PlacementError as err:
+      raise PlacementError(f"{where}: {err}" if where not in str(err) else str(err)) from None
+    except (TypeError, ValueError) as err:
+      raise PlacementError(f"{where}: hosts, route and slot_expert must be integer tables of "
+                           f"matching shapes ({' '.join(str(err).split())}); {_FIX}") from None
+    try:
+      p.validate()
+    except PlacementError as err:
+      raise PlacementError(f"{where}: {err}") from None
     return p
 
   def save(self, path: str | Path) -> Path:
-    """Write ``.json`` (human-readable) or ``.npz``; both round-trip exactly."""
+    """Write ``.json`` (human-readable) or ``.npz`` atomically; both round-trip exactly."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
-      path.write_text(json.dumps(self.to_dict(), default=_json_default))
+      atomic.write_text(path, json.dumps(self.to_dict(), default=_json_default))
     elif path.suffix == ".npz":
-      np.savez_compressed(path, hosts=self.hosts, route=self.route, slot_expert=self.slot_expert,
-                          method=np.array(self.method),
-                          info=np.array(json.dumps(self.info, default=_json_default)))
+      with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, hosts=self.hosts, route=self.route, slot_expert=self.slot_expert,
+                            method=np.array(self.method),
+                            info=np.array(json.dumps(self.info, default=_json_default)))
     else:
       raise PlacementError(f"placement files end in .json or .npz, got {path.name!r}.")
     return path
 
   @classmethod
   def load(cls, path: str | Path) -> "Placement":
+    """Read a ``.json`` or ``.npz`` placement and validate it; a damaged, wrong-type or
+    inconsistent file raises one PlacementError naming it."""
     path = Path(path)
-    if not path.is_file():
-      raise PlacementError(f"no placement file at {path}; make one with experiments/place.py.")
     if path.suffix == ".json":
-      return cls.from_dict(json.loads(path.read_text()))
-    with np.load(path, allow_pickle=False) as z:
-      d = dict(hosts=z["hosts"], route=z["route"], slot_expert=z["slot_expert"],
-               method=str(z["method"]), info=json.loads(str(z["info"])))
-    return cls.from_dict(d)
+      return cls.from_dict(files.read_json(path, PlacementError, "placement", _FIX), str(path))
+    if path.suffix != ".npz":
+      raise PlacementError(f"{path}: placement files end in .json or .npz, got "
+                           f"{path.suffix or 'no suffix'!r}; {_FIX}")
+    z = files.read_npz(path, PlacementError, "placement", _FIX,
+                       required=("hosts", "route", "slot_expert"))
+    info = files.json_field(str(z["info"]), path, PlacementError, "info", _FIX) \
+        if "info" in z else {}
+    d = dict(hosts=z["hosts"], route=z["route"], slot_expert=z["slot_expert"],
+             method=str(z.get("method", "")), info=info)
+    return cls.from_dict(d, str(path))
 
   def __eq__(self, other):
     return (isinstance(other, Placement) and np.array_equal(self.hosts, other.hosts)
@@ -321,6 +346,9 @@ def check_slot_table(hosts: np.ndarray, slot_expert: np.ndarray) -> None:
         f"slot tables do not match hosts: server {bad[0]}, layer {bad[1]}, expert {bad[2]} "
         f"is hosted {int(h[bad])} time(s) but sits in {int(occupied[bad])} slot(s); rebuild "
         f"with Placement.from_hosts (or migration.assign_slots_stable).")
+
+
+_FIX = "write it with Placement.save or experiments/place.py"
 
 
 def _json_default(o):

@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from moe_edge.config import ConfigError, model_config
+from moe_edge.core import atomic, files
 from moe_edge.core.errors import MoeEdgeError
 
 REQUIRED = ("domains", "layers", "num_layers", "num_experts", "top_k", "counts")
 OPTIONAL = ("counts_top1", "cross_pairs", "cross", "cross_top1")
+_FIX = "the format is in docs/DESIGN.md (RoutingStats.save writes it)"
 
 
 class StatsError(MoeEdgeError):
@@ -167,23 +169,22 @@ class RoutingStats:
     """Read and validate a RoutingStats ``.npz``; ``name`` defaults to the file's stem without
     ``_domain_counts``."""
     path = Path(path)
-    if not path.is_file():
-      raise StatsError(f"no routing statistics file at {path}.")
+    a = files.read_npz(path, StatsError, "routing-statistics", _FIX, required=REQUIRED)
     try:
-      z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-      raise StatsError(f"{path} is not a readable .npz routing-statistics file ({err}).") from None
-    with z:
-      missing = [key for key in REQUIRED if key not in z.files]
-      if missing:
-        raise StatsError(f"routing stats {path} lacks arrays {missing}; the format is in "
-                         f"docs/DESIGN.md (required: {', '.join(REQUIRED)}).")
-      a = {key: np.asarray(z[key]) for key in REQUIRED + OPTIONAL if key in z.files}
+      return cls._from_arrays(a, name or path.stem.replace("_domain_counts", ""), path)
+    except StatsError:
+      raise
+    except (TypeError, ValueError, IndexError) as err:
+      raise StatsError(f"{path}: malformed routing statistics ({' '.join(str(err).split())}); "
+                       f"{_FIX}") from None
+
+  @classmethod
+  def _from_arrays(cls, a: dict[str, np.ndarray], name: str, path: Path) -> "RoutingStats":
     pairs = a.get("cross_pairs", np.zeros((0, 2), int))
     pairs = pairs.reshape(-1, 2) if pairs.size else np.zeros((0, 2), int)
     opt = {key: a[key].astype(np.int64) if key in a else None
            for key in ("counts_top1", "cross", "cross_top1")}
-    return cls(name=name or path.stem.replace("_domain_counts", ""), path=str(path),
+    return cls(name=name, path=str(path),
                domains=tuple(str(x) for x in a["domains"]),
                layers=tuple(int(x) for x in np.atleast_1d(a["layers"])),
                num_layers=int(a["num_layers"]), num_experts=int(a["num_experts"]),
@@ -202,5 +203,6 @@ class RoutingStats:
         arrays[key] = getattr(self, key)
     if self.cross_pairs:
       arrays["cross_pairs"] = np.array(self.cross_pairs)
-    np.savez_compressed(path, **arrays)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+      np.savez_compressed(f, **arrays)
     return path

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_edge.core import atomic, files
 from moe_edge.core.errors import MoeEdgeError
 
 
@@ -148,13 +149,35 @@ class ActivationTrace:
     """Tokens with ``start <= step < stop``."""
     return self.select((self.step >= start) & (self.step < stop))
 
+  def check_gates(self, where: str = "trace") -> None:
+    """Raise TraceError unless every gate weight lies in [0, 1] and each token's k weights
+    at a layer sum to at most 1 (within :data:`GATE_TOLERANCE`).
+
+    Both routing rules of the model (``norm_topk_prob``: the k chosen softmax probabilities
+    renormalised to sum to one; without it: k of the softmax's probabilities, summing to less)
+    satisfy this, so a trace breaking it was not written by the model (e.g. rescaled gates).
+    """
+    g = np.asarray(self.gate_weights, dtype=np.float64)
+    if not g.size:
+      return
+    if g.max() > 1 + GATE_TOLERANCE:
+      bad = tuple(int(b) for b in np.argwhere(g > 1 + GATE_TOLERANCE)[0])
+      raise TraceError(f"{where}: gate weight {g[bad]:.6g} at (token, layer, rank) = {bad} "
+                       f"exceeds 1; gates are softmax probabilities. Re-record the trace.")
+    total = g.sum(axis=-1)
+    if total.max() > 1 + GATE_TOLERANCE:
+      tok, lay = (int(b) for b in np.argwhere(total > 1 + GATE_TOLERANCE)[0])
+      raise TraceError(f"{where}: the top-{self.top_k} gate weights of token {tok} at layer "
+                       f"{lay} sum to {total[tok, lay]:.6g} > 1; the model's gates sum to 1 "
+                       f"(renormalised top-k) or less. Re-record the trace.")
+
   # ---- I/O ---------------------------------------------------------------------------------
   def save(self, path: str | Path) -> Path:
+    """Write the ``.npz`` atomically (a crash leaves no half-written file at ``path``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=self.model, num_experts=self.num_experts, num_servers=self.num_servers,
                 top_k=self.top_k, source=self.source, note=self.note)
-    with open(path, "wb") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
       np.savez_compressed(
           f, expert_ids=self.expert_ids.astype(np.int32),
           gate_weights=self.gate_weights.astype(np.float32), server=self.server.astype(np.int32),
@@ -164,23 +187,35 @@ class ActivationTrace:
 
   @classmethod
   def load(cls, path: str | Path) -> "ActivationTrace":
-    """Load and validate a trace; missing keys or bad metadata raise TraceError."""
-    path = Path(path)
-    if not path.is_file():
-      raise TraceError(f"no trace file at {path}; make one with experiments/collect_traces.py.")
-    with np.load(path, allow_pickle=False) as z:
-      need = ("expert_ids", "gate_weights", "server", "request", "position", "step", "metadata")
-      missing = [k for k in need if k not in z.files]
-      if missing:
-        raise TraceError(f"{path} is not an ActivationTrace: missing arrays {missing}.")
-      meta = json.loads(str(z["metadata"]))
-      arrays = {k: np.asarray(z[k]) for k in need[:-1]}
-    if meta.get("top_k") != arrays["expert_ids"].shape[-1]:
-      raise TraceError(f"{path}: metadata says top_k={meta.get('top_k')} but expert_ids has "
-                       f"k={arrays['expert_ids'].shape[-1]}.")
-    return cls(**arrays, model=meta["model"], num_experts=int(meta["num_experts"]),
-               num_servers=int(meta["num_servers"]), source=meta.get("source", ""),
-               note=meta.get("note", ""))
+    """Load and validate a trace: a damaged or wrong-type file, missing arrays, missing or
+    non-JSON metadata, invalid gate weights (:meth:`check_gates`) and a trace without tokens
+    raise one TraceError naming the file."""
+    a = files.read_npz(path, TraceError, "ActivationTrace", _FIX, required=_ARRAYS)
+    meta = files.json_field(str(a["metadata"]), path, TraceError, "metadata", _FIX,
+                            required=("model", "num_experts", "num_servers", "top_k"))
+    arrays = {k: a[k] for k in _ARRAYS[:-1]}
+    ids = arrays["expert_ids"]
+    if meta["top_k"] != (ids.shape[-1] if ids.ndim else None):
+      raise TraceError(f"{path}: metadata says top_k={meta['top_k']} but expert_ids has shape "
+                       f"{list(ids.shape)}; {_FIX}")
+    try:
+      trace = cls(**arrays, model=str(meta["model"]), num_experts=int(meta["num_experts"]),
+                  num_servers=int(meta["num_servers"]), source=str(meta.get("source", "")),
+                  note=str(meta.get("note", "")))
+    except TraceError as err:
+      raise TraceError(f"{path}: {err}") from None
+    except (TypeError, ValueError) as err:
+      raise TraceError(f"{path}: bad metadata ({err}); {_FIX}") from None
+    if trace.num_tokens == 0:
+      raise TraceError(f"{path} holds no tokens (an empty trace); {_FIX}")
+    trace.check_gates(where=str(path))
+    return trace
+
+
+_ARRAYS = ("expert_ids", "gate_weights", "server", "request", "position", "step", "metadata")
+_FIX = "re-record it with experiments/collect_traces.py"
+#: Slack of :meth:`ActivationTrace.check_gates` for float32 rounding of recorded gates.
+GATE_TOLERANCE = 1e-3
 
 
 def concatenate(traces: list[ActivationTrace]) -> ActivationTrace:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -45,7 +44,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from moe_edge.config import ClusterConfig, ServerSpec, cluster_config, uniform_links
+from moe_edge.core import files
 from moe_edge.core.errors import MoeEdgeError
+from moe_edge.io import atomic
 
 
 class CalibrationError(MoeEdgeError):
@@ -343,20 +344,27 @@ class Calibration:
                   for k, m in d.get("measurements", {}).items()})
     except KeyError as e:
       raise CalibrationError(f"calibration JSON lacks the key {e}.") from None
+    except CalibrationError:
+      raise
+    except (TypeError, ValueError, AttributeError) as e:
+      raise CalibrationError(f"calibration JSON has a malformed entry "
+                             f"({type(e).__name__}: {' '.join(str(e).split())}).") from None
 
   def save(self, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(self.to_dict(), indent=1))
-    return path
+    """Write the JSON atomically."""
+    return atomic.write_json(path, self.to_dict(), indent=1)
 
   @classmethod
   def load(cls, path: str | Path) -> "Calibration":
-    path = Path(path)
-    if not path.is_file():
-      raise CalibrationError(f"no calibration file at {path}; write one with "
-                             f"calibrate_local(...).save(path).")
-    return cls.from_dict(json.loads(path.read_text()))
+    """Read a calibration JSON; a damaged or malformed file raises one CalibrationError naming
+    it."""
+    fix = "write one with calibrate_local(...).save(path)"
+    d = files.read_json(path, CalibrationError, "calibration", fix,
+                        required=("flops_efficiency", "bw_efficiency"))
+    try:
+      return cls.from_dict(d)
+    except CalibrationError as e:
+      raise CalibrationError(f"{path}: {e}") from None
 
   def __eq__(self, other):
     return (isinstance(other, Calibration)

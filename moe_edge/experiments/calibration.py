@@ -21,14 +21,13 @@ matmul and a copy, see ``calibrate.local_server_spec``), so the fitted kernel ra
 from __future__ import annotations
 
 import dataclasses
-import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from moe_edge.config import ClusterConfig, ConfigError, ServerSpec
-from moe_edge.cost.calibrate import Calibration, fit_roofline
+from moe_edge.cost.calibrate import Calibration, CalibrationError, fit_roofline
 
 #: NVIDIA H100 SXM5 80GB datasheet: dense BF16 tensor FLOP/s (without sparsity), HBM3 bandwidth.
 H100_SXM = ServerSpec("h100_sxm5_80gb", memory_bytes=80e9, peak_flops=989.4e12,
@@ -72,7 +71,10 @@ def kernel_efficiency(model_name: str) -> KernelEfficiency:
     raise ConfigError(f"calibration 'h100_kernels' needs {rel} (measured on an H100 by "
                       f"moe_edge/cost/calibrate.py); it is missing. Use calibration "
                       f"'datasheet' instead.")
-  cal = Calibration.from_dict(json.loads(path.read_text()))
+  try:
+    cal = Calibration.load(path)
+  except CalibrationError as e:
+    raise ConfigError(f"calibration 'h100_kernels': {e}") from None
   if 0 not in cal.measurements:
     raise ConfigError(f"{rel} holds factors but no kernel measurement to refit.")
   m = cal.measurements[0]

@@ -13,7 +13,7 @@ T, L, K, E, N = 40, 3, 2, 6, 3
 def _arrays(seed=0, t=T):
   rng = np.random.default_rng(seed)
   ids = np.argsort(rng.random((t, L, E)), axis=-1)[..., :K].astype(np.int32)  # distinct
-  gates = rng.random((t, L, K)).astype(np.float32)
+  gates = (rng.random((t, L, K)) / K).astype(np.float32)  # a softmax share: sums <= 1
   return dict(expert_ids=ids, gate_weights=gates,
               server=rng.integers(0, N, t).astype(np.int32),
               request=np.arange(t, dtype=np.int32) // 4, position=np.arange(t, dtype=np.int32) % 4,
