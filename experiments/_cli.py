@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the experiment scripts (not part of the library).
+"""Config-file handling shared by the experiment scripts (not part of the library).
 
 Every experiment script takes its settings from one config file, big_vision style::
 
@@ -8,9 +8,16 @@ Every experiment script takes its settings from one config file, big_vision styl
 ``--config`` is a preset file whose ``get_config()`` returns an ``ml_collections.ConfigDict``
 (or a preset *name*: ``paper_tables`` = ``configs/experiments/paper_tables.py``);
 ``--config.KEY=VALUE`` overrides one setting. The script then builds its validated frozen config
-(``ExperimentConfig``, ``MigrationRun``, ...) from the ConfigDict, so a bad override is one line
-on stderr: an unknown key, a value of the wrong type (``ml_collections`` checks types) or an
-invalid value (the frozen config's validation).
+(``ExperimentConfig``, ``MigrationRun``, ...) from the ConfigDict.
+
+The entry point is :func:`moe_edge.io.cli.run` with this module's :func:`parse_flags`
+(:func:`run` here does exactly that), so every script of the repository reports bad input the
+same way: one line ``<script>.py: error: <message>`` on stderr and exit code 2, for an unknown
+preset, an unknown key (with a hint), a value of the wrong type (``ml_collections`` checks
+types), an invalid value (the frozen config's validation) and bad input files alike. Output
+folders are flags next to the config, as in every other script: ``--out`` and ``--overwrite``
+(a folder holding another config's results is refused without it; see
+moe_edge.io.OutputFolder).
 """
 from __future__ import annotations
 
@@ -20,15 +27,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from moe_edge.config import ConfigError
-from moe_edge.core.errors import MoeEdgeError
+from moe_edge.io import OutputFolder, RunIdentity, cli
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "experiments"
-ERRORS = (MoeEdgeError,)  # bad input to the library: reported in one line (else a bug)
 _DEFAULT: dict[str, str] = {}
 
 
@@ -38,26 +44,23 @@ def presets() -> list[str]:
 
 def define_config(default: str, help_text: str = "") -> config_flags.FlagHolder:
   """``--config`` (a preset file or name, default ``configs/experiments/<default>.py``) with
-  ``--config.KEY=VALUE`` overrides. ``ml_collections`` reads the overrides off ``sys.argv``
-  when the flag is defined, so preset names are expanded and unknown keys reported here."""
+  ``--config.KEY=VALUE`` overrides (read off ``sys.argv`` when the flags are parsed)."""
   _DEFAULT["config"] = str(PRESETS / f"{default}.py")
-  try:
-    sys.argv[1:] = _expand(sys.argv[1:])
-    return config_flags.DEFINE_config_file(
-        "config", _DEFAULT["config"],
-        help_text or f"Experiment preset: a file whose get_config() returns a ConfigDict, or a "
-        f"preset name ({', '.join(presets())}); override settings with --config.KEY=VALUE.",
-        lock_config=True)
-  except ConfigError as e:
-    sys.exit(f"FATAL Flags parsing error: {e}")
-  except (AttributeError, KeyError) as e:
-    _unknown_key(sys.argv, e)
+  return config_flags.DEFINE_config_file(
+      "config", _DEFAULT["config"],
+      help_text or f"Experiment preset: a file whose get_config() returns a ConfigDict, or a "
+      f"preset name ({', '.join(presets())}); override settings with --config.KEY=VALUE.",
+      lock_config=True)
 
 
 def _preset_path(value: str) -> str:
-  """A preset name becomes its file; unknown names fail listing the known ones."""
+  """A preset name becomes its file; unknown names and missing files fail listing the known
+  presets."""
   path, sep, arg = value.partition(":")
   if path.endswith(".py") or "/" in path:
+    if not Path(path).is_file():
+      raise ConfigError(f"--config {path}: no such config file. Known experiments: "
+                        f"{', '.join(presets())} (files under {PRESETS}).")
     return value
   if not (PRESETS / f"{path}.py").is_file():
     raise ConfigError(f"Unknown experiment config {path!r}. Known experiments: "
@@ -97,16 +100,22 @@ def _known_keys(path: str) -> list[str]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flags parser: bad overrides reported in one line."""
+  """absl's flag parsing with preset names expanded; an unknown preset or key raises
+  ConfigError (reported in one line by moe_edge.io.cli)."""
+  argv = [argv[0], *_expand(list(argv[1:]))] if argv else []
+  if argv and not any(a == "--config" or a.startswith("--config=") for a in argv):
+    # Parsing --config is what registers the --config.KEY overrides of this argv.
+    argv.insert(1, f"--config={_DEFAULT['config']}")
+  sys.argv = list(argv)  # the config flag reads its overrides off sys.argv
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)  # a previous parse's overrides (in-process runs, tests)
   try:
     return flags.FLAGS(list(argv))
-  except flags.Error as e:
-    sys.exit(f"FATAL Flags parsing error: {e}")
   except (AttributeError, KeyError) as e:
-    _unknown_key(argv, e)
+    raise ConfigError(_unknown_key(argv, e)) from None
 
 
-def _unknown_key(argv: list[str], e: Exception) -> None:
+def _unknown_key(argv: list[str], e: Exception) -> str:
   path = _config_file(argv)
   text = str(e)
   found = re.search(r"'([A-Za-z0-9_]+)", text)
@@ -114,26 +123,30 @@ def _unknown_key(argv: list[str], e: Exception) -> None:
   hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
   bad = next((a.partition("=")[0] for a in argv if a.startswith("--config.")
               and key in a.partition("=")[0].split(".")), f"--config.{key}")
-  sys.exit(f"FATAL Flags parsing error: {bad}: no such setting in {path}"
-           + (f" (did you mean {hint.group(1)}?)" if hint else "")
-           + f"; known: {', '.join(_known_keys(path))}.")
+  return (f"{bad}: no such setting in {path}"
+          + (f" (did you mean {hint.group(1)}?)" if hint else "")
+          + f"; known: {', '.join(_known_keys(path))}.")
 
 
-def build(fn: Callable, *args):
-  """``fn(*args)`` (e.g. building the frozen config); a library error exits with one line."""
-  try:
-    return fn(*args)
-  except ERRORS as e:
-    sys.exit(f"FATAL config error: {e}")
+def claim(script: str, folder: str | Path, config: dict, outputs: tuple[str, ...],
+          seed: int | None = None, overwrite: bool = False,
+          manifest: str = "manifest.json") -> OutputFolder:
+  """Claim the output folder for this run before any work (moe_edge.io.OutputFolder): the
+  same config replaces its own files, another config (or files the run would write that no
+  manifest records, e.g. the committed results before their first manifest) is refused unless
+  ``--overwrite``."""
+  return OutputFolder.claim(folder, RunIdentity(script, config, seed), outputs,
+                            overwrite=overwrite, manifest=manifest,
+                            refuse_hint="choose another --out, or pass --overwrite to replace "
+                                        "them")
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """``app.run(main)`` with :func:`parse_flags`; a library error exits with one line."""
+def run(main: Callable[[list[str]], object]) -> None:
+  """:func:`moe_edge.io.cli.run` with :func:`parse_flags` (one-line errors, exit 2)."""
+  cli.run(main, parser=parse_flags)
 
-  def guarded(argv):
-    try:
-      main(argv)
-    except ERRORS as e:
-      sys.exit(f"error: {e}")
 
-  app.run(guarded, flags_parser=parse_flags)
+def invoke(main: Callable[[list[str]], object], argv: list[str]) -> int:
+  """:func:`moe_edge.io.cli.invoke` with :func:`parse_flags`: a config script's ``main``
+  in-process (tests); returns the exit code."""
+  return cli.invoke(main, argv, parser=parse_flags)

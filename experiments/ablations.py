@@ -38,12 +38,12 @@ PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress display on stder
 
 def main(argv):
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress display
   t0 = time.perf_counter()
-  cfg = _cli.build(build_experiment, CONFIG.value)
+  cfg = build_experiment(CONFIG.value)
   if not cfg.sweeps:
-    raise SystemExit(f"config {cfg.name!r} names no sweeps; pass --config.sweeps=NAME.")
+    raise app.UsageError(f"config {cfg.name!r} names no sweeps; pass --config.sweeps=NAME.")
   out = Path(OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

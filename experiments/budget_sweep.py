@@ -38,7 +38,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 import _cli
 
@@ -195,8 +195,8 @@ def budget_rows(sw: BudgetSweepConfig, st: harness.Setup, cms: dict, variants: d
 
 def main(argv):
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  sw = _cli.build(BudgetSweepConfig.from_flat, CONFIG.value.to_dict())
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  sw = BudgetSweepConfig.from_flat(CONFIG.value.to_dict())
   h = sw.harness
   t0 = time.perf_counter()
   variants = {v: sw.parse_variant(v) for v in sw.variants}

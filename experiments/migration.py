@@ -12,7 +12,11 @@ replays a recorded trace instead (e.g. real text through the Flax model,
 The policies ``none``, ``full_replan`` and ``incremental`` (campaigns judged by the prefix
 trigger) are those of the one replay pipeline, :mod:`moe_edge.migration.replay`; the costing,
 the recovery goal and the failure drill are :mod:`moe_edge.experiments.migration_run`. Writes
-``intervals.csv``, ``summary.json`` and ``migration.png`` into ``--out``.
+``intervals.csv``, ``summary.json`` and ``migration.png`` into ``--out``, claimed before any
+work (``manifest.json``: command, config, seed, versions): a rerun with the same config
+replaces its files, another config is refused unless ``--overwrite``, and the old results are
+removed only once the new ones are ready, so a failed run never leaves a new CSV beside an old
+``summary.json``.
 
 Settings: ``configs/experiments/migration.py``, overridden with ``--config.KEY=VALUE``.
 Example (about 40 s on two CPU cores)::
@@ -25,25 +29,30 @@ Example (about 40 s on two CPU cores)::
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from absl import flags
+from absl import app, flags
 
 import _cli
 from moe_edge.experiments import migration_report as report
 from moe_edge.experiments.migration_run import MigrationRun, run_migration
 
 CONFIG = _cli.define_config("migration")
-OUT = flags.DEFINE_string("out", "results/migration", "Output folder.")
+OUT = flags.DEFINE_string("out", "results/migration", "Output folder (claimed before any "
+                          "work: manifest.json records the run).")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the results of another run (other "
+                              "settings) in --out.")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  run = _cli.build(MigrationRun.from_flat, CONFIG.value.to_dict())
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  run = MigrationRun.from_flat(CONFIG.value.to_dict())
+  out = _cli.claim("migration", OUT.value, run.to_flat(), report.OUTPUTS, seed=run.seed,
+                   overwrite=OVERWRITE.value)
   t0 = time.time()
   result = run_migration(run, log=print)
-  paths = report.write_outputs(result, Path(OUT.value))
+  paths = report.write_outputs(result, out)
+  out.finish()
   policies = run.migration.policies
   print("\n" + report.format_intervals(result.rows, policies, run.migration.interval))
   print("\n" + report.format_totals(result.summary))

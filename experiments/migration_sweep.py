@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import flags
+from absl import app, flags
 
 import _cli
 from moe_edge.experiments import migration_report as report
@@ -34,13 +34,13 @@ OUT = flags.DEFINE_string("out", "results/migration/sweep", "Output folder.")
 
 def main(argv):
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   cfg = CONFIG.value
-  base = _cli.build(MigrationRun.from_flat, cfg.run.to_dict())
-  todo = _cli.build(sweep.settings, cfg.seeds, cfg.drift_presets, cfg.budgets,
+  base = MigrationRun.from_flat(cfg.run.to_dict())
+  todo = sweep.settings(cfg.seeds, cfg.drift_presets, cfg.budgets,
                     cfg.prefix_steps)
   for s in todo:  # every setting is valid before the first run starts
-    _cli.build(s.apply, base)
+    s.apply(base)
   t0 = time.perf_counter()
   out = Path(OUT.value)
   out.mkdir(parents=True, exist_ok=True)

@@ -45,10 +45,10 @@ PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress display on stder
 
 def main(argv):
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress display
   t0 = time.perf_counter()
-  cfg = _cli.build(build_experiment, CONFIG.value)
+  cfg = build_experiment(CONFIG.value)
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   print(f"config {cfg.name}: {len(cfg.models)} models x {len(cfg.clusters)} clusters x "
         f"{len(cfg.methods)} methods, seed {cfg.seed}, calibration {cfg.calibration}",

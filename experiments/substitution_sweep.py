@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 import _cli
 
@@ -263,8 +263,8 @@ def sweep_rows(s: SubstitutionSweepConfig, cfg, model, cluster, placement, work,
 
 def main(argv):
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  s = _cli.build(SubstitutionSweepConfig.from_flat, CONFIG.value.to_dict())
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  s = SubstitutionSweepConfig.from_flat(CONFIG.value.to_dict())
   h = s.harness
   t0 = time.perf_counter()
   out = Path(OUT.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -354,6 +355,9 @@ def with_expert_memory(cluster: ClusterConfig, model: ModelConfig,
   ``copies=1`` is just enough for one copy of every expert (plus rounding slack of one expert per
   server); ``copies=N`` lets every server hold everything.
   """
+  if not math.isfinite(copies):
+    raise ConfigError(f"copies={copies}: expert memory must be a finite number of copies of "
+                      f"all experts (>= 1; {cluster.num_servers} = every server holds all).")
   if copies < 1:
     raise ConfigError(f"copies={copies}: the cluster must hold every expert at least once "
                       f"(copies >= 1).")

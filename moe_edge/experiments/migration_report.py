@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 import numpy as np
 
 from moe_edge.experiments.migration_run import MigrationResult, MigrationRun, series
+from moe_edge.io import OutputFolder, atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -102,7 +105,7 @@ def format_failure(run: MigrationRun, result: MigrationResult) -> str:
 
 
 def plot(rows: list[dict], policies: tuple[str, ...], shifts: list[int], interval: int,
-         path: Path) -> None:
+         path: Path | BinaryIO) -> None:
   """Coverage, step latency and copies per interval and policy; dotted lines at the shifts."""
   fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
   for p in policies:
@@ -123,21 +126,36 @@ def plot(rows: list[dict], policies: tuple[str, ...], shifts: list[int], interva
   axes[0].legend(loc="best")
   axes[0].set_title("Migration under workload drift")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")
   plt.close(fig)
 
 
-def write_outputs(result: MigrationResult, out: Path, with_plot: bool = True) -> list[Path]:
-  """``intervals.csv``, ``summary.json`` and (``with_plot``) ``migration.png`` into ``out``."""
-  out.mkdir(parents=True, exist_ok=True)
-  paths = [out / "intervals.csv", out / "summary.json"]
-  with open(paths[0], "w", newline="") as f:
-    wr = csv.DictWriter(f, fieldnames=list(result.rows[0]))
-    wr.writeheader()
-    wr.writerows(result.rows)
-  paths[1].write_text(json.dumps(result.summary, indent=1))
+#: The files :func:`write_outputs` writes (the run's outputs in its OutputFolder).
+OUTPUTS = ("intervals.csv", "summary.json", "migration.png")
+
+
+def write_outputs(result: MigrationResult, out: OutputFolder | Path,
+                  with_plot: bool = True) -> list[Path]:
+  """``intervals.csv``, ``summary.json`` and (``with_plot``) ``migration.png`` into ``out``.
+
+  Every file is rendered in memory first; only then are the previous run's files in ``out``
+  removed (an OutputFolder's inherited files) and the new ones written, each atomically. So a
+  failure while rendering leaves the old results untouched, and no old file ever sits beside
+  a new one (a failure between two writes leaves a partial new set, with the manifest's status
+  still "running").
+  """
+  buf = io.StringIO(newline="")
+  wr = csv.DictWriter(buf, fieldnames=list(result.rows[0]))
+  wr.writeheader()
+  wr.writerows(result.rows)
+  files = {"intervals.csv": buf.getvalue().encode(),
+           "summary.json": json.dumps(result.summary, indent=1).encode()}
   if with_plot:
     cfg = result.replay.config
-    paths.append(out / "migration.png")
-    plot(result.rows, cfg.policies, result.shifts, cfg.interval, paths[-1])
-  return paths
+    png = io.BytesIO()
+    plot(result.rows, cfg.policies, result.shifts, cfg.interval, png)
+    files["migration.png"] = png.getvalue()
+  if isinstance(out, OutputFolder):
+    out.discard_previous()
+    return [out.write_bytes(name, data) for name, data in files.items()]
+  return [atomic.write_bytes(Path(out) / name, data) for name, data in files.items()]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -32,7 +33,8 @@ from moe_edge.config import (ClusterConfig, ConfigError, ModelConfig, available,
 from moe_edge.cost.model import evaluate, expected_cost
 from moe_edge.migration import fail_server, min_copies_for_coverage, objective_value
 from moe_edge.migration.config import MigrationConfig
-from moe_edge.migration.drift import DRIFT_PRESETS, drift_preset, drifting_trace
+from moe_edge.migration.drift import (DRIFT_PRESETS, drift_change_steps, drift_preset,
+                                      drifting_trace)
 from moe_edge.migration.replay import Replay, replay
 from moe_edge.workload.streams import DriftSchedule
 from moe_edge.workload.traces import ActivationTrace
@@ -94,9 +96,9 @@ class MigrationRun:
     for key in ("link_gbps", "storage_gbps"):
       if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
         raise ConfigError(f"{key} must be positive, got {getattr(self, key)!r}.")
-    if not (self.copies == 0 or self.copies >= 1):
-      raise ConfigError(f"copies must be >= 1 (every expert held at least once) or 0 (the "
-                        f"servers' real memory), got {self.copies!r}.")
+    if not (self.copies == 0 or (self.copies >= 1 and math.isfinite(self.copies))):
+      raise ConfigError(f"copies must be finite and >= 1 (every expert held at least once) "
+                        f"or 0 (the servers' real memory), got {self.copies!r}.")
     if not 0.0 <= self.alpha <= 1.0:
       raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha!r}.")
     if self.drift_preset not in DRIFT_PRESETS:
@@ -107,9 +109,39 @@ class MigrationRun:
     if not (0.0 < self.coverage_target <= 1.0 and 0.0 <= self.move_fraction):
       raise ConfigError(f"need 0 < coverage_target <= 1 and move_fraction >= 0, got "
                         f"{self.coverage_target!r}, {self.move_fraction!r}.")
+    if self.source != "stats" and not os.path.isfile(self.source):
+      raise ConfigError(f"source={self.source!r} is neither 'stats' nor a trace file; record "
+                        f"one with experiments/collect_traces.py.")
+    self._check_schedule()
     if self.seed != self.migration.seed:
       raise ConfigError(f"seed {self.seed} and migration.seed {self.migration.seed} differ; "
                         f"one seed drives the trace and the placements.")
+
+  def _check_schedule(self) -> None:
+    """The interval, the drift preset's change steps and the failure drill fit the run."""
+    stats, w = self.source == "stats", self.migration.interval
+    if stats and w >= self.steps:
+      raise ConfigError(f"interval={w} must be smaller than steps={self.steps}: the replay "
+                        f"compares policies over at least two intervals; lower interval or "
+                        f"raise steps.")
+    if stats and self.drift is None:
+      at = drift_change_steps(self.steps, w)
+      if not at[0] < at[1] < self.steps:
+        raise ConfigError(f"interval={w} is too long for drift_preset={self.drift_preset!r} "
+                          f"over steps={self.steps}: its two home changes (after a third and "
+                          f"two thirds of the run, in whole intervals) fall at steps {at}; use "
+                          f"interval <= {max(1, self.steps // 4)} or more steps.")
+    n = cluster_config(self.cluster).num_servers
+    if self.fail_server != -1 and not 0 <= self.fail_server < n:
+      raise ConfigError(f"fail_server={self.fail_server} is not a server of {self.cluster!r} "
+                        f"(0..{n - 1}, or -1 for no failure drill).")
+    if (self.fail_server == -1) != (self.fail_step == -1):
+      raise ConfigError(f"the failure drill needs both fail_server and fail_step (or neither: "
+                        f"-1), got fail_server={self.fail_server}, fail_step={self.fail_step}.")
+    if self.fail_step != -1 and not (0 <= self.fail_step and
+                                     (not stats or self.fail_step < self.steps)):
+      raise ConfigError(f"fail_step={self.fail_step} must be a trace step in [0, "
+                        f"{self.steps if stats else 'the trace length'}), or -1.")
 
   @classmethod
   def from_flat(cls, values: Mapping[str, Any]) -> "MigrationRun":

@@ -11,9 +11,11 @@ instead of ``app.run(main)``. A flag error (unknown flag, bad value, failed vali
 
   <script>: error: <message on one line>
 
-to stderr and exit with :data:`USAGE_EXIT` (2). Any other exception is a bug in moe-edge and
-propagates with its traceback. :func:`invoke` does the same in-process (tests call a script's
-``main`` through it) and returns the exit code.
+to stderr and exit with :data:`USAGE_EXIT` (2). Configuration errors and input-file problems
+(a corrupt trace, a placement of another model) are not told apart: both are the user's to fix
+and exit 2; exit 1 is left to Python (an uncaught exception). Any other exception is a bug in
+moe-edge and propagates with its traceback. :func:`invoke` does the same in-process (tests call
+a script's ``main`` through it) and returns the exit code.
 """
 from __future__ import annotations
 
@@ -50,13 +52,17 @@ def _fail(script: str, exc: BaseException) -> None:
   sys.exit(USAGE_EXIT)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with a flag error printed as one usage line (exit 2)."""
+def parse_flags(argv: list[str],
+                parser: Callable[[list[str]], list[str]] | None = None) -> list[str]:
+  """``parser(argv)`` (default: absl's ``flags.FLAGS(argv)``) with a user error (a flag error,
+  or a MoeEdgeError the parser raises, e.g. an unknown config key) printed as one usage line,
+  exit 2."""
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(_script_name(argv), e)
-    raise  # unreachable: _fail exits
+    return (parser or flags.FLAGS)(list(argv))
+  except Exception as e:  # noqa: BLE001 (re-raised unless it is a user error)
+    if is_user_error(e):
+      _fail(_script_name(argv), e)
+    raise
 
 
 def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
@@ -73,18 +79,26 @@ def guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], object
   return wrapped
 
 
-def run(main: Callable[[list[str]], object]) -> None:
-  """``app.run(main)`` with one-line usage errors (see the module docstring)."""
-  app.run(guarded(main), flags_parser=parse_flags)
+def run(main: Callable[[list[str]], object],
+        parser: Callable[[list[str]], list[str]] | None = None) -> None:
+  """``app.run(main)`` with one-line usage errors (see the module docstring); ``parser``
+  replaces absl's flag parsing (experiments/_cli.py passes its config-file parser)."""
+  app.run(guarded(main), flags_parser=lambda argv: parse_flags(argv, parser))
 
 
-def invoke(main: Callable[[list[str]], object], argv: Sequence[str]) -> int:
+def invoke(main: Callable[[list[str]], object], argv: Sequence[str],
+           parser: Callable[[list[str]], list[str]] | None = None) -> int:
   """Parse ``argv`` into absl's FLAGS and call ``main`` as :func:`run` would; return the exit
-  code (0 when ``main`` returns normally). Flags are reset before parsing."""
+  code (0 when ``main`` returns normally). Flags are reset before parsing, and ``sys.argv`` is
+  ``argv`` meanwhile (``ml_collections`` config flags read their overrides off it)."""
   flags.FLAGS.unparse_flags()
+  saved = sys.argv
+  sys.argv = list(argv)
   try:
-    rest = parse_flags(list(argv))
+    rest = parse_flags(list(argv), parser)
     guarded(main)(rest)
   except SystemExit as e:
     return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  finally:
+    sys.argv = saved
   return 0

@@ -124,9 +124,10 @@ def package_versions() -> dict[str, str | None]:
   return out
 
 
-def read_manifest(folder: str | Path) -> dict | None:
-  """``<folder>/manifest.json`` as a dict, or None when there is none."""
-  path = Path(folder) / MANIFEST
+def read_manifest(folder: str | Path, manifest: str = MANIFEST) -> dict | None:
+  """``<folder>/<manifest>`` (default ``manifest.json``) as a dict, or None when there is
+  none."""
+  path = Path(folder) / manifest
   if not path.is_file():
     return None
   try:
@@ -151,8 +152,10 @@ class OutputFolder:
   """A folder claimed by one run; see the module docstring for the ownership rules."""
 
   def __init__(self, folder: Path, identity: RunIdentity, outputs: Sequence[str],
-               inherited: Sequence[str], keep_inherited: bool, command: str):
+               inherited: Sequence[str], keep_inherited: bool, command: str,
+               manifest: str = MANIFEST):
     self.folder = folder
+    self.manifest = manifest
     self.identity = identity
     self.outputs = tuple(outputs)
     self._inherited = set(inherited)
@@ -170,7 +173,8 @@ class OutputFolder:
   def claim(cls, folder: str | Path, identity: RunIdentity, outputs: Sequence[str],
             overwrite: bool = False, resume: bool = False, replace_same: bool = True,
             refuse_hint: str = "choose another folder, or pass --overwrite to replace them",
-            command: str | None = None, leftovers: Sequence[str] = ()) -> "OutputFolder":
+            command: str | None = None, leftovers: Sequence[str] = (),
+            manifest: str = MANIFEST) -> "OutputFolder":
     """Check ``folder`` for this run and take it over; raises :class:`OutputError` if refused.
 
     Args:
@@ -185,6 +189,9 @@ class OutputFolder:
       command: the command line recorded (default: ``sys.argv``).
       leftovers: names the caller will clean up itself (remains of interrupted writes); they are
         not counted as clashes.
+      manifest: the manifest's file name; scripts that share one folder (the two extension
+        sweeps in ``results/extensions``) each keep their own (``<script>.manifest.json``), and
+        each owns only its declared outputs there.
     """
     folder = Path(folder).resolve()
     if resume and overwrite:
@@ -199,11 +206,11 @@ class OutputFolder:
     except OSError as e:
       raise OutputError(f"cannot write to output folder {folder}: {e.strerror or e}; choose "
                         f"another folder.") from None
-    prev = read_manifest(folder)
+    prev = read_manifest(folder, manifest)
     inherited: list[str] = []
     if prev is not None:
       diff = identity.differences(_identity(prev))
-      where = f"{folder} holds the results of another run ({folder / MANIFEST}"
+      where = f"{folder} holds the results of another run ({folder / manifest}"
       if resume and diff:
         raise OutputError(f"--resume: {where}) with different settings: {'; '.join(diff)}. "
                           f"Resume with the same settings, or start a new folder.")
@@ -216,7 +223,7 @@ class OutputFolder:
         what = "; ".join(diff) if diff else "the same settings"
         raise OutputError(f"{where}: {what}); {refuse_hint}.")
     clash = sorted(p.name for p in folder.iterdir()
-                   if p.name != MANIFEST and p.name not in inherited and p.name not in leftovers
+                   if p.name != manifest and p.name not in inherited and p.name not in leftovers
                    and atomic.PARTIAL_TAG not in p.name
                    and any(fnmatch.fnmatchcase(p.name, pat) for pat in outputs))
     if clash and not overwrite:
@@ -227,7 +234,8 @@ class OutputFolder:
       atomic.remove(folder / name)
     if command is None:
       command = " ".join(shlex.quote(a) for a in sys.argv)
-    out = cls(folder, identity, outputs, inherited, keep_inherited=resume, command=command)
+    out = cls(folder, identity, outputs, inherited, keep_inherited=resume, command=command,
+              manifest=manifest)
     out._save()
     return out
 
@@ -276,6 +284,17 @@ class OutputFolder:
       yield tmp
     self.record(name)
 
+  def discard_previous(self) -> None:
+    """Remove the previous run's files not written yet (same-identity rerun), now: a run whose
+    results must never sit beside an older run's (one set written together) calls this just
+    before its first write."""
+    if not self._keep_inherited:
+      for name in sorted(self._inherited - self._written):
+        atomic.remove(self.folder / name)
+        self._files.discard(name)
+      self._inherited &= self._written
+      self._save()
+
   def finish(self) -> None:
     """Remove the previous run's files not written again (same-identity rerun) and mark the
     manifest complete."""
@@ -293,4 +312,4 @@ class OutputFolder:
 
   def _save(self) -> None:
     self._data["files"] = self.files
-    atomic.write_json(self.folder / MANIFEST, self._data)
+    atomic.write_json(self.folder / self.manifest, self._data)

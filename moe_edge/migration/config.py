@@ -86,7 +86,8 @@ class MigrationConfig:
       v = getattr(self, key)
       if not (v >= 0 and math.isfinite(v)):
         raise ConfigError(f"migration {key} must be finite and >= 0, got {v!r}.")
-    if not self.serving_steps_per_interval > 0:
+    if not (self.serving_steps_per_interval > 0
+            and math.isfinite(self.serving_steps_per_interval)):
       raise ConfigError(f"migration serving_steps_per_interval must be > 0, got "
                         f"{self.serving_steps_per_interval!r}.")
     if self.stats_kind not in STATS_KINDS:

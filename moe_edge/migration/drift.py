@@ -19,7 +19,9 @@ from moe_edge.workload.traces import ActivationTrace
 DRIFT_PRESETS = ("pairs", "mix", "all")
 
 
-def _change_steps(steps: int, interval: int) -> list[int]:
+def drift_change_steps(steps: int, interval: int) -> list[int]:
+  """The two trace steps where a preset's homes change: after about a third and two thirds of
+  ``steps``, rounded to whole intervals."""
   return [max(1, round(steps * f / 3 / interval)) * interval for f in (1, 2)]
 
 
@@ -30,7 +32,7 @@ def drift_preset(preset: str, num_servers: int, steps: int, interval: int) -> Dr
   if num_servers < 2:
     raise ConfigError(f"drift preset {preset!r} needs at least two servers, got {num_servers}.")
   homes = list(default_homes(num_servers))
-  at = _change_steps(steps, interval)
+  at = drift_change_steps(steps, interval)
   if preset in ("pairs", "mix"):
 
     def change(cur, a, b):
