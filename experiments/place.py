@@ -13,7 +13,10 @@ cross-server MB per decode step and kB per token, decode latency per token, pref
 request and the time the method took. Latencies come from ``moe_edge.cost.evaluate`` on the
 same trace regrouped into decode steps (``--decode_batch`` concurrent requests per server) and
 prefill batches (``--prefill_requests`` requests per server per batch). The rows also go to
-``<out>/summary.json``.
+``<out>/summary.json``. ``--out`` is checked and claimed before any work (``manifest.json``:
+command, flags, seed, versions); a rerun with the same flags replaces its files (and drops the
+placements of methods it no longer runs), another run's folder is refused unless
+``--overwrite``.
 
   python experiments/place.py --stats olmoe_1b_7b --alpha 0.8 --cluster edge_hetero_4
   python experiments/place.py --stats mixtral_8x7b --cluster edge_hetero_8 --copies 1.5
@@ -22,18 +25,18 @@ prefill batches (``--prefill_requests`` requests per server per batch). The rows
 """
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Sequence
 
 from absl import app, flags
 
-from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
-                             with_expert_memory)
-from moe_edge.core.errors import MoeEdgeError
+from moe_edge.config import (ClusterConfig, ConfigError, ModelConfig, cluster_config,
+                             model_config, with_expert_memory)
 from moe_edge.core.trace import ActivationTrace
 from moe_edge.cost import Calibration
 from moe_edge.experiments.costing import cost_methods
+from moe_edge.io import OutputFolder, RunIdentity, atomic, cli
 from moe_edge.placement import registry
 from moe_edge.workload.stats_traces import resolve_stats, sample_stats_trace
 
@@ -58,6 +61,11 @@ flags.DEFINE_integer("decode_batch", 8, "Concurrent requests per server in a dec
 flags.DEFINE_integer("prefill_requests", 1, "Requests per server in a prefill batch.")
 flags.DEFINE_string("calibration", None, "Calibration JSON (default: datasheet roofline).")
 flags.DEFINE_integer("seed", 0, "Seed of the sampled trace and of the methods.")
+flags.DEFINE_bool("overwrite", False, "Replace the results of another run in --out.")
+#: The flags that make a run's identity (manifest.json); --out and --overwrite do not.
+RUN_FLAGS = ("model", "cluster", "link_gbps", "copies", "trace", "stats", "home_domains",
+             "alpha", "tokens_per_server", "methods", "phase", "decode_batch",
+             "prefill_requests", "calibration", "seed")
 
 
 def method_names(spec: str) -> list[str]:
@@ -74,7 +82,7 @@ def method_names(spec: str) -> list[str]:
     elif entry in known:
       names += [entry] if entry not in names else []
     else:
-      raise ValueError(f"unknown placement method {entry!r}; known: {', '.join(known)} (or a "
+      raise ConfigError(f"--methods: unknown placement method {entry!r}; known: {', '.join(known)} (or a "
                        f"role: {', '.join(registry.ROLES)}).")
   return names
 
@@ -90,24 +98,24 @@ def load_workload(trace_path: str | None, stats: str | None, model: str | None,
   file per server (default round robin over them).
   """
   if (trace_path is None) == (stats is None):
-    raise ValueError("give exactly one of --trace (a recorded .npz) or --stats (a shipped name "
+    raise ConfigError("give exactly one of --trace (a recorded .npz) or --stats (a shipped name "
                      "such as olmoe_1b_7b, or a RoutingStats .npz path).")
   if stats is None:
     if home_domains:
-      raise ValueError("--home_domains applies to --stats (a recorded trace has its servers).")
+      raise ConfigError("--home_domains applies to --stats (a recorded trace has its servers).")
     trace = ActivationTrace.load(trace_path)
     return trace, model_config(model or trace.model)
   st = resolve_stats(stats)
   cfg = model_config(model or st.name)
   if (cfg.n_moe_layers, cfg.n_experts, cfg.top_k) != (st.num_layers, st.num_experts, st.top_k):
     want = (cfg.n_moe_layers, cfg.n_experts, cfg.top_k)
-    raise ValueError(f"model {cfg.name!r} has (L, E, k) = {want} but the statistics "
+    raise ConfigError(f"model {cfg.name!r} has (L, E, k) = {want} but the statistics "
                      f"{st.name!r} are for {(st.num_layers, st.num_experts, st.top_k)}; give "
                      f"--model with that shape.")
   homes = None
   if home_domains:
     if len(home_domains) != cluster.num_servers:
-      raise ValueError(f"--home_domains names {len(home_domains)} domains for the "
+      raise ConfigError(f"--home_domains names {len(home_domains)} domains for the "
                        f"{cluster.num_servers} servers of {cluster.name}; give one per server "
                        f"(or none for round robin over {', '.join(st.domains)}).")
     homes = [st.domains[st.domain_index(d)] for d in home_domains]
@@ -116,16 +124,18 @@ def load_workload(trace_path: str | None, stats: str | None, model: str | None,
 
 
 def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
-                methods: Sequence[str], out: str | Path | None, phase: str = "both",
-                decode_batch: int = 8, prefill_requests: int = 1, seed: int = 0,
-                calibration: Calibration | None = None) -> list[dict]:
+                methods: Sequence[str], out: str | Path | OutputFolder | None,
+                phase: str = "both", decode_batch: int = 8, prefill_requests: int = 1,
+                seed: int = 0, calibration: Calibration | None = None) -> list[dict]:
   """Place with each method, save ``<out>/<method>.json``, and cost it; one row per method.
 
   Placing and costing is :func:`moe_edge.experiments.costing.cost_methods` (shared with the
-  tables); this adds the files and the flat rows printed here.
+  tables); this adds the files (each written atomically; recorded in ``out``'s manifest when
+  it is an OutputFolder) and the flat rows printed here.
   """
   _, results = cost_methods(trace, model, cluster, methods, phase, decode_batch,
                             prefill_requests, seed, calibration)
+  path = (out.path if isinstance(out, OutputFolder) else lambda n: Path(out) / n)
   rows = []
   for res in results:
     if res.placement is None:  # e.g. an instance too large for ilp: report it, go on
@@ -133,7 +143,9 @@ def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConf
       continue
     row = dict(method=res.method, place_s=res.seconds)
     if out is not None:
-      row["file"] = str(res.placement.save(Path(out) / f"{res.method}.json"))
+      row["file"] = str(res.placement.save(path(f"{res.method}.json")))
+      if isinstance(out, OutputFolder):
+        out.record(f"{res.method}.json")
     for ph, rep in res.reports.items():
       row.update(coverage=rep.coverage, cross_kb_per_token=rep.cross_bytes_per_token / 1e3,
                  fits=rep.fits)
@@ -142,11 +154,14 @@ def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConf
       row[f"{ph}_exchange_ms"] = 1e3 * rep.exchange_time
     rows.append(row)
   if out is not None:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "summary.json").write_text(json.dumps(dict(
-        model=model.name, cluster=cluster.name, tokens=trace.num_tokens,
-        trace_source=trace.source, decode_batch=decode_batch, prefill_requests=prefill_requests,
-        calibration=calibration.source if calibration else "datasheet", rows=rows), indent=1))
+    summary = dict(model=model.name, cluster=cluster.name, tokens=trace.num_tokens,
+                   trace_source=trace.source, decode_batch=decode_batch,
+                   prefill_requests=prefill_requests,
+                   calibration=calibration.source if calibration else "datasheet", rows=rows)
+    if isinstance(out, OutputFolder):
+      out.write_json("summary.json", summary)
+    else:
+      atomic.write_json(path("summary.json"), summary)
   return rows
 
 
@@ -166,20 +181,38 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
+def check_flags() -> None:
+  """Raise app.UsageError naming the first flag whose value cannot make a run."""
+  cli.check_flags(FLAGS, at_least_1=("tokens_per_server", "decode_batch", "prefill_requests"),
+                  at_least_0=("seed",),
+                  ranges={"link_gbps": (0.0, math.inf, True), "alpha": (0.0, 1.0, False),
+                          "copies": (1.0, math.inf, False)})
+
+
+def claim(methods: Sequence[str]) -> OutputFolder:
+  """``--out`` claimed for this run before any work (manifest.json: the flags, the methods)."""
+  config = {name: FLAGS[name].value for name in RUN_FLAGS}
+  config.update(methods=list(methods))
+  return OutputFolder.claim(
+      FLAGS.out, RunIdentity("place", config, FLAGS.seed),
+      [f"{m}.json" for m in methods] + ["summary.json"], overwrite=FLAGS.overwrite,
+      refuse_hint="choose another --out, or pass --overwrite to replace them")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    cluster = cluster_config(FLAGS.cluster, link_gbps=FLAGS.link_gbps)
-    trace, model = load_workload(FLAGS.trace, FLAGS.stats, FLAGS.model, cluster,
-                                 FLAGS.tokens_per_server, FLAGS.alpha, FLAGS.seed,
-                                 FLAGS.home_domains)
-    methods = method_names(FLAGS.methods)
-  except (MoeEdgeError, ValueError) as e:
-    raise app.UsageError(str(e)) from None
+  check_flags()
+  cluster = cluster_config(FLAGS.cluster, link_gbps=FLAGS.link_gbps)
+  methods = method_names(FLAGS.methods)
+  calibration = Calibration.load(FLAGS.calibration) if FLAGS.calibration else None
+  out = claim(methods)
+  trace, model = load_workload(FLAGS.trace, FLAGS.stats, FLAGS.model, cluster,
+                               FLAGS.tokens_per_server, FLAGS.alpha, FLAGS.seed,
+                               FLAGS.home_domains)
   if FLAGS.copies is not None:
     cluster = with_expert_memory(cluster, model, FLAGS.copies)
-  calibration = Calibration.load(FLAGS.calibration) if FLAGS.calibration else None
+  trace.check_matches(model.n_moe_layers, model.n_experts, model.top_k, cluster.num_servers)
   print(f"model {model.name} (L={model.n_moe_layers}, E={model.n_experts}, k={model.top_k}) on "
         f"{cluster.name} (N={cluster.num_servers}, expert capacity "
         f"{cluster.expert_capacity(model).tolist()} of {model.n_moe_layers * model.n_experts})")
@@ -187,8 +220,9 @@ def main(argv):
         f"{FLAGS.decode_batch} requests/server/step, prefill {FLAGS.prefill_requests} "
         f"request(s)/server/batch; calibration: "
         f"{calibration.source if calibration else 'datasheet'}")
-  rows = run_methods(trace, model, cluster, methods, FLAGS.out, FLAGS.phase, FLAGS.decode_batch,
+  rows = run_methods(trace, model, cluster, methods, out, FLAGS.phase, FLAGS.decode_batch,
                      FLAGS.prefill_requests, FLAGS.seed, calibration)
+  out.finish()
   print(format_table([r for r in rows if "error" not in r]))
   for r in rows:
     if "error" in r:
@@ -197,4 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,7 @@ a script's ``main`` through it) and returns the exit code.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,6 +51,27 @@ def _fail(script: str, exc: BaseException) -> None:
   sys.stderr.write(error_line(script, exc) + "\n")
   sys.stderr.flush()
   sys.exit(USAGE_EXIT)
+
+
+def check_flags(values, at_least_1: Sequence[str] = (), at_least_0: Sequence[str] = (),
+                ranges: dict[str, tuple[float, float, bool]] | None = None) -> None:
+  """Raise ``app.UsageError`` naming the first flag of ``values`` (absl ``FLAGS``) that cannot
+  make a run: an integer of ``at_least_1`` below 1, of ``at_least_0`` below 0, or a float of
+  ``ranges`` (``name -> (low, high, low excluded)``) that is not finite or outside
+  ``[low, high]``. Unset (None) flags are skipped."""
+  for name in at_least_1:
+    if values[name].value is not None and values[name].value < 1:
+      raise app.UsageError(f"--{name}={values[name].value} must be at least 1.")
+  for name in at_least_0:
+    if values[name].value is not None and values[name].value < 0:
+      raise app.UsageError(f"--{name}={values[name].value} must be 0 or more.")
+  for name, (lo, hi, lo_open) in (ranges or {}).items():
+    v = values[name].value
+    if v is None:
+      continue
+    if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+      bound = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
+      raise app.UsageError(f"--{name}={v} must be a finite number {bound}.")
 
 
 def parse_flags(argv: list[str],

@@ -17,7 +17,9 @@ and keeps ``files`` up to date as the run writes (each file atomically). Ownersh
 * another identity is refused, unless ``overwrite``: then the previous run's files are deleted
   at the claim, before the new run writes anything;
 * a folder without a manifest is refused only where it already holds a file the run would write
-  (its declared ``outputs``); hand-written READMEs and input caches are never a run's files.
+  (its declared ``outputs``); hand-written READMEs and input caches are never a run's files;
+* the manifest of a run that failed before writing any file (status "running", no file left)
+  claims nothing: the next run takes the folder as if it had none.
 """
 from __future__ import annotations
 
@@ -207,6 +209,9 @@ class OutputFolder:
       raise OutputError(f"cannot write to output folder {folder}: {e.strerror or e}; choose "
                         f"another folder.") from None
     prev = read_manifest(folder, manifest)
+    if (prev is not None and prev.get("status") == "running"
+        and not any((folder / f).exists() for f in prev["files"])):
+      prev = None  # a run that failed before writing any result claims nothing
     inherited: list[str] = []
     if prev is not None:
       diff = identity.differences(_identity(prev))
