@@ -187,6 +187,12 @@ def check_flags() -> None:
                   at_least_0=("seed",),
                   ranges={"link_gbps": (0.0, math.inf, True), "alpha": (0.0, 1.0, False),
                           "copies": (1.0, math.inf, False)})
+  if (FLAGS.trace is None) == (FLAGS.stats is None):
+    raise app.UsageError("give exactly one of --trace (a recorded .npz) or --stats (a shipped "
+                         "name such as olmoe_1b_7b, or a RoutingStats .npz path).")
+  if FLAGS.trace is not None and FLAGS.home_domains:
+    raise app.UsageError("--home_domains applies to --stats (a recorded trace has its "
+                         "servers).")
 
 
 def claim(methods: Sequence[str]) -> OutputFolder:
