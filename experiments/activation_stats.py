@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from moe_edge.io import cli
 from moe_edge.workload.stats import format_summary, summarize
 from moe_edge.workload.stats_traces import STATS_MODELS, format_domain_tv, load_routing_stats
 from moe_edge.workload.traces import ActivationTrace
@@ -27,15 +28,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.trace and not FLAGS.real_stats:
     raise app.UsageError("give --trace PATH[,PATH...] and/or --real_stats.")
+  cli.check_flags(FLAGS, ranges={"hot_fraction": (0.0, 1.0, True)})
+  traces = [(path, ActivationTrace.load(path)) for path in FLAGS.trace]  # inputs first
   blocks = []
   if FLAGS.real_stats:
     blocks += [format_domain_tv(load_routing_stats(name)) for name in STATS_MODELS]
-  for path in FLAGS.trace:
-    trace = ActivationTrace.load(path)
+  for path, trace in traces:
     blocks.append(format_summary(summarize(trace, FLAGS.hot_fraction),
                                  title=f"== {path} ({trace.source})"))
   print("\n\n".join(blocks))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,7 +18,9 @@ Two sources:
 
 ``--drift "step:home0,home1,...;step:..."`` changes the servers' home domains at request steps
 (a home may be a mix such as ``arxiv=0.5+c4=0.5``). The trace goes to ``--out`` (default
-``traces/<model>_<N>srv.npz``) and its activation summary is printed.
+``traces/<model>_<N>srv.npz``; checked before any work, an existing file replaced only with
+``--overwrite``, written atomically) and its activation summary is printed. Bad flags and input
+files are one ``collect_traces.py: error: ...`` line (exit 2).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from moe_edge.config import model_config
+from moe_edge.io import check_output_file, cli
 from moe_edge.workload.stats import format_summary, summarize
 from moe_edge.workload.streams import DriftSchedule
 
@@ -54,6 +58,7 @@ flags.DEFINE_integer("batch_size", 16, "Requests per forward pass (--source corp
 flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "Corpus split of the requests.")
 flags.DEFINE_string("out", None, "Output .npz (default traces/<model>_<N>srv.npz).")
 flags.DEFINE_float("hot_fraction", 0.25, "Hot-set size for the printed summary (share of E).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
 
 
 def _load_model(cfg, checkpoint: str, seed: int):
@@ -84,7 +89,6 @@ def collect(argv_flags) -> tuple[object, Path]:
                                request_len=f.seq_len)
     name = f.stats_model
   else:
-    from moe_edge.config import model_config  # noqa: PLC0415
     from moe_edge.workload.record import record_trace  # noqa: PLC0415
     from moe_edge.workload.streams import make_streams  # noqa: PLC0415
     cfg = model_config(f.model_config)
@@ -103,10 +107,30 @@ def collect(argv_flags) -> tuple[object, Path]:
   return trace, out
 
 
+def check_flags(f) -> Path:
+  """Raise a usage error naming the first flag that cannot make a trace (before any work);
+  return the checked output path."""
+  cli.check_flags(f, at_least_1=("num_servers", "requests_per_server", "seq_len", "batch_size",
+                                 "steps"), at_least_0=("seed",),
+                  ranges={"alpha": (0.0, 1.0, False), "hot_fraction": (0.0, 1.0, True)})
+  if f.drift:
+    DriftSchedule.parse(f.drift)
+  if f.source == "corpus":
+    model_config(f.model_config)  # an unknown preset fails now, not after loading JAX
+  homes = [h.strip() for h in f.home_domains.split(",")] if f.home_domains else None
+  if homes is not None and len(homes) != f.num_servers:
+    raise app.UsageError(f"--home_domains names {len(homes)} domains for --num_servers="
+                         f"{f.num_servers}; give one per server.")
+  name = f.stats_model if f.source == "stats" else f.model_config
+  out = Path(f.out) if f.out else Path("traces") / f"{name}_{f.num_servers}srv.npz"
+  return check_output_file(out, overwrite=f.overwrite, suffix=".npz")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   t0 = time.perf_counter()
+  check_flags(FLAGS)
   trace, out = collect(FLAGS)
   trace.save(out)
   print(f"wrote {out}: {trace.num_tokens:,} tokens, {trace.num_layers} MoE layers, "
@@ -117,4 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

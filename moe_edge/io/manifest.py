@@ -142,6 +142,41 @@ def read_manifest(folder: str | Path, manifest: str = MANIFEST) -> dict | None:
   return data
 
 
+def check_output_file(path: str | Path, overwrite: bool = False, suffix: str | None = None
+                      ) -> Path:
+  """Check, before any work, that a one-file result can be written at ``path``; raise
+  :class:`OutputError` naming the fix otherwise. An existing file is replaced only with
+  ``overwrite`` (the caller then writes atomically, so the old file survives a failed run).
+
+  Args:
+    path: the output file.
+    overwrite: allow replacing an existing file.
+    suffix: the required file suffix (``".npz"``), if any.
+  """
+  path = Path(path)
+  if suffix is not None and path.suffix != suffix:
+    raise OutputError(f"--out {path}: the file must end in {suffix}.")
+  if path.is_dir():
+    raise OutputError(f"--out {path} is a folder; give a file path ending in "
+                      f"{suffix or 'a file name'}.")
+  if path.exists() and not overwrite:
+    raise OutputError(f"--out {path} already exists; choose another path, or pass --overwrite "
+                      f"to replace it.")
+  blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+  if blocking is not None:
+    raise OutputError(f"cannot write --out {path}: {blocking} is a file, not a folder; choose "
+                      f"another path.")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = atomic.temp_sibling(path)
+    probe.touch()
+    probe.unlink()
+  except OSError as e:
+    raise OutputError(f"cannot write --out {path}: {e.strerror or e}; choose another "
+                      f"path.") from None
+  return path
+
+
 def _identity(data: dict) -> RunIdentity:
   return RunIdentity(data["script"], data["config"], data.get("seed"))
 
