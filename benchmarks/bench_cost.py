@@ -13,6 +13,7 @@ used experts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from absl import app, flags
 
 from moe_edge.config import cluster_config, model_config, with_expert_memory
 from moe_edge.cost import bytes_matrix, evaluate
+from moe_edge.io import cli
 from moe_edge.placement.problem import Placement
 from moe_edge.workload.traces import ActivationTrace
 
@@ -74,13 +76,23 @@ def best_seconds(fn, repeats: int) -> float:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  cli.check_flags(FLAGS, at_least_1=("tokens", "repeats"), at_least_0=("seed",),
+                  ranges={"copies": (1.0, math.inf, False)})
+  try:
+    batches = [int(b) for b in FLAGS.decode_batches]
+  except ValueError:
+    raise app.UsageError(f"--decode_batches={','.join(FLAGS.decode_batches)} must be "
+                         f"integers.") from None
+  if not batches or min(batches) < 1:
+    raise app.UsageError(f"--decode_batches={','.join(FLAGS.decode_batches)} must be one or "
+                         f"more integers >= 1.")
   rng = np.random.default_rng(FLAGS.seed)
   model = model_config(FLAGS.model)
   cluster = cluster_config(FLAGS.cluster)
   cluster = with_expert_memory(cluster, model, FLAGS.copies)
   n, l, e, k = cluster.num_servers, model.n_moe_layers, model.n_experts, model.top_k
-  batches = [int(b) for b in FLAGS.decode_batches]
   trace = random_trace(FLAGS.tokens, l, e, k, n, rng, model.name)
   placement = random_placement(model, cluster, rng)
   events = trace.num_tokens * l
@@ -104,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

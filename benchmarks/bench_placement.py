@@ -28,6 +28,7 @@ Run:
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from absl import app, flags
 
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
+from moe_edge.io import cli
 from moe_edge.placement import ilp, place, registry
 from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import PlacementError, PlacementProblem
@@ -210,7 +212,16 @@ def real_statistics(cluster_name: str = "edge_hetero_4", tokens_per_server: int 
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  cli.check_flags(FLAGS, at_least_1=("repeats", "instances"),
+                  ranges={"copies": (1.0, math.inf, False), "zipf": (0.0, math.inf, False),
+                          "mix": (0.0, 1.0, False), "lam": (0.0, math.inf, False),
+                          "ilp_time_limit": (0.0, math.inf, True),
+                          "real_ilp_time_limit": (0.0, math.inf, False)})
+  for name in FLAGS.quality_clusters.split(","):
+    if name.strip():
+      cluster_config(name.strip())  # an unknown cluster fails now, not after the timings
   time_methods(speed_problems())
   for name in FLAGS.quality_clusters.split(","):
     if name.strip():
@@ -220,4 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

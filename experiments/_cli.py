@@ -128,13 +128,24 @@ def _unknown_key(argv: list[str], e: Exception) -> str:
           + f"; known: {', '.join(_known_keys(path))}.")
 
 
-def claim(script: str, folder: str | Path, config: dict, outputs: tuple[str, ...],
+def define_output(default: str) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """``--out`` (default ``default``) and ``--overwrite``, the output flags of a config script."""
+  out = flags.DEFINE_string("out", default, "Output folder, claimed before any work (a "
+                            "manifest records the run's command, config, seed and files).")
+  overwrite = flags.DEFINE_bool("overwrite", False, "Replace the results of another run "
+                                "(other settings, or files no manifest records) in --out.")
+  return out, overwrite
+
+
+def claim(script: str, folder: str | Path, config, outputs: tuple[str, ...],
           seed: int | None = None, overwrite: bool = False,
           manifest: str = "manifest.json") -> OutputFolder:
   """Claim the output folder for this run before any work (moe_edge.io.OutputFolder): the
   same config replaces its own files, another config (or files the run would write that no
   manifest records, e.g. the committed results before their first manifest) is refused unless
-  ``--overwrite``."""
+  ``--overwrite``. ``config``: a dict or ConfigDict (recorded and compared)."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
   return OutputFolder.claim(folder, RunIdentity(script, config, seed), outputs,
                             overwrite=overwrite, manifest=manifest,
                             refuse_hint="choose another --out, or pass --overwrite to replace "

@@ -15,13 +15,11 @@ field (``sweeps``, ``sweep_models``, ``seed``, ...).
 """
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 import _cli
 from moe_edge.experiments import plots
@@ -32,7 +30,9 @@ from moe_edge.experiments.sweeps import (X_LABELS, format_sweep, migration_summa
 from moe_edge.experiments.tables import write_csv
 
 CONFIG = _cli.define_config("ablations")
-OUT = flags.DEFINE_string("out", "results/ablations", "Output folder.")
+OUT, OVERWRITE = _cli.define_output("results/ablations")
+#: What an ablations run writes into --out (README.md is not its file).
+OUTPUTS = ("*.csv", "*.png", "summary.md", "config.json")
 PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress display on stderr.")
 
 
@@ -44,8 +44,9 @@ def main(argv):
   cfg = build_experiment(CONFIG.value)
   if not cfg.sweeps:
     raise app.UsageError(f"config {cfg.name!r} names no sweeps; pass --config.sweeps=NAME.")
-  out = Path(OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
+  folder = _cli.claim("ablations", OUT.value, CONFIG.value, OUTPUTS, seed=cfg.seed,
+                      overwrite=OVERWRITE.value)
+  out = folder.folder
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   summary = [f"# Ablations", "", f"Made by `{command}` (config `{cfg.name}`, seed {cfg.seed}; "
              f"calibration {cfg.calibration}; {cfg.copies:g} copies of expert memory and "
@@ -90,8 +91,10 @@ def main(argv):
         summary.append(format_sweep(rows, name, "decode_ms"))
         summary.append(format_sweep(rows, name, "prefill_ms", ".1f"))
         summary.append(format_sweep(rows, name, "cross_kb_per_token", ".1f"))
-  (out / "summary.md").write_text("\n".join(summary) + "\n")
-  (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+  folder.write_text("summary.md", "\n".join(summary) + "\n")
+  folder.write_json("config.json", cfg.to_dict())
+  folder.record_new()
+  folder.finish()
   print("\n".join(summary))
   print(f"\nwrote {len(cfg.sweeps)} sweeps to {out} ({time.perf_counter() - t0:.0f} s)")
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -55,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+
+from moe_edge.io import atomic, check_output_file, cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["olmoe_1b_7b", "mixtral_8x7b"], "Model shapes (and their routing "
@@ -632,19 +633,23 @@ def main(argv):
   unknown = [m for m in FLAGS.methods if m not in known]
   if unknown:
     raise app.UsageError(f"unknown methods {unknown}; use {', '.join(known)}.")
+  cli.check_flags(FLAGS, at_least_1=("decode_tokens", "prefill_tokens", "num_devices",
+                                     "repeats", "prefill_repeats"),
+                  at_least_0=("warmup", "seed", "layer"),
+                  ranges={"alpha": (0.0, 1.0, False), "copies": (1.0, math.inf, False)})
   out = Path(FLAGS.out)
-  out.mkdir(parents=True, exist_ok=True)
+  for name in ("bench_dispatch.md", "bench_dispatch.json"):
+    check_output_file(out / name, overwrite=True)  # checked before the (long) benchmark
 
   def partial(rows):  # keep what was measured if the run is cut short
-    (out / "bench_dispatch.json").write_text(json.dumps(dict(complete=False, rows=rows),
-                                                        indent=1))
+    atomic.write_json(out / "bench_dispatch.json", dict(complete=False, rows=rows))
 
   summary = run(FLAGS, partial)
   summary["complete"] = True
   text = report(summary)
   print(text)
-  (out / "bench_dispatch.md").write_text(text)
-  (out / "bench_dispatch.json").write_text(json.dumps(summary, indent=1))
+  atomic.write_text(out / "bench_dispatch.md", text)
+  atomic.write_json(out / "bench_dispatch.json", summary)
   print(f"wrote {out / 'bench_dispatch.md'} and {out / 'bench_dispatch.json'}")
   if not all(a["ok"] for a in summary["agreement"]) or any("error" in r
                                                           for r in summary["rows"]):
@@ -652,4 +657,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -30,7 +30,7 @@ Settings: ``configs/experiments/budget_sweep.py`` (``--config.KEY=VALUE`` overri
 from __future__ import annotations
 
 import csv
-import json
+import io
 import sys
 import time
 from pathlib import Path
@@ -38,15 +38,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
 
 import _cli
 
 from moe_edge.experiments.extension_settings import BudgetSweepConfig
+from moe_edge.experiments.plots import save_figure
 from moe_edge.extensions import budgeted, harness
+from moe_edge.io import atomic
 
 CONFIG = _cli.define_config("budget_sweep")
-OUT = flags.DEFINE_string("out", "results/extensions", "Output folder.")
+OUT, OVERWRITE = _cli.define_output("results/extensions")
+#: This sweep's files in --out (a folder it shares with substitution_sweep.py: each script keeps
+#: its own manifest and owns only these).
+OUTPUTS = ("budget_sweep.csv", "greedy_vs_exact.csv", "budget_summary.json", "budget_sweep.png")
 
 
 def unit_cost(cost_matrix: np.ndarray) -> float:
@@ -131,15 +136,17 @@ def plot(rows: list[dict], path: Path, cfg: BudgetSweepConfig) -> None:
       ax[i, j].legend(fontsize=8)
     ax[i, 1].set_yscale("log")
   fig.tight_layout()
-  fig.savefig(path, dpi=130)
+  save_figure(fig, path, dpi=130)
   plt.close(fig)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-  with open(path, "w", newline="") as fh:
-    w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  """Rows as CSV, written atomically."""
+  buf = io.StringIO(newline="")
+  w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+  w.writeheader()
+  w.writerows(rows)
+  atomic.write_text(path, buf.getvalue())
 
 
 def budget_rows(sw: BudgetSweepConfig, st: harness.Setup, cms: dict, variants: dict
@@ -200,13 +207,14 @@ def main(argv):
   h = sw.harness
   t0 = time.perf_counter()
   variants = {v: sw.parse_variant(v) for v in sw.variants}
+  folder = _cli.claim("budget_sweep", OUT.value, CONFIG.value, OUTPUTS, seed=h.seed,
+                      overwrite=OVERWRITE.value, manifest="budget_sweep.manifest.json")
   st = h.prepare()
   cfg, work, placement, hosts = st.cfg, st.heldout, st.placement, st.placement.hosts
   energy = budgeted.EnergyModel(h.pj_per_flop, h.nj_per_byte)
   cms = {kind: budgeted.choice_cost_matrix(cfg, st.cluster, kind, energy)
          for kind in budgeted.COST_KINDS}
-  out = Path(OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
+  out = folder.folder
   print(f"model {cfg.name} ({st.origin}) on {st.cluster.name}: {placement.method} placement; "
         f"held-out {work.tokens.shape[0]} requests x {work.seq_len} tokens")
   for kind, cm in cms.items():
@@ -234,8 +242,10 @@ def main(argv):
       kept_mass_monotone=all(r["monotone"] for r in rows),
       greedy_exact_mismatches_on_text=int(sum(r["greedy_exact_mismatch"] for r in rows)),
       greedy_vs_exact_random=gve)
-  (out / "budget_summary.json").write_text(json.dumps(summary, indent=1))
+  atomic.write_json(out / "budget_summary.json", summary)
   plot(rows, out / "budget_sweep.png", sw)
+  folder.record_new()
+  folder.finish()
   print(f"kept mass monotone in the budget for every variant: {summary['kept_mass_monotone']}; "
         f"greedy != exact on {summary['greedy_exact_mismatches_on_text']} token-layers of text")
   print(f"wrote {out}/budget_sweep.csv, greedy_vs_exact.csv, budget_summary.json, "

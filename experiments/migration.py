@@ -30,17 +30,14 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import app
 
 import _cli
 from moe_edge.experiments import migration_report as report
 from moe_edge.experiments.migration_run import MigrationRun, run_migration
 
 CONFIG = _cli.define_config("migration")
-OUT = flags.DEFINE_string("out", "results/migration", "Output folder (claimed before any "
-                          "work: manifest.json records the run).")
-OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the results of another run (other "
-                              "settings) in --out.")
+OUT, OVERWRITE = _cli.define_output("results/migration")
 
 
 def main(argv):

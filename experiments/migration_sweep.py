@@ -18,9 +18,8 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-from pathlib import Path
 
-from absl import app, flags
+from absl import app
 
 import _cli
 from moe_edge.experiments import migration_report as report
@@ -29,7 +28,9 @@ from moe_edge.experiments.migration_run import MigrationRun
 from moe_edge.experiments.tables import write_csv
 
 CONFIG = _cli.define_config("migration_sweep")
-OUT = flags.DEFINE_string("out", "results/migration/sweep", "Output folder.")
+OUT, OVERWRITE = _cli.define_output("results/migration/sweep")
+#: What a sweep writes into --out (``runs/`` with config.keep_runs).
+OUTPUTS = ("shifts.csv", "runs.csv", "summary.md", "runs")
 
 
 def main(argv):
@@ -41,9 +42,10 @@ def main(argv):
                     cfg.prefix_steps)
   for s in todo:  # every setting is valid before the first run starts
     s.apply(base)
+  folder = _cli.claim("migration_sweep", OUT.value, cfg, OUTPUTS, seed=base.seed,
+                      overwrite=OVERWRITE.value)
+  out = folder.folder
   t0 = time.perf_counter()
-  out = Path(OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
   print(f"{len(todo)} runs of the migration experiment")
 
   def done(s, result):
@@ -58,7 +60,9 @@ def main(argv):
   write_csv(run_rows, out / "runs.csv")
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   md = sweep.summary_markdown(command, base, cfg.seeds, shift_rows, run_rows)
-  (out / "summary.md").write_text(md)
+  folder.write_text("summary.md", md)
+  folder.record_new()
+  folder.finish()
   print(md)
   print(f"wrote {out / 'shifts.csv'}, {out / 'runs.csv'}, {out / 'summary.md'} "
         f"({time.perf_counter() - t0:.0f} s)")

@@ -3,13 +3,19 @@
   python experiments/plot.py --tables results/tables --ablations results/ablations
 
 Tables: ``decode_latency.png``, ``prefill_latency.png``, ``cross_bytes.png`` from
-``tables.csv``. Ablations: ``<sweep>.png`` from every ``<sweep>.csv`` found.
+``tables.csv``. Ablations: ``<sweep>.png`` from every ``<sweep>.csv`` found. The figures are
+files of the run that made the folder (``reproduce_tables.py`` / ``ablations.py``, recorded in
+its ``manifest.json``): this script redraws them in place, each written atomically, and leaves
+that run's manifest as it is (it claims no folder of its own). A missing folder or CSV is one
+``plot.py: error: ...`` line.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from absl import app, flags
+
+from moe_edge.io import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tables", "results/tables", "Folder with tables.csv ('' to skip).")
@@ -49,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

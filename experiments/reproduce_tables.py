@@ -30,7 +30,7 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from absl import flags, logging  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from moe_edge.experiments.config import build_experiment  # noqa: E402
 from moe_edge.experiments.tables import (format_headline, headline, ours_present,  # noqa: E402
@@ -39,7 +39,9 @@ from moe_edge.experiments.tables import (format_headline, headline, ours_present
 import _cli  # noqa: E402
 
 CONFIG = _cli.define_config("paper_tables")
-OUT = flags.DEFINE_string("out", "results/tables", "Output folder.")
+OUT, OVERWRITE = _cli.define_output("results/tables")
+#: What a tables run writes into --out (the trace cache and README.md are not its files).
+OUTPUTS = ("tables.csv", "tables.md", "crosscheck.csv", "timings.json", "*.png")
 PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress display on stderr.")
 
 
@@ -49,6 +51,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress display
   t0 = time.perf_counter()
   cfg = build_experiment(CONFIG.value)
+  out = _cli.claim("reproduce_tables", OUT.value, CONFIG.value, OUTPUTS, seed=cfg.seed,
+                   overwrite=OVERWRITE.value)
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   print(f"config {cfg.name}: {len(cfg.models)} models x {len(cfg.clusters)} clusters x "
         f"{len(cfg.methods)} methods, seed {cfg.seed}, calibration {cfg.calibration}",
@@ -68,6 +72,8 @@ def main(argv):
                             cfg.crosscheck_steps, cfg.crosscheck_repeats, cfg.copies, cfg.seed)
     md = write_tables(cfg, result.rows, OUT.value, command, rows, note, result.timings)
     print(f"cross-check: {time.perf_counter() - t1:.0f} s", flush=True)
+  out.record_new()
+  out.finish()
   print()
   print(md)
   for ours in ours_present(result.rows):

@@ -33,7 +33,7 @@ Settings: ``configs/experiments/substitution_sweep.py`` (``--config.KEY=VALUE`` 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import sys
 import time
 from pathlib import Path
@@ -44,13 +44,19 @@ from absl import app, flags
 import _cli
 
 from moe_edge.experiments.extension_settings import HarnessSettings, SubstitutionSweepConfig
+from moe_edge.experiments.plots import save_figure
 from moe_edge.extensions import budgeted, harness, similarity, substitution
 from moe_edge.extensions.transform import TransformedMoE
+from moe_edge.io import atomic
 from moe_edge.model.transformer import expert_weights
 from moe_edge.workload.corpus import DOMAINS
 
 CONFIG = _cli.define_config("substitution_sweep")
-OUT = flags.DEFINE_string("out", "results/extensions", "Output folder.")
+OUT, OVERWRITE = _cli.define_output("results/extensions")
+#: This sweep's files in --out (a folder it shares with budget_sweep.py: each script keeps its
+#: own manifest and owns only these).
+OUTPUTS = ("similarity_rank.csv", "substitution_sweep.csv", "substitution_summary.json",
+           "substitution_sweep.png")
 REPLOT = flags.DEFINE_bool("replot", False, "Only redraw substitution_sweep.png from the CSV in "
                            "--out.")
 
@@ -173,7 +179,7 @@ def plot(rows: list[dict], base: dict, path: Path, drop_renormalize: bool) -> No
     a.grid(alpha=0.3)
     a.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=130)
+  save_figure(fig, path, dpi=130)
   plt.close(fig)
 
 
@@ -189,14 +195,19 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-  with open(path, "w", newline="") as fh:
-    w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  """Rows as CSV, written atomically."""
+  buf = io.StringIO(newline="")
+  w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+  w.writeheader()
+  w.writerows(rows)
+  atomic.write_text(path, buf.getvalue())
 
 
 def replot(out: Path, drop_renormalize: bool) -> None:
   """Redraw substitution_sweep.png from the CSV in ``out``."""
+  if not (out / "substitution_sweep.csv").is_file():
+    raise app.UsageError(f"--replot: no {out / 'substitution_sweep.csv'}; run the sweep "
+                         f"first.")
   rows = read_csv(out / "substitution_sweep.csv")
   for r in rows:
     r["similarity"] = "" if r["similarity"] in ("", None) else r["similarity"]
@@ -271,8 +282,10 @@ def main(argv):
   if REPLOT.value:
     replot(out, s.drop_renormalize)
     return
+  folder = _cli.claim("substitution_sweep", out, CONFIG.value, OUTPUTS, seed=h.seed,
+                      overwrite=OVERWRITE.value, manifest="substitution_sweep.manifest.json")
+  out = folder.folder
   cfg, model, origin, cluster, placement, work, sims = setup(h)
-  out.mkdir(parents=True, exist_ok=True)
   energy = budgeted.EnergyModel(h.pj_per_flop, h.nj_per_byte)
   energy_cost = budgeted.choice_cost_matrix(cfg, cluster, "energy", energy)
   hosts = placement.hosts
@@ -318,8 +331,10 @@ def main(argv):
             f"decode latency x{h['latency_ratio']:.3f}")
   clean = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v
   summary["baseline"] = {k: clean(v) for k, v in base.items()}
-  (out / "substitution_summary.json").write_text(json.dumps(summary, indent=1))
+  atomic.write_json(out / "substitution_summary.json", summary)
   plot(rows, base, out / "substitution_sweep.png", s.drop_renormalize)
+  folder.record_new()
+  folder.finish()
   print(f"wrote {out}/substitution_sweep.csv, similarity_rank.csv, substitution_summary.json, "
         f"substitution_sweep.png ({time.perf_counter() - t0:.0f} s)")
 

@@ -52,10 +52,21 @@ class SweepSetting:
                         horizon=self.horizon, prefix_step=self.prefix_step)
 
 
+def _is_count(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def settings(seeds: Sequence[int], drifts: Sequence[str], budgets: Sequence[str],
              prefix_steps: Sequence[int]) -> list[SweepSetting]:
   """The product of the sweep's axes; a budget is ``'copies:horizon'`` (e.g. ``96:1``)."""
   out = []
+  for key, values in (("seeds", seeds), ("prefix_steps", prefix_steps)):
+    if isinstance(values, str) or not all(_is_count(v) for v in values):
+      raise ConfigError(f"{key} must be a tuple of integers >= 0 (e.g. --config.{key}="
+                        f"'(0, 1)'), got {values!r}.")
+  if isinstance(drifts, str) or isinstance(budgets, str):
+    raise ConfigError(f"drift_presets and budgets must be tuples (e.g. --config.budgets="
+                      f"\"('96:1',)\"), got {drifts!r}, {budgets!r}.")
   for seed, drift, budget, prefix in itertools.product(seeds, drifts, budgets, prefix_steps):
     copies, sep, horizon = str(budget).partition(":")
     if not sep or not copies.isdigit() or not horizon.isdigit() or int(horizon) < 1:

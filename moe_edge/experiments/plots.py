@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from moe_edge.io import atomic
 from moe_edge.placement import registry
 
 #: Colours by role; a method takes its role's colours in registration order (cycling).
@@ -22,6 +23,15 @@ TABLE_FIGURES = (("decode_ms", "decode latency (ms / token)", "decode_latency.pn
                  ("cross_kb_per_token", "cross-server kB / token", "cross_bytes.png"))
 SWEEP_METRICS = (("decode_ms", "decode ms / token"), ("prefill_ms", "prefill ms / request"),
                  ("cross_kb_per_token", "cross-server kB / token"))
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+  """``fig.savefig`` atomically (format from the suffix): a crash leaves no half-written image
+  at ``path``."""
+  path = Path(path)
+  with atomic.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+  return path
 
 
 def _plt():
@@ -72,7 +82,7 @@ def plot_tables(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
     fig.suptitle(f"{label} by placement method (y axes do not start at zero)", fontsize=9)
     fig.tight_layout()
     path = Path(out_dir) / name
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     paths.append(path)
   return paths
@@ -107,7 +117,7 @@ def plot_sweep(rows: Sequence[dict], sweep: str, path: str | Path, x_label: str,
   axes[0, 0].legend(fontsize=6, loc="best")
   fig.suptitle(f"ablation: {sweep}", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path, dpi=110)
   plt.close(fig)
   return Path(path)
 
@@ -137,7 +147,7 @@ def plot_parts(rows: Sequence[dict], path: str | Path) -> Path:
   fig.legend(handles, labels, loc="lower center", ncol=len(variants), fontsize=7)
   fig.suptitle("ablation: DanceMoE's parts switched off one at a time", fontsize=10)
   fig.tight_layout(rect=(0, 0.08, 1, 1))
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path, dpi=110)
   plt.close(fig)
   return Path(path)
 
@@ -162,7 +172,7 @@ def plot_migration(rows: Sequence[dict], shifts: Sequence[int], path: str | Path
   axes[0].legend(fontsize=7)
   fig.suptitle("ablation: migration under a drifting workload", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path, dpi=110)
   plt.close(fig)
   return Path(path)
 
@@ -189,6 +199,6 @@ def plot_extensions(rows: Sequence[dict], path: str | Path) -> Path:
                fontsize=9)
   fig.tight_layout()
   path = Path(path)
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path, dpi=110)
   plt.close(fig)
   return path

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -45,6 +46,7 @@ from moe_edge.experiments.plots import plot_tables
 from moe_edge.experiments.progress import Progress
 from moe_edge.experiments.workloads import (build_workload, served_model, small_trace,
                                             split_trace, workload_kind)
+from moe_edge.io import atomic
 from moe_edge.placement import registry
 from moe_edge.placement.objective import objective
 COLUMNS = ("model", "cluster", "servers", "copies", "bytes_per_param", "method", "status",
@@ -342,15 +344,13 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
 def write_csv(rows: Sequence[dict], path: str | Path, columns: Sequence[str] | None = None
               ) -> Path:
   """Rows as CSV (``columns`` in order; missing values empty)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols, extrasaction="raise")
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: r.get(k, "") for k in cols})
-  return path
+  buf = io.StringIO(newline="")
+  w = csv.DictWriter(buf, fieldnames=cols, extrasaction="raise")
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: r.get(k, "") for k in cols})
+  return atomic.write_text(path, buf.getvalue())
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -375,11 +375,11 @@ def write_tables(cfg: ExperimentConfig, rows: Sequence[dict], out_dir: str | Pat
   out.mkdir(parents=True, exist_ok=True)
   write_csv(rows, out / "tables.csv", COLUMNS)
   md = format_markdown(cfg, rows, command, crosscheck, crosscheck_note)
-  (out / "tables.md").write_text(md + "\n")
+  atomic.write_text(out / "tables.md", md + "\n")
   if crosscheck:
     write_csv(crosscheck, out / "crosscheck.csv")
   if timings is not None:
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    atomic.write_json(out / "timings.json", timings)
   if plots:
     plot_tables(rows, out)
   return md

@@ -33,6 +33,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -40,6 +41,8 @@ from moe_edge.core.errors import MoeEdgeError
 from moe_edge.io import atomic
 
 MANIFEST = "manifest.json"
+#: File-system timestamps come from a coarse clock (a few ms behind time.time_ns()).
+_MTIME_SLACK_NS = 50_000_000
 FORMAT_VERSION = 1
 # Packages whose versions a manifest records (the project's dependencies).
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", "absl-py", "scipy",
@@ -199,6 +202,7 @@ class OutputFolder:
     self._keep_inherited = keep_inherited
     self._files: set[str] = set(inherited)
     self._written: set[str] = set()
+    self._claimed_ns = time.time_ns()
     self._data = {"format": FORMAT_VERSION, "script": identity.script,
                   "config": identity.config, "seed": identity.seed, "command": command,
                   "code": code_version(), "python": platform.python_version(),
@@ -296,6 +300,20 @@ class OutputFolder:
     self._written.add(top)
     self._save()
     return path
+
+  def record_new(self) -> list[str]:
+    """Record every top-level entry matching the declared outputs that was written since the
+    claim (for writers that take a folder, such as the tables and plots); return their
+    names. Older files (a previous run's) are left to :meth:`finish`."""
+    new = sorted(p.name for p in self.folder.iterdir()
+                 if p.name != self.manifest and atomic.PARTIAL_TAG not in p.name
+                 and any(fnmatch.fnmatchcase(p.name, pat) for pat in self.outputs)
+                 and p.stat().st_mtime_ns >= self._claimed_ns - _MTIME_SLACK_NS)
+    for name in new:
+      self._files.add(name)
+      self._written.add(name)
+    self._save()
+    return new
 
   def forget(self, name: str) -> None:
     """Drop ``name`` from the run's files (after the run deleted it, e.g. pruning)."""
