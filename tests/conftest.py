@@ -24,7 +24,8 @@ _SCRIPT_FLAGS: dict[str, list[str]] = {}
 
 
 def load_script(name: str):
-  """Import ``experiments/<name>.py`` afresh as a module, to call its functions or ``main``.
+  """Import ``experiments/<name>.py`` (or ``<name>.py`` for a path such as
+  ``benchmarks/bench_cost``) afresh as a module, to call its functions or ``main``.
 
   absl flags are process-global and several scripts define the same names (``--seed``), so
   the flags that earlier loaded scripts defined are removed before this one defines its own.
@@ -36,10 +37,14 @@ def load_script(name: str):
     for flag in _SCRIPT_FLAGS.pop(owner):
       if flag in flags.FLAGS:
         delattr(flags.FLAGS, flag)
+  import sys  # noqa: PLC0415
   before = set(flags.FLAGS)
-  spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "experiments" /
-                                                f"{name}.py")
+  path = REPO / f"{name}.py" if "/" in name else REPO / "experiments" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"script_{Path(name).name}", path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses defined in a script look their module up
+  if str(path.parent) not in sys.path:  # as `python experiments/x.py` does (import _cli)
+    sys.path.insert(0, str(path.parent))
   spec.loader.exec_module(module)
   _SCRIPT_FLAGS[name] = sorted(set(flags.FLAGS) - before)
   return module

@@ -15,9 +15,13 @@ import pytest
 
 from moe_edge.core.errors import MoeEdgeError
 from moe_edge.core.problem import Placement
+from moe_edge.core.routing_stats import RoutingStats
+from moe_edge.core.trace import ActivationTrace
+from moe_edge.cost.calibrate import Calibration
 from moe_edge.io import cli
 from moe_edge.model import checkpoint as ckpt
 from conftest import REPO, load_script
+import hostile_files  # noqa: F401  (registers the trace, placement, stats, ... builders)
 from hostile import Hostile
 
 HERE = Path(__file__).resolve().parent
@@ -29,6 +33,9 @@ CALLS = {
     "import_safetensors": lambda path, cfg, scheme: ckpt.import_hf_safetensors(path, cfg,
                                                                                scheme),
     "load_placement": lambda path: Placement.load(path),
+    "load_trace": lambda path: ActivationTrace.load(path),
+    "load_routing_stats": lambda path: RoutingStats.load(path),
+    "load_calibration": lambda path: Calibration.load(path),
 }
 
 
@@ -80,11 +87,15 @@ def test_case(kind, target, args, fragment, line, hostile, tmp_path, capsys):
     assert fragment in msg, f"{fragment!r} not in {msg!r}"
   elif kind == "main":
     module = load_script(target)
+    script = Path(target).name
     capsys.readouterr()
-    code = cli.invoke(module.main, [f"{target}.py", *argv])
-    check_usage_error(target, code, capsys.readouterr().err, fragment)
+    # A config script parses --config.KEY overrides with its experiments/_cli.py.
+    invoke = module._cli.invoke if hasattr(module, "CONFIG") else cli.invoke
+    code = invoke(module.main, [f"{script}.py", *argv])
+    check_usage_error(script, code, capsys.readouterr().err, fragment)
   else:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / f"{target}.py"), *argv],
+    path = REPO / f"{target}.py" if "/" in target else REPO / "experiments" / f"{target}.py"
+    proc = subprocess.run([sys.executable, str(path), *argv],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    check_usage_error(target, proc.returncode, proc.stderr, fragment)
+    check_usage_error(Path(target).name, proc.returncode, proc.stderr, fragment)
