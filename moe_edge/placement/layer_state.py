@@ -51,6 +51,9 @@ class LayerState:
     route_cost: ``[N, M]`` ``hw.route_cost()``.
     hosts: ``[N, L, E]`` bool; route: ``[N, L, E]`` int64.
     on: ``[P, L, M, E]``; flows: ``[P, L, N, M]``; per: ``[P, L, M]``; time: ``[P, L]``.
+    row, col: ``[P, L, N]`` each server's dispatch and combine terms (the screening's cache).
+    rank: ``[N, M]`` int16, position of m in n's order of preference (itself first, then by
+      ``route_cost``, ties to the lower id).
   """
   hw: object
   x: np.ndarray
@@ -62,6 +65,9 @@ class LayerState:
   flows: np.ndarray = None
   per: np.ndarray = None
   time: np.ndarray = None
+  row: np.ndarray = None
+  col: np.ndarray = None
+  rank: np.ndarray = None
 
   @classmethod
   def build(cls, hw, freq: np.ndarray, batches: np.ndarray, hosts: np.ndarray,
@@ -70,8 +76,12 @@ class LayerState:
     batches = np.asarray(batches, dtype=np.float64)
     x = batches[:, :, None, None] * np.asarray(freq, dtype=np.float64)[None]
     dense = np.array([hw.dense_time(b) for b in batches], dtype=np.float64)
-    st = cls(hw, x, dense, hw.route_cost(), np.array(hosts, dtype=bool),
-             np.array(route, dtype=np.int64))
+    rc = hw.route_cost()
+    key = np.where(np.eye(rc.shape[0], dtype=bool), -np.inf, rc)       # local first
+    rank = np.argsort(np.argsort(key, axis=1, kind="stable"), axis=1,
+                      kind="stable").astype(np.int16)
+    st = cls(hw, x, dense, rc, np.array(hosts, dtype=bool), np.array(route, dtype=np.int64),
+             rank=rank)
     st.refresh(np.arange(hosts.shape[1]))
     return st
 
@@ -108,19 +118,93 @@ class LayerState:
     layers = np.asarray(layers, dtype=np.int64)
     on, flows = self._layer_arrays(layers)
     per, time = self.layer_times(on, flows)
+    row, col = self._row_col(flows)
     if self.on is None:
-      self.on, self.flows, self.per, self.time = on, flows, per, time
+      self.on, self.flows, self.per, self.time, self.row, self.col = (
+          on, flows, per, time, row, col)
       return
     self.on[:, layers], self.flows[:, layers] = on, flows
     self.per[:, layers], self.time[:, layers] = per, time
+    self.row[:, layers], self.col[:, layers] = row, col
+
+  def _row_col(self, flows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each server's dispatch (send bytes time plus its slowest used link's latency) and
+    combine terms ``[..., N]`` of ``flows [..., N, M]``: the screening's cache (the maxima of
+    these are what ``hw.exchange_times`` returns)."""
+    hw = self.hw
+    used = -np.expm1(-flows)
+    row = np.einsum("...nm,nm->...n", flows, hw.act * hw.inv_bw) + (used * hw.lat).max(-1)
+    col = np.einsum("...nm,mn->...m", flows, hw.act * hw.inv_bw) + (used * hw.lat.T).max(-2)
+    return row, col
+
+  def reroute(self, lk: np.ndarray, ek: np.ndarray, hk: np.ndarray) -> np.ndarray:
+    """``[K, N]`` route of column ``(lk, ek)`` with new hosts ``hk [K, N]`` (module docstring):
+    sources whose copy was removed go to their nearest remaining copy, the others keep theirs
+    unless an added copy is nearer (or local)."""
+    old = self.route[:, lk, ek].T                                      # [K, N]
+    h0 = self.hosts[:, lk, ek].T
+    removed, added = h0 & ~hk, hk & ~h0
+    new = old.copy()
+    kk, nn = np.nonzero(np.take_along_axis(removed, old, axis=1))
+    if kk.size:
+      far = np.iinfo(self.rank.dtype).max
+      new[kk, nn] = np.argmin(np.where(hk[kk], self.rank[nn], far), axis=1)
+    if added.any():
+      a = np.argmax(added, axis=1)
+      src = np.arange(self.shape[0])[None, :]
+      better = added.any(axis=1)[:, None] & (self.rank[src, a[:, None]] < self.rank[src, new])
+      new = np.where(better, a[:, None], new)
+    return new
+
+  def screen(self, lk: np.ndarray, ek: np.ndarray, hk: np.ndarray,
+             e2: np.ndarray | None = None, h2: np.ndarray | None = None) -> np.ndarray:
+    """``[P, K]`` approximate layer times after candidate changes, in ``O(P K N)``.
+
+    Expert compute is exact; the exchange keeps every link's latency term as it is and moves
+    only the bytes (each server's send and receive sums), so the estimate ranks candidates for
+    :meth:`evaluate`, which is exact. Arguments as :meth:`evaluate`.
+    """
+    per, row, col = self._screen_terms(lk, ek, hk)
+    if e2 is not None:
+      two = np.flatnonzero(e2 >= 0)
+      if two.size:
+        p2, r2, c2 = self._screen_terms(lk[two], e2[two], h2[two])
+        per[:, two] += p2 - self.per[:, lk[two]]
+        row[:, two] += r2 - self.row[:, lk[two]]
+        col[:, two] += c2 - self.col[:, lk[two]]
+    return row.max(axis=-1) + col.max(axis=-1) + per.max(axis=-1)
+
+  def _screen_terms(self, lk, ek, hk):
+    """Screened ``(per, row, col)`` ``[P, K, N]`` of single-column changes."""
+    hw = self.hw
+    k, n = hk.shape
+    old = self.route[:, lk, ek].T
+    new = self.reroute(lk, ek, hk)
+    xk = self.x[:, :, lk, ek].transpose(0, 2, 1)                       # [P, K, N]
+    base = (np.arange(k) * n)[:, None]
+    src = np.broadcast_to(np.arange(n)[None, :], (k, n))
+    on_old = self.on[:, lk, :, ek].transpose(1, 0, 2)                  # [P, K, M]
+    per, row, col = [], [], []
+    for q in range(xk.shape[0]):
+      w = xk[q]
+      d_on = (np.bincount((base + new).ravel(), w.ravel(), k * n)
+              - np.bincount((base + old).ravel(), w.ravel(), k * n)).reshape(k, n)
+      on_new = np.maximum(on_old[q] + d_on, 0.0)
+      t = lambda c: hw.expert_time(c, server_axis=-1, expected=True)  # noqa: E731
+      per.append(self.per[q, lk] - t(on_old[q]) + t(on_new))
+      row.append(self.row[q, lk] + hw.act * w * (hw.inv_bw[src, new] - hw.inv_bw[src, old]))
+      back = (np.bincount((base + new).ravel(), (w * hw.inv_bw[new, src]).ravel(), k * n)
+              - np.bincount((base + old).ravel(), (w * hw.inv_bw[old, src]).ravel(), k * n))
+      col.append(self.col[q, lk] + hw.act * back.reshape(k, n))
+    return np.stack(per), np.stack(row), np.stack(col)
 
   def evaluate(self, lk: np.ndarray, ek: np.ndarray, hk: np.ndarray,
                e2: np.ndarray | None = None, h2: np.ndarray | None = None) -> np.ndarray:
     """``[P, K]`` exact layer times after candidate changes (module docstring).
 
     Candidate ``k`` sets expert ``ek[k]`` of layer ``lk[k]`` to host column ``hk[k] [N]``
-    (re-routing that column) and, where ``e2[k] >= 0``, expert ``e2[k]`` of the same layer to
-    ``h2[k]`` too (a two-column change: swaps). Nothing is modified.
+    (re-routed by :meth:`reroute`) and, where ``e2[k] >= 0``, expert ``e2[k]`` of the same layer
+    to ``h2[k]`` too (a two-column change: swaps). Nothing is modified.
     """
     k = lk.size
     n = self.shape[0]
@@ -137,7 +221,7 @@ class LayerState:
     n = self.shape[0]
     eye = np.eye(n)
     old = self.route[:, lk, ek].T                                      # [K, N]
-    new = nearest_route(hk, self.route_cost)
+    new = self.reroute(lk, ek, hk)
     xk = self.x[:, :, lk, ek].transpose(0, 2, 1)                       # [P, K, N]
     d = eye[new] - eye[old]                                            # [K, N, M]
     on_old = self.on[:, lk, :, ek].transpose(1, 0, 2)                  # [P, K, M]
@@ -160,12 +244,15 @@ class LayerState:
     disp, comb = self.hw.exchange_times(flows, -np.expm1(-flows))
     return disp + comb + per.max(axis=-1)
 
-  def apply(self, layer: int, experts: list[int], columns: list[np.ndarray]) -> None:
-    """Set host columns of ``experts`` in ``layer`` (re-routed), then refresh that layer."""
+  def apply(self, layer: int, experts: list[int], columns: list[np.ndarray],
+            refresh: bool = True) -> None:
+    """Set host columns of ``experts`` in ``layer`` (re-routed), then refresh that layer
+    (``refresh=False``: the caller refreshes the changed layers once)."""
     for e, h in zip(experts, columns):
       h = np.asarray(h, dtype=bool)
       if not h.any():
         raise PlacementError(f"layer {layer} expert {e} would be hosted nowhere.")
+      self.route[:, layer, e] = self.reroute(np.array([layer]), np.array([e]), h[None])[0]
       self.hosts[:, layer, e] = h
-      self.route[:, layer, e] = nearest_route(h[None], self.route_cost)[0]
-    self.refresh(np.array([layer]))
+    if refresh:
+      self.refresh(np.array([layer]))

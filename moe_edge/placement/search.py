@@ -55,19 +55,26 @@ class SearchOptions:
     candidates: candidates of each kind per layer and round.
     max_rounds: at most this many rounds.
     patience: stop after this many rounds without improvement.
+    verify: candidates per layer and round whose screened gain is verified exactly (the
+      screening prices the exchange's bytes, not its latency terms; ``layer_state.py``).
+    per_layer: changes per layer and round (on distinct experts).
     restarts: also search from the next-best ``restarts`` starts and keep the best result.
   """
   starts: tuple[str, ...] = FAST_STARTS
   candidates: int = 24
   max_rounds: int = 60
   patience: int = 3
+  verify: int = 6
+  per_layer: int = 3
   restarts: int = 0
 
   def __post_init__(self):
     if not self.starts:
       raise PlacementError("latency_search: starts must name at least one method.")
     for name, v, lo in (("candidates", self.candidates, 1), ("max_rounds", self.max_rounds, 0),
-                        ("patience", self.patience, 1), ("restarts", self.restarts, 0)):
+                        ("patience", self.patience, 1), ("verify", self.verify, 1),
+                        ("per_layer", self.per_layer, 1),
+                        ("restarts", self.restarts, 0)):
       if int(v) != v or v < lo:
         raise PlacementError(f"latency_search: {name}={v!r} must be an integer >= {lo}.")
 
@@ -159,9 +166,9 @@ def _pick(rng: np.random.Generator, mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def _choose(rng: np.random.Generator, score: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-  """Per row, a Gumbel-perturbed argmax of ``log score`` among ``allowed`` (-1 if none)."""
-  key = np.log(score + 1e-30) + rng.gumbel(size=score.shape)
-  key = np.where(allowed, key, -np.inf)
+  """Per row, the argmax of ``score`` randomly scaled by 0.25..1.25, among ``allowed`` (-1
+  where a row allows nothing): hot entries are likely, not certain."""
+  key = np.where(allowed, score * (0.25 + rng.random(score.shape)), -1.0)
   best = np.argmax(key, axis=-1)
   return np.where(allowed.any(axis=-1), best, -1)
 
@@ -243,23 +250,32 @@ def candidates(st: LayerState, room: np.ndarray, heat: np.ndarray, rng: np.rando
 # --------------------------------------------------------------------------------------------
 # Rounds
 # --------------------------------------------------------------------------------------------
-def _select(c: _Cands, gain: np.ndarray, room: np.ndarray, n_layers: int) -> list[list[int]]:
-  """The round's changes: per layer its best candidate within memory, then chains (module
-  docstring); each change is a list of candidate indices (one, or a drop and an add)."""
+def _select(c: _Cands, gain: np.ndarray, room: np.ndarray, n_layers: int,
+            per_layer: int) -> tuple[list[list[int]], list[list[int]]]:
+  """The round's changes (module docstring): up to ``per_layer`` candidates of each layer on
+  distinct experts, best gains first, within memory, then chains; each change is a list of
+  candidate indices (one, or a drop and an add). Returns ``(all, primary)``: ``primary`` keeps
+  one change per layer (the fallback when the whole set does not lower the score)."""
   room = room.copy()
-  used = np.zeros(n_layers, dtype=bool)
-  chosen = []
-  for i in np.argsort(-gain, kind="stable"):
-    if gain[i] <= 0:
-      break
-    if used[c.lk[i]] or (c.take[i] >= 0 and room[c.take[i]] <= 0 and c.take[i] != c.give[i]):
+  count = np.zeros(n_layers, dtype=np.int64)
+  touched = set()
+  chosen, primary = [], []
+  live = np.flatnonzero(gain > 0)
+  for i in live[np.argsort(-gain[live], kind="stable")]:
+    li, cols = int(c.lk[i]), {(int(c.lk[i]), int(c.ek[i])), (int(c.lk[i]), int(c.e2[i]))}
+    if count[li] >= per_layer or cols & touched or (
+        c.take[i] >= 0 and room[c.take[i]] <= 0 and c.take[i] != c.give[i]):
       continue
-    used[c.lk[i]] = True
+    touched |= cols
     if c.take[i] >= 0:
       room[c.take[i]] -= 1
     if c.give[i] >= 0:
       room[c.give[i]] += 1
     chosen.append([int(i)])
+    if count[li] == 0:
+      primary.append([int(i)])
+    count[li] += 1
+  used = count > 0
   # chains: a full server's best add in one layer paid by its best drop in another
   drops = np.flatnonzero((c.give >= 0) & (c.take < 0))
   adds = np.flatnonzero((c.take >= 0) & (c.give < 0))
@@ -279,7 +295,16 @@ def _select(c: _Cands, gain: np.ndarray, room: np.ndarray, n_layers: int) -> lis
     if best is not None:
       used[c.lk[list(best)]] = True
       chosen.append(list(best))
-  return chosen
+      primary.append(list(best))
+  return chosen, primary
+
+
+def _top_per_layer(lk: np.ndarray, score: np.ndarray, t: int) -> np.ndarray:
+  """Indices of the ``t`` highest ``score`` of each layer (ties to the lower index)."""
+  order = np.lexsort((-score, lk))
+  start = np.searchsorted(lk[order], lk[order], side="left")
+  keep = order[np.arange(order.size) - start < t]
+  return np.sort(keep)
 
 
 def _apply(st: LayerState, c: _Cands, change: list[int]) -> None:
@@ -288,7 +313,7 @@ def _apply(st: LayerState, c: _Cands, change: list[int]) -> None:
     if c.e2[i] >= 0:
       experts.append(int(c.e2[i]))
       cols.append(c.h2[i])
-    st.apply(int(c.lk[i]), experts, cols)
+    st.apply(int(c.lk[i]), experts, cols, refresh=False)
 
 
 def _try(st: LayerState, c: _Cands, changes: list[list[int]], workload, score: float):
@@ -297,6 +322,7 @@ def _try(st: LayerState, c: _Cands, changes: list[list[int]], workload, score: f
   saved = st.hosts[:, layers].copy(), st.route[:, layers].copy()
   for ch in changes:
     _apply(st, c, ch)
+  st.refresh(layers)
   new = objective_score(st.step_times(), workload)
   if new < score * (1.0 - _TOL):
     return new
@@ -311,7 +337,7 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
   room = np.asarray(capacity, dtype=np.int64) - st.hosts.sum(axis=(1, 2))
   heat = st.x.sum(axis=0)                       # [N, L, E]: a server's own traffic per expert
   score = objective_score(st.step_times(), workload)
-  stats = dict(start_score=score, rounds=0, accepted=0, evaluated=0)
+  stats = dict(start_score=score, rounds=0, accepted=0, evaluated=0, verified=0)
   stall = 0
   for _ in range(options.max_rounds):
     g = objective_weights(st.step_times(), workload)
@@ -320,14 +346,21 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
     stats["evaluated"] += int(c.lk.size)
     if c.lk.size == 0:
       break
-    times = st.evaluate(c.lk, c.ek, c.hk, c.e2, c.h2)
-    gain = -np.einsum("p,pk->k", g, times - st.time[:, c.lk])
+    approx = -np.einsum("p,pk->k", g, st.screen(c.lk, c.ek, c.hk, c.e2, c.h2)
+                        - st.time[:, c.lk])
+    top = _top_per_layer(c.lk, approx, options.verify)
+    gain = np.zeros(c.lk.size)
+    gain[top] = -np.einsum("p,pk->k", g, st.evaluate(c.lk[top], c.ek[top], c.hk[top],
+                                                      c.e2[top], c.h2[top])
+                           - st.time[:, c.lk[top]])
+    stats["verified"] += int(top.size)
     gain[gain <= _TOL * score] = 0.0
-    changes = _select(c, gain, room, st.shape[1])
+    changes, primary = _select(c, gain, room, st.shape[1], options.per_layer)
     new = _try(st, c, changes, workload, score) if changes else None
-    if new is None and len(changes) > 1:
-      new = _try(st, c, changes[:1], workload, score)
-      changes = changes[:1]
+    for fallback in (primary, primary[:1]):
+      if new is None and 0 < len(fallback) < len(changes):
+        changes = fallback
+        new = _try(st, c, changes, workload, score)
     if new is None:
       stall += 1
       if stall >= options.patience:
