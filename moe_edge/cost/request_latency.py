@@ -35,7 +35,7 @@ import dataclasses
 import numpy as np
 
 from moe_edge.core.errors import MoeEdgeError
-from moe_edge.placement.problem import Placement, PlacementProblem
+from moe_edge.core.problem import Placement, PlacementProblem
 
 
 class RequestLatencyError(MoeEdgeError):

@@ -41,7 +41,7 @@ import numpy as np
 from scipy.optimize import linprog
 
 from moe_edge.cost.request_latency import request_latency
-from moe_edge.placement.problem import PlacementError
+from moe_edge.core.errors import PlacementError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ Per layer (EPLB's global policy; loads ``w[e] = sum_n T[n, l, e]``):
 
 ``t`` is the cost model's expert FLOP time per token (``speed="flops"``, what prefill and large
 batches are bound by) or its weight-read time per expert (``speed="bandwidth"``, what decode is
-bound by), from ``context.cost`` when given (calibrated), else the datasheet.
+bound by), from ``context.cost``'s hardware when given, else the problem's.
 """
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ import time
 
 import numpy as np
 
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.placement.common import finish
 from moe_edge.placement.eplb import layer_slots, replicate_experts
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+from moe_edge.placement.registry import PlacementContext, register
 
 SPEEDS = ("flops", "bandwidth")
 
@@ -77,18 +79,15 @@ def pack_by_time(load: np.ndarray, slots: np.ndarray, sec: np.ndarray) -> np.nda
 
 
 def server_seconds(problem: PlacementProblem, speed: str, cost=None) -> np.ndarray:
-  """``[N]`` the per-server time that weighs the packing (module docstring)."""
-  if cost is not None:
-    hw = cost.hardware
-    return np.asarray(hw.expert_flop if speed == "flops" else hw.expert_read, dtype=np.float64)
-  model, cluster = problem.model, problem.cluster
-  if speed == "flops":
-    return model.expert_flops_per_token / cluster.peak_flops
-  return model.expert_bytes / cluster.mem_bandwidth
+  """``[N]`` the per-server time that weighs the packing (module docstring): from the cost
+  model's hardware when given, else the problem's."""
+  hw = cost.hardware if cost is not None else problem.hardware
+  return np.asarray(hw.expert_flop if speed == "flops" else hw.expert_read, dtype=np.float64)
 
 
+@register("eplb_hetero", "baseline", EplbHeteroOptions, label="EPLB-hetero")
 def eplb_hetero(problem: PlacementProblem, options: EplbHeteroOptions = EplbHeteroOptions(),
-                context=None) -> Placement:
+                context: PlacementContext = PlacementContext()) -> Placement:
   """EPLB with memory-proportional slots and speed-weighted packing (module docstring)."""
   start = time.perf_counter()
   n, l, e = problem.shape
@@ -97,7 +96,7 @@ def eplb_hetero(problem: PlacementProblem, options: EplbHeteroOptions = EplbHete
     raise PlacementError(f"eplb_hetero: with capacity {problem.capacity.tolist()} some layer "
                          f"gets only {int(slots.sum(axis=1).min())} slots for E={e} experts; "
                          f"add memory.")
-  sec = server_seconds(problem, options.speed, getattr(context, "cost", None))
+  sec = server_seconds(problem, options.speed, context.cost)
   weight = problem.traffic.sum(axis=0)
   hosts = np.zeros((n, l, e), dtype=bool)
   physical = 0

@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-from moe_edge.placement.problem import PlacementError
+from moe_edge.core.errors import PlacementError
 
 _BLOCK = 1 << 22  # candidate-entries (K * N * N) per evaluation block
 

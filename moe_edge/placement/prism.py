@@ -47,8 +47,10 @@ import time
 
 import numpy as np
 
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.placement.common import finish
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+from moe_edge.placement.registry import PlacementContext, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +166,9 @@ def repair(hosts: np.ndarray, traffic: np.ndarray) -> tuple[np.ndarray, int]:
   return hosts, swaps
 
 
+@register("prism", "paper", PrismOptions, label="Prism")
 def prism(problem: PlacementProblem, options: PrismOptions = PrismOptions(),
-          context=None) -> Placement:
+          context: PlacementContext = PlacementContext()) -> Placement:
   """The paper's placement (module docstring). Deterministic; ``context`` is unused."""
   start = time.perf_counter()
   budget = entropy_budgets(problem.freq, problem.capacity)

@@ -23,9 +23,11 @@ import time
 
 import numpy as np
 
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.placement.baselines import uniform_ep
 from moe_edge.placement.common import finish
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+from moe_edge.placement.registry import PlacementContext, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +78,9 @@ def replicate_hot(hosts: np.ndarray, load: np.ndarray, room: np.ndarray,
   return hosts
 
 
+@register("redundance", "baseline", RedundanceOptions)
 def redundance(problem: PlacementProblem, options: RedundanceOptions = RedundanceOptions(),
-               context=None) -> Placement:
+               context: PlacementContext = PlacementContext()) -> Placement:
   """Uniform expert parallelism plus hot-expert replicas (module docstring). Deterministic."""
   start = time.perf_counter()
   n, l, e = problem.shape

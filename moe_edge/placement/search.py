@@ -33,12 +33,14 @@ import time
 
 import numpy as np
 
-from moe_edge.cost.hardware import Hardware
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.cost.request_latency import (latency_gradient, request_latency,
                                            workload_batches)
+from moe_edge.placement import registry
 from moe_edge.placement.common import finish
 from moe_edge.placement.layer_state import LayerState
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+from moe_edge.placement.registry import PlacementContext, WorkloadSummary, register
 
 FAST_STARTS = ("dancemoe", "prism", "eplb_hetero", "eplb", "uniform_ep", "redundance",
                "smartmoe", "greedy_local", "topology_aware")
@@ -79,7 +81,15 @@ class SearchOptions:
         raise PlacementError(f"latency_search: {name}={v!r} must be an integer >= {lo}.")
 
 
-BEST_KNOWN = SearchOptions(candidates=96, max_rounds=400, patience=8, restarts=len(FAST_STARTS))
+@dataclasses.dataclass(frozen=True)
+class BestKnownOptions(SearchOptions):
+  """Options of :func:`best_known`: the search's, long (four times the candidates, more
+  verified per layer, up to 400 rounds, patience 8) and from every start."""
+  candidates: int = 96
+  max_rounds: int = 400
+  patience: int = 8
+  verify: int = 12
+  restarts: int = len(FAST_STARTS) - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,9 +121,8 @@ def objective_weights(step: np.ndarray, workload) -> np.ndarray:
 def search_setup(problem: PlacementProblem, context):
   """``(hardware, workload)`` of a context: its cost model's hardware (else the datasheet) and
   its workload summary (else :func:`default_workload`)."""
-  cost = getattr(context, "cost", None)
-  hw = cost.hardware if cost is not None else Hardware.build(problem.model, problem.cluster)
-  workload = getattr(context, "workload", None)
+  hw = context.cost.hardware if context.cost is not None else problem.hardware
+  workload = context.workload
   if workload is None:
     workload = default_workload(problem)
   n = problem.shape[0]
@@ -127,7 +136,6 @@ def default_workload(problem: PlacementProblem):
   """The paper's specialised workload shape when none is given: one request per 10 s per
   server on average (scaled by ``problem.tokens``), 320-token prompts (the middle of 128-512),
   128 output tokens, 8 concurrent decoding requests and one prompt per prefill step."""
-  from moe_edge.placement.registry import WorkloadSummary  # noqa: PLC0415 (registry -> search)
   n = problem.shape[0]
   share = problem.tokens / problem.tokens.mean() if problem.tokens.mean() > 0 else np.ones(n)
   return WorkloadSummary(request_rate=0.1 * share, prompt_tokens=np.full(n, 320.0),
@@ -251,15 +259,14 @@ def candidates(st: LayerState, room: np.ndarray, heat: np.ndarray, rng: np.rando
 # Rounds
 # --------------------------------------------------------------------------------------------
 def _select(c: _Cands, gain: np.ndarray, room: np.ndarray, n_layers: int,
-            per_layer: int) -> tuple[list[list[int]], list[list[int]]]:
+            per_layer: int) -> list[list[int]]:
   """The round's changes (module docstring): up to ``per_layer`` candidates of each layer on
   distinct experts, best gains first, within memory, then chains; each change is a list of
-  candidate indices (one, or a drop and an add). Returns ``(all, primary)``: ``primary`` keeps
-  one change per layer (the fallback when the whole set does not lower the score)."""
+  candidate indices (one, or a drop and an add)."""
   room = room.copy()
   count = np.zeros(n_layers, dtype=np.int64)
   touched = set()
-  chosen, primary = [], []
+  chosen = []
   live = np.flatnonzero(gain > 0)
   for i in live[np.argsort(-gain[live], kind="stable")]:
     li, cols = int(c.lk[i]), {(int(c.lk[i]), int(c.ek[i])), (int(c.lk[i]), int(c.e2[i]))}
@@ -272,8 +279,6 @@ def _select(c: _Cands, gain: np.ndarray, room: np.ndarray, n_layers: int,
     if c.give[i] >= 0:
       room[c.give[i]] += 1
     chosen.append([int(i)])
-    if count[li] == 0:
-      primary.append([int(i)])
     count[li] += 1
   used = count > 0
   # chains: a full server's best add in one layer paid by its best drop in another
@@ -295,8 +300,7 @@ def _select(c: _Cands, gain: np.ndarray, room: np.ndarray, n_layers: int,
     if best is not None:
       used[c.lk[list(best)]] = True
       chosen.append(list(best))
-      primary.append(list(best))
-  return chosen, primary
+  return chosen
 
 
 def _top_per_layer(lk: np.ndarray, score: np.ndarray, t: int) -> np.ndarray:
@@ -355,12 +359,15 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
                            - st.time[:, c.lk[top]])
     stats["verified"] += int(top.size)
     gain[gain <= _TOL * score] = 0.0
-    changes, primary = _select(c, gain, room, st.shape[1], options.per_layer)
+    changes = _select(c, gain, room, st.shape[1], options.per_layer)
     new = _try(st, c, changes, workload, score) if changes else None
-    for fallback in (primary, primary[:1]):
-      if new is None and 0 < len(fallback) < len(changes):
-        changes = fallback
-        new = _try(st, c, changes, workload, score)
+    if new is None and options.per_layer > 1 and len(changes) > 1:
+      changes = _select(c, gain, room, st.shape[1], 1)       # one per layer
+      new = _try(st, c, changes, workload, score)
+    if new is None and len(changes) > 1:
+      best = int(np.argmax([gain[ch].sum() for ch in changes]))
+      changes = changes[best:best + 1]
+      new = _try(st, c, changes, workload, score)
     if new is None:
       stall += 1
       if stall >= options.patience:
@@ -380,7 +387,6 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
 def ranked_starts(problem: PlacementProblem, options: SearchOptions, context, hw,
                   workload) -> list[tuple[float, str, Placement]]:
   """``(score, name, placement)`` of every start method, best first (ties by name order)."""
-  from moe_edge.placement import registry  # noqa: PLC0415 (the registry imports this module)
   out = []
   for i, name in enumerate(options.starts):
     p = registry.place(name, problem, context=context)
@@ -394,7 +400,7 @@ def run_search(problem: PlacementProblem, options: SearchOptions, context,
   """Steps 1-3 from the best start (and ``options.restarts`` more); the best result wins."""
   t0 = time.perf_counter()
   hw, workload = search_setup(problem, context)
-  seed = int(getattr(context, "seed", 0) or 0)
+  seed = int(context.seed)
   starts = ranked_starts(problem, options, context, hw, workload)
   batches = np.stack(workload_batches(workload))
   best = None
@@ -412,13 +418,15 @@ def run_search(problem: PlacementProblem, options: SearchOptions, context,
   return finish(problem, best[1], method, t0, info, route=best[2])
 
 
+@register("latency_search", "ours", SearchOptions, label="LatencySearch")
 def latency_search(problem: PlacementProblem, options: SearchOptions = SearchOptions(),
-                   context=None) -> Placement:
+                   context: PlacementContext = PlacementContext()) -> Placement:
   """The fast latency search (module docstring)."""
   return run_search(problem, options, context, "latency_search")
 
 
-def best_known(problem: PlacementProblem, options: SearchOptions = BEST_KNOWN,
-               context=None) -> Placement:
+@register("best_known", "oracle", BestKnownOptions)
+def best_known(problem: PlacementProblem, options: BestKnownOptions = BestKnownOptions(),
+               context: PlacementContext = PlacementContext()) -> Placement:
   """The long search from every start: the best latency this project knows per instance."""
   return run_search(problem, options, context, "best_known")

@@ -26,8 +26,10 @@ import time
 
 import numpy as np
 
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.placement.common import finish
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+from moe_edge.placement.registry import PlacementContext, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +76,9 @@ def balance_layer(load: np.ndarray, quota: np.ndarray) -> np.ndarray:
   return owner
 
 
+@register("smartmoe", "baseline", SmartMoEOptions, label="SmartMoE")
 def smartmoe(problem: PlacementProblem, options: SmartMoEOptions = SmartMoEOptions(),
-             context=None) -> Placement:
+             context: PlacementContext = PlacementContext()) -> Placement:
   """SmartMoE-style load-balanced placement, one copy per expert (module docstring)."""
   start = time.perf_counter()
   n, l, e = problem.shape
