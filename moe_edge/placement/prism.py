@@ -86,10 +86,7 @@ def entropy_budgets(freq: np.ndarray, capacity: np.ndarray) -> np.ndarray:
   ``0 <= b <= E``.
   """
   n, l, e = freq.shape
-  cap = np.minimum(np.asarray(capacity, dtype=np.int64), l * e)
-  if cap.sum() < l * e:
-    raise PlacementError(f"prism: the servers hold {int(cap.sum())} experts but the model has "
-                         f"{l * e}; add memory or servers.")
+  cap = np.minimum(np.asarray(capacity, dtype=np.int64), l * e)  # sum >= L E (the problem)
   h = layer_entropy(freq)
   tot = h.sum(axis=1, keepdims=True)
   weight = np.where(tot > 0, h / np.where(tot > 0, tot, 1.0), 1.0 / l)
@@ -106,8 +103,8 @@ def entropy_budgets(freq: np.ndarray, capacity: np.ndarray) -> np.ndarray:
           budget[s, src] -= 1
           budget[s, li] += 1
           break
-      else:  # unreachable while sum(cap) >= L E; kept as a guard against an endless loop
-        raise PlacementError(f"prism: layer {li} cannot get {e} slots from the other layers.")
+      else:  # a layer can always be topped up while sum(cap) >= L E
+        raise RuntimeError(f"prism: layer {li} found no budget to take (a bug).")
   return budget
 
 
@@ -151,9 +148,8 @@ def repair(hosts: np.ndarray, traffic: np.ndarray) -> tuple[np.ndarray, int]:
     missing = missing[np.argsort(-traffic[:, li, missing].sum(axis=0), kind="stable")]
     for u in missing:
       dup = hosts[:, li] & (count >= 2)[None, :]
-      if not dup.any():
-        raise PlacementError(f"prism: layer {li} has no duplicate left for expert {u}; the "
-                             f"layer budgets hold fewer than E experts.")
+      if not dup.any():  # budgets hold >= E copies per layer, so a missing expert means a dup
+        raise RuntimeError(f"prism: layer {li} has no duplicate for expert {u} (a bug).")
       loss = np.where(dup, traffic[:, li], np.inf)
       d = np.argmin(loss, axis=1)                                   # least-used duplicate
       score = traffic[:, li, u] - loss[np.arange(n), d]

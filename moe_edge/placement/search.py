@@ -320,16 +320,20 @@ def _apply(st: LayerState, c: _Cands, change: list[int]) -> None:
     st.apply(int(c.lk[i]), experts, cols, refresh=False)
 
 
-def _try(st: LayerState, c: _Cands, changes: list[list[int]], workload, score: float):
-  """Apply ``changes``; keep them when the exact score falls. Returns the new score or None."""
+def _try(st: LayerState, c: _Cands, changes: list[list[int]], workload, score: float,
+         capacity: np.ndarray):
+  """Apply ``changes``; keep them when every server stays within ``capacity`` and the exact
+  score falls. Returns the new score or None (nothing changed)."""
   layers = np.unique(np.concatenate([c.lk[ch] for ch in changes]))
   saved = st.hosts[:, layers].copy(), st.route[:, layers].copy()
   for ch in changes:
     _apply(st, c, ch)
-  st.refresh(layers)
-  new = objective_score(st.step_times(), workload)
-  if new < score * (1.0 - _TOL):
-    return new
+  fits = np.all(st.hosts.sum(axis=(1, 2)) <= capacity)
+  if fits:
+    st.refresh(layers)
+    new = objective_score(st.step_times(), workload)
+    if new < score * (1.0 - _TOL):
+      return new
   st.hosts[:, layers], st.route[:, layers] = saved
   st.refresh(layers)
   return None
@@ -360,14 +364,14 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
     stats["verified"] += int(top.size)
     gain[gain <= _TOL * score] = 0.0
     changes = _select(c, gain, room, st.shape[1], options.per_layer)
-    new = _try(st, c, changes, workload, score) if changes else None
+    new = _try(st, c, changes, workload, score, capacity) if changes else None
     if new is None and options.per_layer > 1 and len(changes) > 1:
       changes = _select(c, gain, room, st.shape[1], 1)       # one per layer
-      new = _try(st, c, changes, workload, score)
+      new = _try(st, c, changes, workload, score, capacity)
     if new is None and len(changes) > 1:
       best = int(np.argmax([gain[ch].sum() for ch in changes]))
       changes = changes[best:best + 1]
-      new = _try(st, c, changes, workload, score)
+      new = _try(st, c, changes, workload, score, capacity)
     if new is None:
       stall += 1
       if stall >= options.patience:

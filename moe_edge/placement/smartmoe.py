@@ -12,8 +12,8 @@ in proportion to memory and balance the load in tokens, as SmartMoE does:
 1. **Experts per device**: each layer's ``E`` experts are split over servers in proportion to
    their capacity ``C[n]`` (largest remainder, ties to the lower id), at most
    ``floor(C[n] / L)`` per layer, so the placement fits every layer's quota on every server.
-   (The project's problem guarantees ``sum_n C[n] >= L E``; if the floors fall short of ``E`` in
-   a layer, the rest goes to servers with memory left, largest first.)
+   (If the floors fall short of ``E`` in a layer, the rest goes to servers with memory left,
+   most first; the problem guarantees ``sum_n C[n] >= L E``, so there always is some.)
 2. **Balance**: per layer, experts in decreasing load ``sum_n T[n, l, e]`` (ties to the lower id)
    each go to the server with the least load so far that has quota left (ties to the lower id).
 3. **Routing**: the one copy (``problem.nearest_replica_route``).
@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-from moe_edge.core.errors import PlacementError
 from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.placement.common import finish
 from moe_edge.placement.registry import PlacementContext, register
@@ -54,9 +53,7 @@ def layer_quota(capacity: np.ndarray, num_layers: int, num_experts: int) -> np.n
     left = cap - quota.sum(axis=0)
     for li in range(num_layers):
       while quota[li].sum() < num_experts:
-        ok = np.flatnonzero((left > 0) & (quota[li] < num_experts))
-        if ok.size == 0:
-          raise PlacementError(f"smartmoe: layer {li} cannot hold its {num_experts} experts.")
+        ok = np.flatnonzero((left > 0) & (quota[li] < num_experts))  # never empty: sum(C) >= LE
         s = ok[np.argmax(left[ok])]
         quota[li, s] += 1
         left[s] -= 1
