@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe_edge.core.errors import PlacementError
+
 
 def stable_argsort_desc(x: np.ndarray) -> np.ndarray:
   """``np.argsort(-x, axis=-1, kind="stable")`` (largest first, ties in index order), faster.
@@ -13,7 +15,7 @@ def stable_argsort_desc(x: np.ndarray) -> np.ndarray:
   """
   x = np.asarray(x)
   if np.isnan(x).any():
-    raise ValueError("stable_argsort_desc: x contains NaN.")
+    raise PlacementError("stable_argsort_desc: x contains NaN (a frequency or traffic is NaN).")
   rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
   order = np.argsort(-rows, axis=1)
   vals = np.take_along_axis(rows, order, axis=1)

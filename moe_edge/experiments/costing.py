@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from moe_edge.config import ClusterConfig, ModelConfig
-from moe_edge.core.errors import PlacementError
+from moe_edge.core.errors import CostError, PlacementError
 from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.core.trace import ActivationTrace
 from moe_edge.cost import Calibration, CostModel, CostReport, decode_batches, evaluate
@@ -41,7 +41,7 @@ def phase_traces(trace: ActivationTrace, phase: str = "both", decode_batch: int 
                  prefill_requests: int = 1) -> dict[str, ActivationTrace]:
   """``trace`` regrouped into decode steps and/or prefill batches, by phase."""
   if phase not in ("both", "decode", "prefill"):
-    raise ValueError(f"phase must be 'both', 'decode' or 'prefill', got {phase!r}.")
+    raise CostError(f"phase must be 'both', 'decode' or 'prefill', got {phase!r}.")
   out = {}
   if phase in ("both", "decode"):
     out["decode"] = decode_batches(trace, decode_batch)

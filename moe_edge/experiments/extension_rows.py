@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_edge.config import ClusterConfig, ModelConfig, cluster_config, model_config
+from moe_edge.config import ClusterConfig, ConfigError, ModelConfig, cluster_config, model_config
 from moe_edge.config import with_expert_memory
 from moe_edge.core.hardware import Hardware
 from moe_edge.core.problem import Placement, PlacementProblem
@@ -172,7 +172,7 @@ def heldout_workload(cfg: ExperimentConfig, trace: ActivationTrace):
   if (len(reqs) != int(first.sum()) or
       not np.array_equal([r.request_id for r in reqs], trace.request[first]) or
       not np.array_equal([r.server for r in reqs], trace.server[first])):
-    raise ValueError("the regenerated held-out requests do not match the evaluation trace; "
+    raise ConfigError("the regenerated held-out requests do not match the evaluation trace; "
                      "delete the cached trace under trace_cache and rerun.")
   return Workload(np.stack([r.tokens for r in reqs]).astype(np.int32),
                   np.array([r.server for r in reqs], np.int32),

@@ -35,9 +35,9 @@ from typing import Callable
 
 import numpy as np
 
-from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ClusterConfig, ModelConfig, cluster_config, uniform_links
 from moe_edge.config import with_expert_memory
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.experiments import calibration as calib
 from moe_edge.experiments.config import PARTS, SWEEPS, ExperimentConfig
 from moe_edge.experiments.progress import Progress

@@ -29,8 +29,8 @@ import safetensors.numpy
 from safetensors import safe_open
 from flax import nnx
 
-from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ModelConfig, model_config
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.model.transformer import MoETransformer
 
 FORMAT_VERSION = 1

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ModelConfig
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.model import experts as experts_lib
 from moe_edge.model import router as router_lib
 
