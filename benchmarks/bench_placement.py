@@ -17,6 +17,10 @@
     with ``--real_ilp_time_limit`` seconds (OLMoE's MILP has 20k binaries; the ILP's proven
     lower bound gives the gap even when HiGHS stops at the limit).
 
+(d) The latency search (``placement/search.py``): its median wall time on the two sizes of (a)
+    as a multiple of dancemoe's in the same run, against its goals (1 s and 10 s), and the
+    expected request latency of its start and its result (``--search_only`` runs only this).
+
 Frequencies of (a) and (b) are synthetic: per server and layer, a Zipf(``--zipf``) law over a
 random expert order, mixed with weight ``--mix`` with a Zipf law shared by all servers of that
 layer.
@@ -25,6 +29,7 @@ Run:
   .venv/bin/python benchmarks/bench_placement.py
   .venv/bin/python benchmarks/bench_placement.py --instances 5 --repeats 1 --skip_large \
       --real_ilp_time_limit 0
+  .venv/bin/python benchmarks/bench_placement.py --search_only
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from absl import app, flags
 
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
-from moe_edge.placement import METHODS, ilp, place
+from moe_edge.placement import ilp, place, registry
+from moe_edge.placement.registry import PlacementContext, WorkloadSummary
 from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import PlacementError, PlacementProblem
 
@@ -53,8 +59,14 @@ flags.DEFINE_float("lam", 1.0, "Load-balance weight of the objective.")
 flags.DEFINE_float("ilp_time_limit", 60.0, "Seconds per ILP.")
 flags.DEFINE_bool("skip_large", False, "Skip the 256 x 61 x 64 timing.")
 flags.DEFINE_float("real_ilp_time_limit", 120.0, "Seconds for each ILP of part (c); 0 skips (c).")
+flags.DEFINE_bool("search_only", False, "Run only part (d), the latency search.")
+flags.DEFINE_integer("search_repeats", 3, "Timed runs of part (d) per size (the median counts).")
 
 GOALS_S = {"64x16x8": 0.05, "256x61x64": 1.0}  # dancemoe's placement-time goals
+SEARCH_GOALS_S = {"64x16x8": 1.0, "256x61x64": 10.0}  # latency_search's (issue 18)
+# Methods of parts (a)-(c): every registered one but the long search oracle (part (d) times
+# the latency search against it).
+METHODS = tuple(m for m in registry.names() if m != "best_known")
 
 
 def zipf_frequencies(rng: np.random.Generator, n: int, l: int, e: int, k: int, skew: float,
@@ -204,14 +216,54 @@ def real_statistics(cluster_name: str = "edge_hetero_4", tokens_per_server: int 
       print(f"  {m:18s}{j:12.6g}{100 * (j / j_ilp - 1):9.2f}%{100 * (j / bound - 1):9.2f}%")
 
 
+def search_workload(problem: PlacementProblem, rate: float) -> WorkloadSummary:
+  """Part (d)'s workload: ``rate`` requests/s per server, 320-token prompts, 128 output
+  tokens, 8 decoding requests per step, one prompt per prefill step."""
+  n = problem.shape[0]
+  f = lambda v: np.full(n, float(v))  # noqa: E731
+  return WorkloadSummary(request_rate=f(rate), prompt_tokens=f(320), output_tokens=f(128),
+                         decode_batch=f(8), prefill_tokens=f(320))
+
+
+def time_search(problems: dict[str, PlacementProblem]) -> None:
+  """Part (d): the latency search's median wall time against dancemoe's in the same run (its
+  goals: 1 s at 64 x 16 x 8, 10 s at 256 x 61 x 64), and its gain over its start. The request
+  rate keeps every queue stable (0.1/s per server; 0.02/s on the 64-GPU DeepSeek-V3 shape, whose
+  steps take seconds)."""
+  print(f"\n(d) latency search (expected request latency): median of {FLAGS.search_repeats} "
+        f"runs, wall s, and as a multiple of dancemoe's median in the same run")
+  print(f"{'size':12s}{'dancemoe s':>12s}{'search s':>10s}{'ratio':>8s}{'start':>16s}"
+        f"{'start lat s':>13s}{'search lat s':>14s}   goal")
+  for size, problem in problems.items():
+    rate = 0.02 if problem.shape[0] > 16 else 0.1
+    ctx = PlacementContext(seed=0, workload=search_workload(problem, rate))
+    dm, srch = [], []
+    for _ in range(FLAGS.search_repeats):
+      t = time.perf_counter()
+      registry.place("dancemoe", problem, None, ctx)
+      dm.append(time.perf_counter() - t)
+      t = time.perf_counter()
+      got = registry.place("latency_search", problem, None, ctx)
+      srch.append(time.perf_counter() - t)
+    d, s_ = float(np.median(dm)), float(np.median(srch))
+    ok = s_ <= SEARCH_GOALS_S[size]
+    print(f"{size:12s}{d:12.3f}{s_:10.3f}{s_ / d:8.1f}{got.info['start']:>16s}"
+          f"{got.info['start_score']:13.4f}{got.info['score']:14.4f}   <= "
+          f"{SEARCH_GOALS_S[size]:g} s: {'met' if ok else 'MISSED'}")
+
+
 def main(argv):
   del argv
+  if FLAGS.search_only:
+    time_search(speed_problems())
+    return
   time_methods(speed_problems())
   for name in FLAGS.quality_clusters.split(","):
     if name.strip():
       quality(name.strip())
   if FLAGS.real_ilp_time_limit > 0:
     real_statistics()
+  time_search(speed_problems())
 
 
 if __name__ == "__main__":

@@ -246,13 +246,35 @@ class LayerState:
 
   def apply(self, layer: int, experts: list[int], columns: list[np.ndarray],
             refresh: bool = True) -> None:
-    """Set host columns of ``experts`` in ``layer`` (re-routed), then refresh that layer
-    (``refresh=False``: the caller refreshes the changed layers once)."""
+    """Set host columns of ``experts`` in ``layer`` (re-routed by :meth:`reroute`) and update
+    the layer's cached ``on``, ``flows`` and ``per`` by the columns' changes; then recompute its
+    times (``refresh=False``: the caller calls :meth:`settle` on the changed layers once)."""
+    n = self.shape[0]
+    eye = np.eye(n)
     for e, h in zip(experts, columns):
       h = np.asarray(h, dtype=bool)
       if not h.any():
         raise PlacementError(f"layer {layer} expert {e} would be hosted nowhere.")
-      self.route[:, layer, e] = self.reroute(np.array([layer]), np.array([e]), h[None])[0]
+      old = self.route[:, layer, e].copy()
+      new = self.reroute(np.array([layer]), np.array([e]), h[None])[0]
+      x = self.x[:, :, layer, e]                                       # [P, N]
+      d = eye[new] - eye[old]                                          # [N, M]
+      on_old = self.on[:, layer, :, e].copy()
+      self.on[:, layer, :, e] = np.maximum(on_old + x @ d, 0.0)
+      t = self.hw.expert_time
+      self.per[:, layer] += (t(self.on[:, layer, :, e], server_axis=-1, expected=True)
+                             - t(on_old, server_axis=-1, expected=True))
+      self.flows[:, layer] = np.maximum(
+          self.flows[:, layer] + x[:, :, None] * (d * (1.0 - eye))[None], 0.0)
+      self.route[:, layer, e] = new
       self.hosts[:, layer, e] = h
     if refresh:
-      self.refresh(np.array([layer]))
+      self.settle(np.array([layer]))
+
+  def settle(self, layers: np.ndarray) -> None:
+    """Recompute the times of ``layers`` from the cached ``flows`` and ``per``."""
+    layers = np.asarray(layers, dtype=np.int64)
+    flows, per = self.flows[:, layers], self.per[:, layers]
+    disp, comb = self.hw.exchange_times(flows, -np.expm1(-flows))
+    self.time[:, layers] = disp + comb + per.max(axis=-1)
+    self.row[:, layers], self.col[:, layers] = self._row_col(flows)

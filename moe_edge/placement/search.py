@@ -45,7 +45,11 @@ from moe_edge.placement.registry import PlacementContext, WorkloadSummary, regis
 
 FAST_STARTS = ("dancemoe", "prism", "eplb_hetero", "eplb", "uniform_ep", "redundance",
                "smartmoe", "greedy_local", "topology_aware")
+# the fast search's starts: those that won on the development instances (each costs a
+# placement); best_known starts from all of FAST_STARTS
+SEARCH_STARTS = ("dancemoe", "eplb_hetero", "eplb", "uniform_ep", "prism")
 _TOL = 1e-12
+_REF_SERVERS = 8  # candidates are per layer at this many servers; a candidate costs O(N)
 _UNSTABLE = 1e6  # score offset of a workload whose queues diverge (seconds)
 
 
@@ -55,15 +59,17 @@ class SearchOptions:
 
   Attributes:
     starts: registered fast methods whose best placement (under the objective) is the start.
-    candidates: candidates of each kind per layer and round.
+    candidates: candidates of each kind per layer and round on up to 8 servers (scaled by
+      ``8 / N`` above, at least 4: screening a candidate costs ``O(N)``).
     max_rounds: at most this many rounds.
     patience: stop after this many rounds without improvement.
     verify: candidates per layer and round whose screened gain is verified exactly (the
-      screening prices the exchange's bytes, not its latency terms; ``layer_state.py``).
+      screening prices the exchange's bytes, not its latency terms; ``layer_state.py``); on
+      up to 8 servers, scaled by ``8 / N`` above (at least 2: an exact check costs ``O(N^2)``).
     per_layer: changes per layer and round (on distinct experts).
     restarts: also search from the next-best ``restarts`` starts and keep the best result.
   """
-  starts: tuple[str, ...] = FAST_STARTS
+  starts: tuple[str, ...] = SEARCH_STARTS
   candidates: int = 24
   max_rounds: int = 60
   patience: int = 3
@@ -86,6 +92,7 @@ class SearchOptions:
 class BestKnownOptions(SearchOptions):
   """Options of :func:`best_known`: the search's, long (four times the candidates, more
   verified per layer, up to 400 rounds, patience 8) and from every start."""
+  starts: tuple[str, ...] = FAST_STARTS
   candidates: int = 96
   max_rounds: int = 400
   patience: int = 8
@@ -331,7 +338,7 @@ def _try(st: LayerState, c: _Cands, changes: list[list[int]], workload, score: f
     _apply(st, c, ch)
   fits = np.all(st.hosts.sum(axis=(1, 2)) <= capacity)
   if fits:
-    st.refresh(layers)
+    st.settle(layers)
     new = objective_score(st.step_times(), workload)
     if new < score * (1.0 - _TOL):
       return new
@@ -348,16 +355,19 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
   score = objective_score(st.step_times(), workload)
   stats = dict(start_score=score, rounds=0, accepted=0, evaluated=0, verified=0)
   stall = 0
+  n = st.shape[0]
+  scale = lambda v, lo: max(lo, -(-v * _REF_SERVERS // max(n, _REF_SERVERS)))  # noqa: E731
+  per_kind, per_verify = scale(options.candidates, 4), scale(options.verify, 2)
   for _ in range(options.max_rounds):
     g = objective_weights(st.step_times(), workload)
-    c = candidates(st, room, heat, rng, options.candidates)
+    c = candidates(st, room, heat, rng, per_kind)
     stats["rounds"] += 1
     stats["evaluated"] += int(c.lk.size)
     if c.lk.size == 0:
       break
     approx = -np.einsum("p,pk->k", g, st.screen(c.lk, c.ek, c.hk, c.e2, c.h2)
                         - st.time[:, c.lk])
-    top = _top_per_layer(c.lk, approx, options.verify)
+    top = _top_per_layer(c.lk, approx, per_verify)
     gain = np.zeros(c.lk.size)
     gain[top] = -np.einsum("p,pk->k", g, st.evaluate(c.lk[top], c.ek[top], c.hk[top],
                                                       c.e2[top], c.h2[top])
@@ -382,7 +392,8 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
     score = new
     stats["accepted"] += len(changes)
     room = np.asarray(capacity, dtype=np.int64) - st.hosts.sum(axis=(1, 2))
-  stats["score"] = score
+  st.refresh(np.arange(st.shape[1]))  # the incremental caches recomputed from the route
+  stats["score"] = objective_score(st.step_times(), workload)
   return stats
 
 
@@ -440,5 +451,5 @@ def best_known(problem: PlacementProblem, options: BestKnownOptions = BestKnownO
                context: PlacementContext = PlacementContext()) -> Placement:
   """The long search from the fast search's result and from every start: the best latency
   this project knows per instance (never worse than ``latency_search`` with its defaults)."""
-  fast = latency_search(problem, SearchOptions(starts=options.starts), context)
+  fast = latency_search(problem, SearchOptions(), context)
   return run_search(problem, options, context, "best_known", first=fast)
