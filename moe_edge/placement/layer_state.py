@@ -13,13 +13,18 @@ and ``Hardware``) is, for each phase ``p`` (decode, prefill) with ``x[p, n, l, e
 Layers are independent given the batch, and a change of one expert's copies ``(l, e)`` (its
 host column and, with it, its route column) changes only that column's ``on`` and that layer's
 ``C``: :meth:`LayerState.evaluate` prices ``K`` candidate column changes at once, exactly, in
-``O(P K N^2)``, and :meth:`LayerState.apply` commits one. Every time goes through ``Hardware``,
-so this module holds no formula of its own; ``tests/placement/test_search.py`` checks that
-:meth:`LayerState.step_times` equals ``CostModel.expected``.
+``O(P K N^2)``; :meth:`LayerState.screen` estimates them in ``O(P K N)`` (expert compute and
+every server's send and receive bytes exact, the link latency terms left as they are) to pick
+which to price; :meth:`LayerState.apply` commits one, updating the caches by the column's change.
+Every time goes through ``Hardware`` (the screening's estimate alone reads its coefficients);
+``tests/placement/test_search.py`` checks that :meth:`LayerState.step_times` equals
+``CostModel.expected`` and that committed changes cost what :meth:`evaluate` priced.
 
-Routing of a changed column: a source holding the expert serves itself; any other source sends
-to the copy with the least ``hw.route_cost()`` (link time there and back plus the copy's compute
-per token; ties to the lower server id). Unchanged columns keep the route they came with.
+Routing of a changed column (:meth:`LayerState.reroute`): a source holding the expert serves
+itself; a source whose copy was removed goes to the remaining copy with the least
+``hw.route_cost()`` (link time there and back plus the copy's compute per token; ties to the
+lower server id); the others keep their copy unless an added one is cheaper. Unchanged columns
+keep the route they came with (a start's own route table).
 """
 from __future__ import annotations
 

@@ -7,20 +7,25 @@ the scheduler forms, M/D/1 queueing) as a function of the expected decode and pr
 depends only on that layer's copies and routes (``layer_state.py``), so the search works layer by
 layer on exact per-layer times and combines them through the objective.
 
-1. **Start**: the fast methods of ``options.starts`` (dancemoe, prism and the baselines, each in
-   milliseconds) are placed and scored; the best is the start (its own route table kept).
-2. **Rounds**: each round draws candidate changes in every layer (seeded, ``options.candidates``
-   of each kind per layer): *drop* a copy whose expert has another; *add* a copy (hottest
-   experts of the server first, Gumbel-perturbed); *move* a copy to a server with room; *swap*
-   inside a server (drop a duplicate, add an expert it lacks); *exchange* two copies between two
-   servers. Each candidate's new layer times are computed exactly
-   (``LayerState.evaluate``; the changed columns re-routed to their nearest copy), and scored by
-   the objective's gradient ``g_d dtime_d + g_p dtime_p`` (exact for one layer up to the
-   objective's curvature). Every layer takes its best improving candidate, best gains first,
-   within each server's memory; a *chain* then pairs, per full server, its best drop in one
-   layer with its best add in another (memory moves between layers). The round's changes are
-   kept when the exact objective falls; otherwise only its single best change is tried.
-3. **Stop** after ``options.patience`` rounds without improvement or ``options.max_rounds``.
+1. **Start**: the methods of ``options.starts`` (dancemoe, eplb_hetero, eplb, uniform_ep and
+   prism by default, each in milliseconds to a second) are placed and scored; the best is the
+   start (its own route table kept).
+2. **Rounds**: each round draws candidate changes in every layer (seeded; ``options.candidates``
+   of each kind per layer on up to 8 servers, scaled by ``8 / N`` above): *drop* a copy whose
+   expert has another; *add* a copy (the server's hotter experts likelier); *move* a copy to a
+   server with room; *swap* inside a server (drop a duplicate, add an expert it lacks);
+   *exchange* two copies between two servers. Every candidate is *screened* in ``O(N)``
+   (``LayerState.screen``: compute and bytes exact, link latency terms as they are), the best
+   ``options.verify`` of each layer are priced exactly (``LayerState.evaluate``; the changed
+   columns re-routed to their nearest copy), and scored by the objective's gradient
+   ``g_d dtime_d + g_p dtime_p``. Each layer takes up to ``options.per_layer`` of its verified
+   improving candidates on distinct experts, best gains first, within each server's memory; a
+   *chain* then pairs, per full server, its best add in one layer with its best drop in another
+   (memory moves between layers). The round's changes are kept when the exact objective falls;
+   otherwise one change per layer is tried, then the single best change.
+3. **Widen, then stop**: after ``options.patience`` rounds without improvement the candidates
+   and exact checks per layer double (at most ``options.widen`` times); the search stops after
+   ``patience`` more such rounds at the widest, or after ``options.max_rounds``.
 
 Deterministic for ``context.seed``; never worse than its start. ``best_known`` (role oracle) is
 the same search, longer (more candidates and rounds), continued from the fast search's result and
@@ -67,6 +72,8 @@ class SearchOptions:
       screening prices the exchange's bytes, not its latency terms; ``layer_state.py``); on
       up to 8 servers, scaled by ``8 / N`` above (at least 2: an exact check costs ``O(N^2)``).
     per_layer: changes per layer and round (on distinct experts).
+    widen: times the neighbourhood doubles (candidates and exact checks per layer) when
+      ``patience`` rounds bring nothing, before the search stops.
     restarts: also search from the next-best ``restarts`` starts and keep the best result.
   """
   starts: tuple[str, ...] = SEARCH_STARTS
@@ -75,6 +82,7 @@ class SearchOptions:
   patience: int = 3
   verify: int = 6
   per_layer: int = 3
+  widen: int = 0
   restarts: int = 0
 
   def __post_init__(self):
@@ -82,7 +90,7 @@ class SearchOptions:
       raise PlacementError("latency_search: starts must name at least one method.")
     for name, v, lo in (("candidates", self.candidates, 1), ("max_rounds", self.max_rounds, 0),
                         ("patience", self.patience, 1), ("verify", self.verify, 1),
-                        ("per_layer", self.per_layer, 1),
+                        ("per_layer", self.per_layer, 1), ("widen", self.widen, 0),
                         ("restarts", self.restarts, 0)):
       if int(v) != v or v < lo:
         raise PlacementError(f"latency_search: {name}={v!r} must be an integer >= {lo}.")
@@ -90,13 +98,15 @@ class SearchOptions:
 
 @dataclasses.dataclass(frozen=True)
 class BestKnownOptions(SearchOptions):
-  """Options of :func:`best_known`: the search's, long (four times the candidates, more
-  verified per layer, up to 400 rounds, patience 8) and from every start."""
+  """Options of :func:`best_known`: the search's, long (four times the candidates, twice the
+  exact checks per layer, up to 400 rounds, patience 8, the neighbourhood widened twice) and
+  from every start."""
   starts: tuple[str, ...] = FAST_STARTS
   candidates: int = 96
   max_rounds: int = 400
   patience: int = 8
   verify: int = 12
+  widen: int = 2
   restarts: int = len(FAST_STARTS) - 1
 
 
@@ -358,6 +368,7 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
   n = st.shape[0]
   scale = lambda v, lo: max(lo, -(-v * _REF_SERVERS // max(n, _REF_SERVERS)))  # noqa: E731
   per_kind, per_verify = scale(options.candidates, 4), scale(options.verify, 2)
+  widened = 0
   for _ in range(options.max_rounds):
     g = objective_weights(st.step_times(), workload)
     c = candidates(st, room, heat, rng, per_kind)
@@ -385,7 +396,10 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
       new = _try(st, c, changes, workload, score, capacity)
     if new is None:
       stall += 1
-      if stall >= options.patience:
+      if stall >= options.patience and widened < options.widen:
+        widened, stall = widened + 1, 0                # a local optimum of this neighbourhood:
+        per_kind, per_verify = 2 * per_kind, 2 * per_verify  # search a wider one
+      elif stall >= options.patience:
         break
       continue
     stall = 0
