@@ -168,10 +168,16 @@ def time_methods(problems: dict[str, PlacementProblem]) -> None:
     print(f"{label:16s}" + "".join(f"{c:>22s}" for c in cells) + "  " + verdict)
 
 
+def _with_lam(method: str, opts: dict) -> dict:
+  """``opts`` plus ``lam=--lam`` for the methods that have the option (not the oracle, whose
+  own ``lam`` each part passes)."""
+  has = "lam" in registry.option_fields(method) and registry.role(method) != "oracle"
+  return {"lam": FLAGS.lam, **opts} if has else opts
+
+
 def _timed(method: str, problem: PlacementProblem, opts: dict) -> tuple[float, float]:
   wall, cpu = time.perf_counter(), time.process_time()
-  place(method, problem, seed=0, **({"lam": FLAGS.lam, **opts} if method.startswith("dancemoe")
-                                    else opts))
+  place(method, problem, seed=0, **_with_lam(method, opts))
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -180,7 +186,7 @@ def quality(cluster_name: str) -> None:
   model = model_config("tiny")
   cluster = with_expert_memory(cluster_config(cluster_name), model, FLAGS.copies)
   n, l, e = cluster.num_servers, model.n_moe_layers, model.n_experts
-  runs = {m: (m, {}) for m in METHODS if m != "ilp"}
+  runs = {m: (m, {}) for m in METHODS if registry.role(m) != "oracle"}
   runs.update({"dancemoe/-exchange": ("dancemoe", dict(exchange=False)),
                "dancemoe/-budgets": ("dancemoe", dict(entropy_budgets=False)),
                "dancemoe/-hetero": ("dancemoe", dict(hetero_aware=False)),
@@ -194,8 +200,7 @@ def quality(cluster_name: str) -> None:
     best = place("ilp", problem, lam=FLAGS.lam, time_limit=FLAGS.ilp_time_limit)
     proven.append(best.info["gap"])
     for row, (m, opts) in runs.items():
-      opts = dict(opts, lam=FLAGS.lam) if m.startswith("dancemoe") else opts
-      got = place(m, problem, seed=seed, **opts)
+      got = place(m, problem, seed=seed, **_with_lam(m, opts))
       gaps[row].append(objective(problem, got, FLAGS.lam) / best.info["objective"] - 1.0)
   print(f"\n(b) objective gap to the ILP optimum: {FLAGS.instances} instances, {cluster.name}, "
         f"{l} layers x {e} experts x {n} servers, capacity {problem.capacity.tolist()}, "
@@ -230,9 +235,9 @@ def real_statistics(cluster_name: str = "edge_hetero_4", tokens_per_server: int 
           f"{100 * (best.info['gap'] if best.info['gap'] is not None else float('nan')):.3f}%")
     print(f"  {'method':18s}{'J':>12s}{'vs ILP':>10s}{'vs bound':>10s}")
     for m in METHODS:
-      if m == "ilp":
+      if registry.role(m) == "oracle":
         continue
-      got = place(m, problem, seed=0, **({"lam": FLAGS.lam} if m.startswith("dancemoe") else {}))
+      got = place(m, problem, seed=0, **_with_lam(m, {}))
       j = objective(problem, got, FLAGS.lam)
       print(f"  {m:18s}{j:12.6g}{100 * (j / j_ilp - 1):9.2f}%{100 * (j / bound - 1):9.2f}%")
 

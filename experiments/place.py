@@ -121,7 +121,7 @@ def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConf
                 calibration: Calibration | None = None) -> list[dict]:
   """Place with each method, save ``<out>/<method>.json``, and cost it; one row per method.
 
-  Placing and costing is :func:`moe_edge.experiments.tables.cost_methods` (shared with the
+  Placing and costing is :func:`moe_edge.experiments.costing.cost_methods` (shared with the
   tables); this adds the files and the flat rows printed here.
   """
   _, results = cost_methods(trace, model, cluster, methods, phase, decode_batch,

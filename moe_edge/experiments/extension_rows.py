@@ -51,7 +51,7 @@ from moe_edge.extensions.substitution import drop_remote, substitute
 from moe_edge.extensions.transform import TransformedMoE
 from moe_edge.placement import registry
 from moe_edge.placement.registry import PlacementContext
-from moe_edge.workload.corpus import DOMAINS
+from moe_edge.workload import corpus
 from moe_edge.workload.streams import make_streams
 
 NO_WEIGHTS = "n/a (no weights)"
@@ -157,7 +157,7 @@ def calibration_sim(cfg: ExperimentConfig) -> np.ndarray:
   """``[L, E, E]`` routed output similarity of ``small_moe`` on ``cfg.extension_calib_requests``
   requests per stream of *train* text, one stream per corpus domain (seed ``cfg.seed + 1``; a
   property of the model, shared by every cluster)."""
-  return _similarity(cfg.checkpoint, len(DOMAINS), cfg.extension_calib_requests,
+  return _similarity(cfg.checkpoint, len(corpus.DOMAINS), cfg.extension_calib_requests,
                      cfg.small_seq_len, cfg.alpha, cfg.seed + 1)
 
 

@@ -2,6 +2,7 @@
 included), no function-level import of a moe_edge module, and core imports no layer above it
 (docs/DESIGN.md, "Data flow")."""
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def _module_name(path: Path, root: Path = ROOT) -> str:
   return ".".join(parts)
 
 
+@functools.lru_cache(maxsize=None)
 def _modules(root: Path = ROOT) -> dict[str, Path]:
   return {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
 
@@ -41,9 +43,14 @@ def _resolve(name: str, known: dict[str, Path]) -> str | None:
   return name or None
 
 
+@functools.lru_cache(maxsize=None)
+def _parsed(path: Path) -> ast.Module:
+  return ast.parse(path.read_text())
+
+
 def _imports(path: Path, module: str, known: dict[str, Path]):
   """``[(target module, line, at module level)]`` of every import in ``path``."""
-  tree = ast.parse(path.read_text())
+  tree = _parsed(path)
   top = {id(n) for n in tree.body}
   top |= {id(c) for n in tree.body if isinstance(n, (ast.If, ast.Try))
           for c in ast.walk(n)}
