@@ -171,3 +171,14 @@ def test_default_workload_and_a_workload_of_another_cluster():
     SearchOptions(candidates=0)
   with pytest.raises(PlacementError, match="starts"):
     SearchOptions(starts=())
+
+
+def test_a_diverging_workload_still_ranks_placements():
+  problem = make_problem(**CASES[1])
+  ctx = _ctx(problem, rate=1e3)                          # every queue diverges
+  wl, hw = ctx.workload, ctx.cost.hardware
+  slow, fast = place("uniform_ep", problem), registry.place("latency_search", problem, None, ctx)
+  fast.validate(problem)
+  assert not request_latency(*_state(problem, slow, wl).step_times(), wl).stable
+  s_slow, s_fast = placement_score(problem, slow, hw, wl), placement_score(problem, fast, hw, wl)
+  assert 1e6 < s_fast <= s_slow                          # the no-wait latency still orders them
