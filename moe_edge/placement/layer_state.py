@@ -276,6 +276,18 @@ class LayerState:
     if refresh:
       self.settle(np.array([layer]))
 
+  _CACHED = ("hosts", "route", "on", "flows", "per", "time", "row", "col")
+
+  def snapshot(self, layers: np.ndarray) -> tuple:
+    """Copies of everything :meth:`apply` changes in ``layers`` (every cached array has the
+    layer axis second), for :meth:`restore`."""
+    return tuple(getattr(self, f)[:, layers].copy() for f in self._CACHED)
+
+  def restore(self, layers: np.ndarray, snap: tuple) -> None:
+    """Undo changes of ``layers`` made since :meth:`snapshot`."""
+    for f, v in zip(self._CACHED, snap):
+      getattr(self, f)[:, layers] = v
+
   def settle(self, layers: np.ndarray) -> None:
     """Recompute the times of ``layers`` from the cached ``flows`` and ``per``."""
     layers = np.asarray(layers, dtype=np.int64)

@@ -343,7 +343,7 @@ def _try(st: LayerState, c: _Cands, changes: list[list[int]], workload, score: f
   """Apply ``changes``; keep them when every server stays within ``capacity`` and the exact
   score falls. Returns the new score or None (nothing changed)."""
   layers = np.unique(np.concatenate([c.lk[ch] for ch in changes]))
-  saved = st.hosts[:, layers].copy(), st.route[:, layers].copy()
+  saved = st.snapshot(layers)
   for ch in changes:
     _apply(st, c, ch)
   fits = np.all(st.hosts.sum(axis=(1, 2)) <= capacity)
@@ -352,8 +352,7 @@ def _try(st: LayerState, c: _Cands, changes: list[list[int]], workload, score: f
     new = objective_score(st.step_times(), workload)
     if new < score * (1.0 - _TOL):
       return new
-  st.hosts[:, layers], st.route[:, layers] = saved
-  st.refresh(layers)
+  st.restore(layers, saved)
   return None
 
 
