@@ -1,8 +1,9 @@
 """Expert kernels: the grouped SwiGLU FFN every expert path runs (``grouped_ffn.py``)."""
 from moe_edge.kernels.grouped_ffn import (BACKENDS, KernelError, MosaicConfig, ffn_backend,
                                           fuse_gate_up, grouped_ffn, mosaic_unavailable,
-                                          select_backend, sort_by_group, split_gate_up)
+                                          select_backend, sort_by_group, split_gate_up,
+                                          tokamax_version)
 
 __all__ = ["BACKENDS", "KernelError", "MosaicConfig", "ffn_backend", "fuse_gate_up",
            "grouped_ffn", "mosaic_unavailable", "select_backend", "sort_by_group",
-           "split_gate_up"]
+           "split_gate_up", "tokamax_version"]

@@ -103,6 +103,12 @@ def _target_device() -> jax.Device:
   return jax.devices(dev)[0] if isinstance(dev, str) else dev
 
 
+def tokamax_version() -> str | None:
+  """tokamax's version when it imports here, else None."""
+  mod = _tokamax()
+  return None if isinstance(mod, str) else str(getattr(mod, "__version__", "?"))
+
+
 def mosaic_unavailable(dtype) -> str | None:
   """Why the Mosaic backend cannot run ``dtype`` inputs on the target device (None: it can)."""
   device = _target_device()
@@ -192,9 +198,11 @@ def _mosaic_dot(x, w, group_sizes, config: MosaicConfig | None):
   tk = _tokamax()
   impl = "mosaic"
   if config is not None:
-    gpu = importlib.import_module("tokamax.ops.gpu")
-    impl = [gpu.PallasMosaicRaggedDot(config=gpu.PallasMosaicRaggedDotConfig(
-        split_k=1, **dataclasses.asdict(config)))]
+    # tokamax.ops.gpu re-exports these but also imports its Triton ops (jax_triton); the module
+    # itself needs only what the Mosaic kernel needs. Pinned: tokamax==0.0.17.
+    mgpu = importlib.import_module("tokamax._src.ops.ragged_dot.pallas_mosaic_gpu")
+    impl = [mgpu.PallasMosaicGpuRaggedDot(config=mgpu.Config(split_k=1,
+                                                             **dataclasses.asdict(config)))]
   return tk.ragged_dot(x, w, group_sizes, implementation=impl)
 
 
@@ -244,4 +252,4 @@ def sort_by_group(keys: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Arra
 
 __all__: Sequence[str] = ("BACKENDS", "KernelError", "MosaicConfig", "ffn_backend",
                           "fuse_gate_up", "grouped_ffn", "mosaic_unavailable", "select_backend",
-                          "sort_by_group", "split_gate_up")
+                          "sort_by_group", "split_gate_up", "tokamax_version")
