@@ -56,17 +56,24 @@ HELD_SLOTS = {64: (16, 64, 96), 8: (2, 8, 12)}  # experts per layer -> G values
 L2_BYTES = 60e6
 SET_BYTES_CAP = 20e9  # weights of all sets of one G together
 
-# Mosaic block configurations tried with --sweep (tokamax's own heuristic is "mosaic").
+# Mosaic block configurations tried with --sweep besides the default policy
+# (kernels.mosaic_config): tokamax's own heuristic and neighbours of the policy's choice.
+_cfg = kernels.MosaicConfig
 SWEEP = {
-    "bm64_bk128_s4": kernels.MosaicConfig(block_m=64, block_k=128, num_stages=4),
-    "bm64_bk256_s4": kernels.MosaicConfig(block_m=64, block_k=256, num_stages=4),
-    "bm128_bk128_s4_pN4": kernels.MosaicConfig(block_m=128, num_stages=4, persistent=True,
-                                              grid_minor_dim=1, grid_tile_width=4),
-    "bm64_bk128_s4_pN4": kernels.MosaicConfig(block_m=64, num_stages=4, persistent=True,
-                                             grid_minor_dim=1, grid_tile_width=4),
-    "bm128_bk128_s4_N8": kernels.MosaicConfig(block_m=128, num_stages=4, grid_minor_dim=1,
-                                             grid_tile_width=8),
+    "decode": {"tokamax": kernels.TOKAMAX_HEURISTIC,
+               "bm64_s4": _cfg(block_m=64, num_stages=4),
+               "bm64_s4_pM1": _cfg(block_m=64, num_stages=4, persistent=True),
+               "bm64_s2_pN4": _cfg(block_m=64, num_stages=2, persistent=True, grid_minor_dim=1,
+                                   grid_tile_width=4)},
+    "prefill": {"tokamax": kernels.TOKAMAX_HEURISTIC,
+                "bm64_s4_pN4": _cfg(block_m=64, num_stages=4, persistent=True, grid_minor_dim=1,
+                                    grid_tile_width=4),
+                "bm128_s4_N8": _cfg(block_m=128, num_stages=4, grid_minor_dim=1,
+                                    grid_tile_width=8),
+                "bm128_s4_pN8": _cfg(block_m=128, num_stages=4, persistent=True, grid_minor_dim=1,
+                                     grid_tile_width=8)},
 }
+DECODE_CHAIN = 6  # decode FFNs per jitted call (the host needs ~45 us per call on the H200 VM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +117,9 @@ def group_sizes(g: int, used: int, rows: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-def timed(fn, arg_sets, repeats: int, target_ms: float) -> float:
-  """Median seconds per call of ``fn(*args)`` over ``arg_sets``, called back to back."""
+def timed(fn, arg_sets, repeats: int, target_ms: float, per_call: int = 1) -> float:
+  """Median seconds per FFN: ``fn(*args)`` called back to back over ``arg_sets``, each call
+  running ``per_call`` FFNs."""
   out = None
   for args in arg_sets:  # compile and warm every set
     out = fn(*args)
@@ -129,7 +137,7 @@ def timed(fn, arg_sets, repeats: int, target_ms: float) -> float:
       for args in arg_sets:
         out = fn(*args)
     jax.block_until_ready(out)
-    runs.append((time.perf_counter() - t0) / (passes * len(arg_sets)))
+    runs.append((time.perf_counter() - t0) / (passes * len(arg_sets) * per_call))
   return statistics.median(runs)
 
 
@@ -166,26 +174,44 @@ def weight_sets(shape: Shape, g: int, key) -> list[tuple[jax.Array, jax.Array]]:
   return out
 
 
-def ffn_fn(backend: str, config: kernels.MosaicConfig | None):
+def ffn_fn(backend: str, config, chain: int):
+  """The jitted timed program: ``chain`` grouped FFNs in sequence, each on the previous one's
+  output (x2, fused into the FFN's last elementwise pass) with its own weight set:
+  ``fn(x, group_sizes, wgu_0, wd_0, ..., wgu_{chain-1}, wd_{chain-1})``."""
   name = "mosaic" if backend.startswith("mosaic") else backend
-  return jax.jit(lambda x, gs, wgu, wd: kernels.grouped_ffn(x, gs, wgu, wd, backend=name,
-                                                            config=config))
+
+  def program(x, gs, *ws):
+    for i in range(chain):
+      x = kernels.grouped_ffn(x, gs, ws[2 * i], ws[2 * i + 1], backend=name, config=config) * 2
+    return x
+
+  return jax.jit(program)
 
 
-def _row(shape, phase, rows, g, used, backend, seconds, peaks, config=None) -> dict:
+def call_args(xs, gs, sets, chain: int) -> list[tuple]:
+  """Argument tuples for :func:`ffn_fn` rotating over every weight set (cycled to ``chain``)."""
+  n = max(len(sets), chain)
+  cyc = [sets[i % len(sets)] for i in range(math.ceil(n / chain) * chain)]
+  return [(xs[j % len(xs)], gs) + tuple(a for w in cyc[j * chain:(j + 1) * chain] for a in w)
+          for j in range(len(cyc) // chain)]
+
+
+def _row(shape, phase, rows, g, used, backend, seconds, peaks, config, chain) -> dict:
   flops = 2 * rows * 3 * shape.d * shape.f
   t_hbm = used * shape.expert_bytes / peaks["hbm_read_bytes_per_s"]
   t_flop = flops / peaks["bf16_matmul_flops"]
   return dict(model=shape.model, phase=phase, rows=rows, held_slots=g, used=used,
               backend=backend, ms=1e3 * seconds, hbm_fraction=t_hbm / seconds,
               flop_fraction=t_flop / seconds, roofline_fraction=max(t_hbm, t_flop) / seconds,
-              d=shape.d, f=shape.f, config=None if config is None else dataclasses.asdict(config))
+              d=shape.d, f=shape.f, chain=chain,
+              config=config if not isinstance(config, kernels.MosaicConfig) else
+              dataclasses.asdict(config))
 
 
 def sweep_points(shape: Shape, phase: str, g: int, rows: int) -> list[int]:
-  """The ``used`` values of the issue's goals at this (shape, phase, G), if any."""
-  if phase == "decode" and shape.model == "olmoe_1b_7b" and g == 64:
-    return [8, 16, 32]
+  """The ``used`` values swept at this (shape, phase, G): the goals' points."""
+  if shape.model == "olmoe_1b_7b" and phase == "decode":
+    return [u for u in (1, 8, 16, 32) if u <= g]
   if phase == "prefill" and ((shape.model == "olmoe_1b_7b" and g in (16, 64)) or
                              (shape.model == "mixtral_8x7b" and g == 8)):
     return [g]
@@ -196,23 +222,28 @@ def run_point_set(shape, phase, rows, g, sets, peaks, log) -> list[dict]:
   """Every backend (and the sweep configs at goal points) at one (shape, phase, G)."""
   key = jax.random.key(rows + g)
   xs = [jax.random.normal(jax.random.fold_in(key, i), (rows, shape.d), jnp.bfloat16)
-        for i in range(len(sets))]
+        for i in range(2)]
+  chain = DECODE_CHAIN if phase == "decode" else 1
   variants = [(b, None) for b in FLAGS.backends]
   goal_used = sweep_points(shape, phase, g, rows) if FLAGS.sweep else []
   if goal_used:
-    variants += [(f"mosaic[{name}]", cfg) for name, cfg in SWEEP.items()]
+    variants += [(f"mosaic[{name}]", cfg) for name, cfg in SWEEP[phase].items()]
   rows_out = []
   for backend, config in variants:
-    fn = ffn_fn(backend, config)
+    fn = ffn_fn(backend, config, chain)
     todo = used_counts(g, rows) if config is None else goal_used
     for used in todo:
       gs = jnp.asarray(group_sizes(g, used, rows))
       try:
-        sec = timed(fn, [(x, gs) + w for x, w in zip(xs, sets)], FLAGS.repeats, FLAGS.target_ms)
+        sec = timed(fn, call_args(xs, gs, sets, chain), FLAGS.repeats, FLAGS.target_ms, chain)
       except Exception as e:  # a config a kernel rejects is reported, not fatal
         log(f"  {backend} used={used}: FAILED {type(e).__name__}: {str(e)[:200]}")
         break
-      r = _row(shape, phase, rows, g, used, backend, sec, peaks, config)
+      if config is None and backend == "mosaic":
+        config_used = kernels.mosaic_config(rows, g) or kernels.TOKAMAX_HEURISTIC
+      else:
+        config_used = config
+      r = _row(shape, phase, rows, g, used, backend, sec, peaks, config_used, chain)
       rows_out.append(r)
       log(f"  {shape.model:17s} {phase:7s} rows={rows:5d} G={g:3d} used={used:3d} "
           f"{backend:26s} {r['ms']:8.3f} ms  hbm {r['hbm_fraction']:.2f} "

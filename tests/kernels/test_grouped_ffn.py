@@ -124,3 +124,9 @@ def test_moe_grouped_equals_dense_reference():
   # The model's default on CPU is the dense reference itself (recorded results stay identical).
   same = experts.routed_experts(x, jnp.asarray(ids), gates, wg, wu, wd)
   np.testing.assert_array_equal(np.asarray(same), np.asarray(ref))
+
+
+def test_mosaic_config_policy():
+  assert kernels.mosaic_config(64, 96).persistent          # decode: empty groups cost a loop step
+  assert kernels.mosaic_config(4096, 16).block_m == 128    # >= 128 rows per group
+  assert kernels.mosaic_config(4096, 64) is None           # tokamax's heuristic
