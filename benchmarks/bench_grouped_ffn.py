@@ -60,18 +60,15 @@ SET_BYTES_CAP = 20e9  # weights of all sets of one G together
 # (kernels.mosaic_config): tokamax's own heuristic and neighbours of the policy's choice.
 _cfg = kernels.MosaicConfig
 SWEEP = {
-    "decode": {"tokamax": kernels.TOKAMAX_HEURISTIC,
-               "bm64_s4": _cfg(block_m=64, num_stages=4),
+    "decode": {"bm64_s4": _cfg(block_m=64, num_stages=4),
                "bm64_s4_pM1": _cfg(block_m=64, num_stages=4, persistent=True),
-               "bm64_s2_pN4": _cfg(block_m=64, num_stages=2, persistent=True, grid_minor_dim=1,
+               "bm64_s4_pN4": _cfg(block_m=64, num_stages=4, persistent=True, grid_minor_dim=1,
                                    grid_tile_width=4)},
     "prefill": {"tokamax": kernels.TOKAMAX_HEURISTIC,
                 "bm64_s4_pN4": _cfg(block_m=64, num_stages=4, persistent=True, grid_minor_dim=1,
                                     grid_tile_width=4),
                 "bm128_s4_N8": _cfg(block_m=128, num_stages=4, grid_minor_dim=1,
-                                    grid_tile_width=8),
-                "bm128_s4_pN8": _cfg(block_m=128, num_stages=4, persistent=True, grid_minor_dim=1,
-                                     grid_tile_width=8)},
+                                    grid_tile_width=8)},
 }
 DECODE_CHAIN = 6  # decode FFNs per jitted call (the host needs ~45 us per call on the H200 VM)
 
@@ -212,8 +209,9 @@ def sweep_points(shape: Shape, phase: str, g: int, rows: int) -> list[int]:
   """The ``used`` values swept at this (shape, phase, G): the goals' points."""
   if shape.model == "olmoe_1b_7b" and phase == "decode":
     return [u for u in (1, 8, 16, 32) if u <= g]
-  if phase == "prefill" and ((shape.model == "olmoe_1b_7b" and g in (16, 64)) or
-                             (shape.model == "mixtral_8x7b" and g == 8)):
+  if phase == "prefill" and shape.model == "olmoe_1b_7b":
+    return {16: [16], 64: [64], 96: [16, 96]}[g]
+  if phase == "prefill" and shape.model == "mixtral_8x7b" and g == 8:
     return [g]
   return []
 
