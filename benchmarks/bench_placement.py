@@ -37,7 +37,7 @@ from absl import app, flags
 
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
-from moe_edge.placement import METHODS, ilp, place
+from moe_edge.placement import ilp, place, registry
 from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import PlacementError, PlacementProblem
 
@@ -115,7 +115,7 @@ def time_methods(problems: dict[str, PlacementProblem]) -> None:
   print(f"(a) placement time, best of {FLAGS.repeats}: wall ms (CPU ms of this process), "
         f"routing, validation and the objective included; memory {FLAGS.copies:g} copies")
   print(f"{'method':16s}" + "".join(f"{s:>22s}" for s in sizes) + "   goal")
-  rows = [(m, m, {}) for m in METHODS]
+  rows = [(m, m, {}) for m in registry.names()]
   rows.insert(1, ("dancemoe/-exchange", "dancemoe", {"exchange": False}))
   for label, method, opts in rows:
     cells, verdict = [], ""
@@ -135,10 +135,16 @@ def time_methods(problems: dict[str, PlacementProblem]) -> None:
     print(f"{label:16s}" + "".join(f"{c:>22s}" for c in cells) + "  " + verdict)
 
 
+def _with_lam(method: str, opts: dict) -> dict:
+  """``opts`` plus ``lam=--lam`` for the methods that have the option (not the oracle, whose
+  own ``lam`` each part passes)."""
+  has = "lam" in registry.option_fields(method) and registry.role(method) != "oracle"
+  return {"lam": FLAGS.lam, **opts} if has else opts
+
+
 def _timed(method: str, problem: PlacementProblem, opts: dict) -> tuple[float, float]:
   wall, cpu = time.perf_counter(), time.process_time()
-  place(method, problem, seed=0, **({"lam": FLAGS.lam, **opts} if method.startswith("dancemoe")
-                                    else opts))
+  place(method, problem, seed=0, **_with_lam(method, opts))
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -147,7 +153,7 @@ def quality(cluster_name: str) -> None:
   model = model_config("tiny")
   cluster = with_expert_memory(cluster_config(cluster_name), model, FLAGS.copies)
   n, l, e = cluster.num_servers, model.n_moe_layers, model.n_experts
-  runs = {m: (m, {}) for m in METHODS if m != "ilp"}
+  runs = {m: (m, {}) for m in registry.names() if registry.role(m) != "oracle"}
   runs.update({"dancemoe/-exchange": ("dancemoe", dict(exchange=False)),
                "dancemoe/-budgets": ("dancemoe", dict(entropy_budgets=False)),
                "dancemoe/-hetero": ("dancemoe", dict(hetero_aware=False)),
@@ -161,8 +167,7 @@ def quality(cluster_name: str) -> None:
     best = place("ilp", problem, lam=FLAGS.lam, time_limit=FLAGS.ilp_time_limit)
     proven.append(best.info["gap"])
     for row, (m, opts) in runs.items():
-      opts = dict(opts, lam=FLAGS.lam) if m.startswith("dancemoe") else opts
-      got = place(m, problem, seed=seed, **opts)
+      got = place(m, problem, seed=seed, **_with_lam(m, opts))
       gaps[row].append(objective(problem, got, FLAGS.lam) / best.info["objective"] - 1.0)
   print(f"\n(b) objective gap to the ILP optimum: {FLAGS.instances} instances, {cluster.name}, "
         f"{l} layers x {e} experts x {n} servers, capacity {problem.capacity.tolist()}, "
@@ -196,10 +201,10 @@ def real_statistics(cluster_name: str = "edge_hetero_4", tokens_per_server: int 
           f"{best.info['time_s']:.1f} s, J = {j_ilp:.6g}, proven gap "
           f"{100 * (best.info['gap'] if best.info['gap'] is not None else float('nan')):.3f}%")
     print(f"  {'method':18s}{'J':>12s}{'vs ILP':>10s}{'vs bound':>10s}")
-    for m in METHODS:
-      if m == "ilp":
+    for m in registry.names():
+      if registry.role(m) == "oracle":
         continue
-      got = place(m, problem, seed=0, **({"lam": FLAGS.lam} if m.startswith("dancemoe") else {}))
+      got = place(m, problem, seed=0, **_with_lam(m, {}))
       j = objective(problem, got, FLAGS.lam)
       print(f"  {m:18s}{j:12.6g}{100 * (j / j_ilp - 1):9.2f}%{100 * (j / bound - 1):9.2f}%")
 

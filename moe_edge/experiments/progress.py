@@ -9,6 +9,8 @@ import sys
 import time
 from typing import TextIO
 
+from moe_edge.config import ConfigError
+
 
 def _clock(seconds: float) -> str:
   seconds = int(round(max(seconds, 0.0)))
@@ -31,7 +33,7 @@ class Progress:
   def __init__(self, total: int, label: str = "", stream: TextIO | None = None,
                enabled: bool = True, width: int = 24):
     if total < 0:
-      raise ValueError(f"total must be >= 0, got {total}.")
+      raise ConfigError(f"total must be >= 0, got {total}.")
     self.total, self.done, self.label, self.width = int(total), 0, label, width
     self.stream = stream if stream is not None else sys.stderr
     self.enabled = enabled

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
+
 BACKENDS = ("auto", "mosaic", "lax")
 MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -44,7 +46,7 @@ _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("moe_edge
                                                                       default=None)
 
 
-class KernelError(ValueError):
+class KernelError(MoeEdgeError):
   """The grouped FFN's inputs are malformed, or the requested backend cannot run here."""
 
 

@@ -59,6 +59,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moe_edge import kernels
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.parallel.mesh import AXIS, SlotTables, WEIGHT_NAMES, shard_rows, tables_on_mesh
 
 FUSED_WEIGHT_NAMES = ("w_gate_up", "w_down")
@@ -66,7 +67,7 @@ FUSED_WEIGHT_NAMES = ("w_gate_up", "w_down")
 TRANSPORTS = ("padded", "ragged")
 
 
-class DispatchError(ValueError):
+class DispatchError(MoeEdgeError):
   """Inputs to the distributed MoE layer are malformed, or the transport cannot run here."""
 
 
