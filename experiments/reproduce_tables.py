@@ -36,7 +36,7 @@ flags.DEFINE_list("clusters", None, "Override the config's clusters.")
 flags.DEFINE_list("models", None, "Override the config's models.")
 flags.DEFINE_float("copies", None, "Override the expert memory (copies of the experts).")
 flags.DEFINE_float("link_gbps", None, "Override the link bandwidth (Gbit/s).")
-flags.DEFINE_enum("calibration", None, ["datasheet", "h100_kernels"],
+flags.DEFINE_enum("calibration", None, ["datasheet", "h100_kernels", "h200_grouped"],
                   "Override the calibration.")
 flags.DEFINE_string("trace_cache", None, "Override the small-model trace cache folder "
                     "('' = no cache).")
