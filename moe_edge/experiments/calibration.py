@@ -20,9 +20,10 @@ Three choices (``ExperimentConfig.calibration``):
   edge GPU's datasheet: the cost model then assumes such a kernel (cost per used expert) on
   every server.
 
-For ``h100_kernels``, the stored factors of those files are relative to the H100's own micro-benchmarks (a large
-matmul and a copy, see ``calibrate.local_server_spec``), so the fitted kernel rates are
-``factor x micro-benchmark`` and the datasheet fractions ``kernel rate / H100 datasheet``.
+For ``h100_kernels``, the stored factors of those files are relative to the H100's own micro-
+benchmarks (a large matmul and a copy, see ``calibrate.local_server_spec``), so the fitted
+kernel rates are ``factor x micro-benchmark`` and the datasheet fractions ``kernel rate / H100
+datasheet``.
 """
 from __future__ import annotations
 

@@ -472,7 +472,8 @@ def layer_program(mesh: Mesh, transport: str = "padded",
   route [N, E] int32, dest_slot [N, E] int32, w_gate [N, S, d, f], w_up [N, S, d, f],
   w_down [N, S, f, d]) -> (y [N*T, d], DispatchStats)``, every argument sharded over
   ``server`` (leading axis). With fused slot weights the last three become
-  ``w_gate_up [N, S, d, 2f], w_down [N, S, f, d]`` (gate and up run as one matmul). Usable inside an outer ``jax.jit`` with traced tables and weights,
+  ``w_gate_up [N, S, d, 2f], w_down [N, S, f, d]`` (gate and up run as one matmul). Usable
+  inside an outer ``jax.jit`` with traced tables and weights,
   so one compiled program serves every placement of the same shapes. No input checks: use
   :class:`MoEDispatch` for checked calls.
   """
