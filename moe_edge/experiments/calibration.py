@@ -4,7 +4,7 @@ Three choices (``ExperimentConfig.calibration``):
 
 * ``"datasheet"``: every edge GPU at its datasheet peak FLOP/s and memory bandwidth (efficiency
   1.0): the optimistic roofline.
-* ``"h100_kernels"`` (the tables' default): the efficiency a real JAX expert kernel reached on an
+* ``"h100_kernels"`` (the calibration of earlier tables): the efficiency a real JAX expert kernel reached on an
   NVIDIA H100 80GB HBM3 (``results/calibration/gpu_olmoe_expert.json``, an OLMoE-shaped expert
   d=2048 f=1024, and ``gpu_mixtral_expert.json``, d=4096 f=14336; bf16, measured by
   ``moe_edge.cost.calibrate``), expressed as a fraction of the H100 SXM5 *datasheet*
