@@ -17,6 +17,16 @@
     with ``--real_ilp_time_limit`` seconds (OLMoE's MILP has 20k binaries; the ILP's proven
     lower bound gives the gap even when HiGHS stops at the limit).
 
+(d) The latency search (``placement/search.py``): its median wall time on the two sizes of (a)
+    as a multiple of dancemoe's in the same run, against its goals (1 s and 10 s), and the
+    expected request latency of its start and its result (``--search_only`` runs only this).
+(e) Issue 18's goals on the tables' settings (OLMoE-1B-7B and Mixtral-8x7B real statistics on
+    edge_hetero_4 and edge_hetero_8, 1 Gbps, 1.5 copies, h100_kernels; planned on the profiling
+    trace, costed on the evaluation trace; ``--goals_rate`` requests/s per server, 128-token
+    prompts and outputs): prism, the baselines, dancemoe(_refined), latency_search, best_known
+    and the lower bound; the search's gap to best_known and to the best baseline and prism, and
+    how far below them the bound allows (``--goals_only`` runs only this).
+
 Frequencies of (a) and (b) are synthetic: per server and layer, a Zipf(``--zipf``) law over a
 random expert order, mixed with weight ``--mix`` with a Zipf law shared by all servers of that
 layer.
@@ -25,6 +35,8 @@ Run:
   .venv/bin/python benchmarks/bench_placement.py
   .venv/bin/python benchmarks/bench_placement.py --instances 5 --repeats 1 --skip_large \
       --real_ilp_time_limit 0
+  .venv/bin/python benchmarks/bench_placement.py --search_only
+  .venv/bin/python benchmarks/bench_placement.py --goals_only
 """
 from __future__ import annotations
 
@@ -38,8 +50,18 @@ from absl import app, flags
 
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
+from moe_edge.cost import CostModel
+from moe_edge.cost.request_latency import request_latency, workload_batches
+from moe_edge.experiments.calibration import edge_calibration
+from moe_edge.experiments.config import load_experiment
+from moe_edge.experiments.costing import cost_placement, phase_traces
+from moe_edge.experiments.workloads import build_workload
 from moe_edge.io import cli
 from moe_edge.placement import ilp, place, registry
+from moe_edge.placement.bounds import latency_lower_bound
+from moe_edge.placement.layer_state import LayerState
+from moe_edge.placement.search import placement_score
+from moe_edge.placement.registry import PlacementContext, WorkloadSummary
 from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import PlacementError, PlacementProblem
 
@@ -55,8 +77,19 @@ flags.DEFINE_float("lam", 1.0, "Load-balance weight of the objective.")
 flags.DEFINE_float("ilp_time_limit", 60.0, "Seconds per ILP.")
 flags.DEFINE_bool("skip_large", False, "Skip the 256 x 61 x 64 timing.")
 flags.DEFINE_float("real_ilp_time_limit", 120.0, "Seconds for each ILP of part (c); 0 skips (c).")
+flags.DEFINE_bool("search_only", False, "Run only part (d), the latency search.")
+flags.DEFINE_bool("goals_only", False, "Run only part (e), the request-latency goals.")
+flags.DEFINE_string("goals_settings", "olmoe_1b_7b/edge_hetero_4,mixtral_8x7b/edge_hetero_4,"
+                    "olmoe_1b_7b/edge_hetero_8,mixtral_8x7b/edge_hetero_8",
+                    "Part (e): model/cluster settings of the tables' workload.")
+flags.DEFINE_float("goals_rate", 0.1, "Part (e): requests/s arriving at each server.")
+flags.DEFINE_integer("search_repeats", 3, "Timed runs of part (d) per size (the median counts).")
 
 GOALS_S = {"64x16x8": 0.05, "256x61x64": 1.0}  # dancemoe's placement-time goals
+SEARCH_GOALS_S = {"64x16x8": 1.0, "256x61x64": 10.0}  # latency_search's (issue 18)
+# Methods of parts (a)-(c): every registered one but the long search oracle (part (d) times
+# the latency search against it).
+METHODS = tuple(m for m in registry.names() if m != "best_known")
 
 
 def zipf_frequencies(rng: np.random.Generator, n: int, l: int, e: int, k: int, skew: float,
@@ -117,7 +150,7 @@ def time_methods(problems: dict[str, PlacementProblem]) -> None:
   print(f"(a) placement time, best of {FLAGS.repeats}: wall ms (CPU ms of this process), "
         f"routing, validation and the objective included; memory {FLAGS.copies:g} copies")
   print(f"{'method':16s}" + "".join(f"{s:>22s}" for s in sizes) + "   goal")
-  rows = [(m, m, {}) for m in registry.names()]
+  rows = [(m, m, {}) for m in METHODS]
   rows.insert(1, ("dancemoe/-exchange", "dancemoe", {"exchange": False}))
   for label, method, opts in rows:
     cells, verdict = [], ""
@@ -155,7 +188,7 @@ def quality(cluster_name: str) -> None:
   model = model_config("tiny")
   cluster = with_expert_memory(cluster_config(cluster_name), model, FLAGS.copies)
   n, l, e = cluster.num_servers, model.n_moe_layers, model.n_experts
-  runs = {m: (m, {}) for m in registry.names() if registry.role(m) != "oracle"}
+  runs = {m: (m, {}) for m in METHODS if registry.role(m) != "oracle"}
   runs.update({"dancemoe/-exchange": ("dancemoe", dict(exchange=False)),
                "dancemoe/-budgets": ("dancemoe", dict(entropy_budgets=False)),
                "dancemoe/-hetero": ("dancemoe", dict(hetero_aware=False)),
@@ -203,12 +236,133 @@ def real_statistics(cluster_name: str = "edge_hetero_4", tokens_per_server: int 
           f"{best.info['time_s']:.1f} s, J = {j_ilp:.6g}, proven gap "
           f"{100 * (best.info['gap'] if best.info['gap'] is not None else float('nan')):.3f}%")
     print(f"  {'method':18s}{'J':>12s}{'vs ILP':>10s}{'vs bound':>10s}")
-    for m in registry.names():
+    for m in METHODS:
       if registry.role(m) == "oracle":
         continue
       got = place(m, problem, seed=0, **_with_lam(m, {}))
       j = objective(problem, got, FLAGS.lam)
       print(f"  {m:18s}{j:12.6g}{100 * (j / j_ilp - 1):9.2f}%{100 * (j / bound - 1):9.2f}%")
+
+
+def search_workload(problem: PlacementProblem, rate: float) -> WorkloadSummary:
+  """Part (d)'s workload: ``rate`` requests/s per server, 320-token prompts, 128 output
+  tokens, 8 decoding requests per step, one prompt per prefill step."""
+  n = problem.shape[0]
+  f = lambda v: np.full(n, float(v))  # noqa: E731
+  return WorkloadSummary(request_rate=f(rate), prompt_tokens=f(320), output_tokens=f(128),
+                         decode_batch=f(8), prefill_tokens=f(320))
+
+
+def time_search(problems: dict[str, PlacementProblem]) -> None:
+  """Part (d): the latency search's median wall time against dancemoe's in the same run (its
+  goals: 1 s at 64 x 16 x 8, 10 s at 256 x 61 x 64), and its gain over its start. The request
+  rate keeps every queue stable (0.1/s per server; 0.02/s on the 64-GPU DeepSeek-V3 shape, whose
+  steps take seconds)."""
+  print(f"\n(d) latency search (expected request latency): median of {FLAGS.search_repeats} "
+        f"runs, wall s, and as a multiple of dancemoe's median in the same run")
+  print(f"{'size':12s}{'dancemoe s':>12s}{'search s':>10s}{'ratio':>8s}{'start':>16s}"
+        f"{'start lat s':>13s}{'search lat s':>14s}   goal")
+  for size, problem in problems.items():
+    rate = 0.02 if problem.shape[0] > 16 else 0.1
+    ctx = PlacementContext(seed=0, workload=search_workload(problem, rate))
+    dm, srch = [], []
+    for _ in range(FLAGS.search_repeats):
+      t = time.perf_counter()
+      registry.place("dancemoe", problem, None, ctx)
+      dm.append(time.perf_counter() - t)
+      t = time.perf_counter()
+      got = registry.place("latency_search", problem, None, ctx)
+      srch.append(time.perf_counter() - t)
+    d, s_ = float(np.median(dm)), float(np.median(srch))
+    ok = s_ <= SEARCH_GOALS_S[size]
+    print(f"{size:12s}{d:12.3f}{s_:10.3f}{s_ / d:8.1f}{got.info['start']:>16s}"
+          f"{got.info['start_score']:13.4f}{got.info['score']:14.4f}   <= "
+          f"{SEARCH_GOALS_S[size]:g} s: {'met' if ok else 'MISSED'}")
+
+
+GOAL_METHODS = ("prism", "eplb_hetero", "eplb", "uniform_ep", "redundance", "smartmoe",
+                "dancemoe", "dancemoe_refined", "latency_search", "best_known")
+
+
+def goals_setting(model_name: str, cluster_name: str) -> dict:
+  """Part (e) on one setting of the tables (``paper_tables`` config: real routing statistics,
+  1 Gbps, 1.5 copies, h100_kernels calibration; planned on the profiling trace, costed on the
+  evaluation trace): every method of :data:`GOAL_METHODS`, decode ms/token and prefill
+  ms/request on the evaluation trace, the request latency of those step times and the
+  expected request latency the search minimises (on the planning problem), plus the lower
+  bound. Returns ``{method: row}``."""
+  cfg = load_experiment("paper_tables")
+  work = build_workload(cfg, model_name, cluster_config(cluster_name).num_servers)
+  cluster = with_expert_memory(cluster_config(cluster_name, link_gbps=cfg.link_gbps),
+                               work.model, cfg.copies)
+  cal = edge_calibration(cfg.calibration, cluster, model_name)
+  problem = PlacementProblem.from_trace(work.profile, work.model, cluster, calibration=cal)
+  phases = phase_traces(work.trace, "both", cfg.decode_batch, cfg.prefill_requests)
+  n = cluster.num_servers
+  f = lambda v: np.full(n, float(v))  # noqa: E731
+  wl = WorkloadSummary(request_rate=f(FLAGS.goals_rate), prompt_tokens=f(cfg.request_len),
+                       output_tokens=f(cfg.request_len), decode_batch=f(cfg.decode_batch),
+                       prefill_tokens=f(cfg.request_len * cfg.prefill_requests))
+  ctx = PlacementContext(seed=cfg.seed, cost=CostModel.build(work.model, cluster, cal),
+                         workload=wl)
+  rows = {}
+  for m in GOAL_METHODS:
+    t = time.perf_counter()
+    pl = registry.place(m, problem, None, ctx)
+    sec = time.perf_counter() - t
+    rep = cost_placement(pl, phases, work.model, cluster, cal)
+    d, p = rep["decode"].latency, rep["prefill"].latency
+    rows[m] = dict(decode_ms=1e3 * d, prefill_ms=1e3 * p,
+                   request_s=request_latency(d, p, wl).mean,
+                   expected_s=placement_score(problem, pl, ctx.cost.hardware, wl),
+                   seconds=sec, placement=pl)
+  bk = rows["best_known"]["placement"]
+  st = LayerState.build(ctx.cost.hardware, problem.freq, np.stack(workload_batches(wl)),
+                        bk.hosts, bk.route)
+  lb, dec, pre = latency_lower_bound(problem, ctx.cost.hardware, wl, tuple(st.step_times()))
+  rows["lower_bound"] = dict(expected_s=lb, decode_step_ms=1e3 * dec.step,
+                             prefill_step_ms=1e3 * pre.step)
+  return rows
+
+
+def _goal_lines(rows: dict) -> list[str]:
+  """The search against the best baseline, prism and best_known; what the bound allows."""
+  base = [m for m in GOAL_METHODS if registry.role(m) == "baseline"]
+  lb = rows["lower_bound"]["expected_s"]
+  out = []
+  for key in ("expected_s", "request_s", "decode_ms"):
+    b = min(base, key=lambda m: rows[m][key])
+    v = rows["latency_search"][key]
+    line = (f"  {key}: search {100 * (v / rows[b][key] - 1):+.1f}% vs best baseline ({b}), "
+            f"{100 * (v / rows['prism'][key] - 1):+.1f}% vs prism, "
+            f"{100 * (v / rows['best_known'][key] - 1):+.2f}% vs best_known")
+    if key == "expected_s":
+      line += (f"; the bound allows at most {100 * (1 - lb / rows[b][key]):.1f}% below the "
+               f"best baseline and {100 * (1 - lb / rows['prism'][key]):.1f}% below prism")
+    out.append(line)
+  return out
+
+
+def latency_goals() -> None:
+  """Part (e): issue 18's goals on the tables' settings (module docstring)."""
+  print(f"\n(e) expected request latency on the tables' settings ({FLAGS.goals_rate:g} "
+        f"requests/s per server): decode / prefill on the evaluation trace, the request latency "
+        f"of those steps, and the expected request latency on the planning problem (what the "
+        f"search minimises)")
+  for setting in FLAGS.goals_settings.split(","):
+    model_name, cluster_name = setting.strip().split("/")
+    rows = goals_setting(model_name, cluster_name)
+    print(f"{model_name} on {cluster_name}:")
+    print(f"  {'method':18s}{'decode ms':>11s}{'prefill ms':>12s}{'request s':>11s}"
+          f"{'expected s':>12s}{'place s':>9s}")
+    for m in GOAL_METHODS:
+      r = rows[m]
+      print(f"  {m:18s}{r['decode_ms']:11.2f}{r['prefill_ms']:12.1f}{r['request_s']:11.3f}"
+            f"{r['expected_s']:12.3f}{r['seconds']:9.2f}")
+    lb = rows["lower_bound"]
+    print(f"  {'lower bound':18s}{'':34s}{lb['expected_s']:12.3f}   (expected decode step >= "
+          f"{lb['decode_step_ms']:.2f} ms, prefill step >= {lb['prefill_step_ms']:.1f} ms)")
+    print("\n".join(_goal_lines(rows)), flush=True)
 
 
 def main(argv):
@@ -222,12 +376,20 @@ def main(argv):
   for name in FLAGS.quality_clusters.split(","):
     if name.strip():
       cluster_config(name.strip())  # an unknown cluster fails now, not after the timings
+  if FLAGS.search_only:
+    time_search(speed_problems())
+    return
+  if FLAGS.goals_only:
+    latency_goals()
+    return
   time_methods(speed_problems())
   for name in FLAGS.quality_clusters.split(","):
     if name.strip():
       quality(name.strip())
   if FLAGS.real_ilp_time_limit > 0:
     real_statistics()
+  time_search(speed_problems())
+  latency_goals()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from moe_edge.placement import registry
 ROLE_COLORS = {"ours": ("tab:red", "tab:orange", "tab:pink", "tab:brown"),
                "paper": ("tab:green", "lime", "darkgreen"),
                "baseline": ("tab:gray", "tab:olive", "tab:blue", "tab:purple", "tab:cyan",
-                            "navy", "goldenrod", "teal"),
+                            "navy", "goldenrod", "teal", "sienna", "slateblue"),
                "oracle": ("black", "dimgray")}
 OTHER_COLOR = "tab:green"  # a name no registered method has
 FULL = "dancemoe_refined"  # the full method of the parts ablation

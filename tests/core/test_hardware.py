@@ -9,7 +9,7 @@ from moe_edge.core.hardware import Hardware, HardwareError
 from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.core.routing import route_table, route_table_reference
 from moe_edge.cost import Calibration, CostModel, evaluate, expected_cost
-from moe_edge.placement import migration, objective_terms
+from moe_edge.placement import objective_terms
 from moe_edge.placement.problem import link_time_per_token
 from moe_edge.workload.stats_traces import sample_stats_trace
 
@@ -60,9 +60,12 @@ def test_the_migration_schedule_prices_copies_with_hardware(setting):
   per_link = np.zeros((4, 4))
   for m, d in copies:
     per_link[m, d] += MODEL.expert_bytes
-  old = migration._round_time(copies, MODEL.expert_bytes, cluster.bandwidth_matrix,
-                              cluster.latency_matrix)
-  assert hw.round_time(per_link) == old
+  bw, lat, b = cluster.bandwidth_matrix, cluster.latency_matrix, MODEL.expert_bytes
+  # Server 0 sends three copies (two to 1, one to 2) over its one NIC; server 1 receives three.
+  send0 = 2 * b / bw[0, 1] + b / bw[0, 2] + max(lat[0, 1], lat[0, 2])
+  recv1 = 2 * b / bw[0, 1] + b / bw[3, 1] + max(lat[0, 1], lat[3, 1])
+  others = [b / bw[3, 1] + lat[3, 1], b / bw[0, 2] + lat[0, 2]]
+  assert hw.round_time(per_link) == pytest.approx(max(send0, recv1, *others), rel=1e-12)
   assert np.array_equal(hw.copy_time(MODEL.expert_bytes)[~np.eye(4, dtype=bool)],
                         (MODEL.expert_bytes / cluster.bandwidth_matrix
                          + cluster.latency_matrix)[~np.eye(4, dtype=bool)])
