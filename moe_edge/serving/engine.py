@@ -213,6 +213,10 @@ class Engine:
     r_slots = self.options.max_batch
 
     def execute(index: int, steps: tuple[sched.ServerStep, ...]) -> loop_lib.StepOutcome:
+      for n in self.runtime.failed_servers:
+        if steps[n].tokens:
+          raise EngineError(f"server {n} has failed but has requests to serve; send them to a "
+                            f"surviving server (Requests.server) before failing it.")
       c = self.width(steps)
       rows = self.num_servers * r_slots
       tokens = np.zeros((rows, c), np.int32)
