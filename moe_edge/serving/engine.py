@@ -257,10 +257,9 @@ class Engine:
       sent.append(2 * int(send.sum()) * act)
       seconds = 0.0
       if self.cost is not None:
-        placement = self.runtime.placement
-        costed.append(self.cost.cross_bytes(step_routing.expert_ids, step_routing.server,
-                                            placement))
-        seconds = self.cost.seconds(step_routing.expert_ids, step_routing.server, placement)
+        seconds, model_bytes = self.cost.step(step_routing.expert_ids, step_routing.server,
+                                              self.runtime.placement)
+        costed.append(model_bytes)
       if on_step is not None:
         on_step(index, sum(1 for f in fed if f[4]))
       return loop_lib.StepOutcome(seconds, sent[-1])

@@ -242,12 +242,19 @@ class StepEvents:
 
 def _advance_server(queue: ServerQueue, step: ServerStep, server: int,
                     first: list, finished: list) -> ServerQueue:
-  admitted = {req for req, _ in step.admit}
-  waiting = tuple(w for w in queue.waiting if w.request not in admitted)
-  by_req = {w.request: w for w in queue.waiting if w.request in admitted}
-  running = list(queue.running) + [Running(req, slot, by_req[req].prompt_tokens,
-                                           by_req[req].max_output) for req, slot in step.admit]
-  kv_free = queue.kv_free - sum(by_req[req].reserve for req, _ in step.admit)
+  if not step.admit and not step.prefill and not step.decode:
+    return queue
+  running = list(queue.running)
+  waiting = queue.waiting
+  kv_free = queue.kv_free
+  if step.admit:
+    admitted = dict(step.admit)
+    by_req = {w.request: w for w in queue.waiting if w.request in admitted}
+    waiting = tuple(w for w in queue.waiting if w.request not in admitted)
+    for req, slot in step.admit:
+      w = by_req[req]
+      running.append(Running(req, slot, w.prompt_tokens, w.max_output))
+      kv_free -= w.reserve
   fed = {c.request: c.length for c in step.prefill}
   decoded = {d.request for d in step.decode}
   out = []
@@ -257,9 +264,10 @@ def _advance_server(queue: ServerQueue, step: ServerStep, server: int,
       gen = 1 if pre == r.prompt_tokens else 0
       if gen:
         first.append((server, r.request))
-      r = dataclasses.replace(r, prefilled=pre, generated=gen)
+      r = Running(r.request, r.slot, r.prompt_tokens, r.max_output, pre, gen)
     elif r.request in decoded:
-      r = dataclasses.replace(r, generated=r.generated + 1)
+      r = Running(r.request, r.slot, r.prompt_tokens, r.max_output, r.prefilled,
+                  r.generated + 1)
     if r.generated == r.max_output:
       finished.append((server, r.request))
       kv_free += r.prompt_tokens + r.max_output

@@ -1,7 +1,8 @@
 """The engine on 4 of the 8 host CPU devices with the tiny model: every generated token equals
 the single-device cached model's, for a random placement with replicas and empty slots, across a
 live migration and a failure drill between steps; every step's dispatch bytes equal the cost
-model's for its routing; the metrics files round-trip; bad input is refused."""
+model's for its routing; the simulator replaying the engine's routing forms the same steps; the
+metrics files round-trip; bad input is refused."""
 import jax
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from moe_edge.serving import metrics
 from moe_edge.serving.engine import Engine, EngineError
 from moe_edge.serving.report import single_device_tokens
 from moe_edge.serving.scheduler import SchedulerError, SchedulerOptions
+from moe_edge.serving.simulator import ReplayRouting, simulate
 from moe_edge.serving.step_cost import StepCost
 from moe_edge.workload.requests import Requests, make_requests
 
@@ -80,6 +82,9 @@ def test_engine_equals_single_device_and_bytes_equal_cost_model(model, mesh, req
     assert s.duration_s > 0 and max(np.add(s.prefill_tokens, s.decode_tokens)) <= 10
   for r in recs:
     assert r.arrival_s <= r.first_token_s <= r.finish_s
+  # The simulator on the engine's routing: the same steps, batches, bytes and times, exactly.
+  sim = simulate(requests, rt.placement, engine.cost, OPTS, ReplayRouting.from_engine(res.routing))
+  assert sim.loop == res.loop
   metrics.write_run(tmp_path, recs, steps, N, metrics.summarize(recs, steps))
   assert tuple(metrics.read_requests(tmp_path / "requests.csv")) == recs
   assert tuple(metrics.read_steps(tmp_path / "steps.csv")) == steps
