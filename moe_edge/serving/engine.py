@@ -208,67 +208,81 @@ class Engine:
       if p.min() < 0 or p.max() >= self.cfg.vocab_size:
         raise EngineError(f"request {i} has token ids in [{p.min()}, {p.max()}] but model "
                           f"{self.cfg.name!r} has vocab_size {self.cfg.vocab_size}.")
-    out = [[] for _ in range(len(requests))]
+    out: list[list[int]] = [[] for _ in range(len(requests))]
     routing, sent, costed = [], [], []
-    r_slots = self.options.max_batch
 
     def execute(index: int, steps: tuple[sched.ServerStep, ...]) -> loop_lib.StepOutcome:
-      for n in self.runtime.failed_servers:
-        if steps[n].tokens:
-          raise EngineError(f"server {n} has failed but has requests to serve; send them to a "
-                            f"surviving server (Requests.server) before failing it.")
-      c = self.width(steps)
-      rows = self.num_servers * r_slots
-      tokens = np.zeros((rows, c), np.int32)
-      num_new = np.zeros(rows, np.int32)
-      lengths = np.zeros(rows, np.int32)
-      fed = []  # (row, request, first position, count, yields a token)
-      for n, s in enumerate(steps):
-        for ch in s.prefill:
-          row = n * r_slots + ch.slot
-          tokens[row, :ch.length] = requests.prompts[ch.request][ch.start:ch.start + ch.length]
-          num_new[row], lengths[row] = ch.length, ch.start
-          last = ch.start + ch.length == len(requests.prompts[ch.request])
-          fed.append((row, ch.request, ch.start, ch.length, last))
-        for d in s.decode:
-          row = n * r_slots + d.slot
-          tokens[row, 0] = out[d.request][-1]
-          num_new[row], lengths[row] = 1, d.position
-          fed.append((row, d.request, d.position, 1, True))
-      tables = self._device_tables()
-      slots = self.runtime.slot_weights()
-      nxt, ids, send, self._cache = self._program(
-          self._dense, slots, tables["route"], tables["dest_slot"], self._cache,
-          shard_rows(tokens, self.mesh), shard_rows(num_new, self.mesh),
-          shard_rows(lengths, self.mesh))
-      nxt, ids, send = _host(nxt), _host(ids), _host(send).astype(np.int64)
-      self._check_reachable(send)
-      rec = [(req, pos + j, row // r_slots, ids[row, j])
-             for row, req, pos, cnt, _ in fed for j in range(cnt)]
-      for row, req, _, _, yields in fed:
-        if yields:
-          out[req].append(int(nxt[row]))
-      step_routing = StepRouting(
-          np.array([r[0] for r in rec], np.int32), np.array([r[1] for r in rec], np.int32),
-          np.array([r[2] for r in rec], np.int32),
-          np.stack([r[3] for r in rec]).astype(np.int32))
+      step_routing, nbytes, produced = self._step(requests, out, steps)
       routing.append(step_routing)
-      act = self.cfg.activation_bytes
-      sent.append(2 * int(send.sum()) * act)
+      sent.append(nbytes)
       seconds = 0.0
       if self.cost is not None:
         seconds, model_bytes = self.cost.step(step_routing.expert_ids, step_routing.server,
                                               self.runtime.placement)
         costed.append(model_bytes)
       if on_step is not None:
-        on_step(index, sum(1 for f in fed if f[4]))
-      return loop_lib.StepOutcome(seconds, sent[-1])
+        on_step(index, produced)
+      return loop_lib.StepOutcome(seconds, nbytes)
 
     clk = loop_lib.VirtualClock() if clock == "virtual" else loop_lib.WallClock()
     res = loop_lib.run_loop(requests, self.num_servers, self.options, self.cfg.max_seq_len,
                             execute, clk, between_steps=between_steps)
     return EngineResult(res, tuple(np.array(o, np.int32) for o in out), tuple(routing),
                         tuple(sent), tuple(costed))
+
+  def _batch(self, requests: Requests, out: list[list[int]],
+             steps: tuple[sched.ServerStep, ...]):
+    """Host inputs of one step: ``tokens [N*R, C]``, ``num_new, lengths [N*R]`` and the fed
+    rows ``(row, request, first position, count, yields a token)``."""
+    for n in self.runtime.failed_servers:
+      if steps[n].tokens:
+        raise EngineError(f"server {n} has failed but has requests to serve; send them to a "
+                          f"surviving server (Requests.server) before failing it.")
+    r_slots = self.options.max_batch
+    rows = self.num_servers * r_slots
+    tokens = np.zeros((rows, self.width(steps)), np.int32)
+    num_new = np.zeros(rows, np.int32)
+    lengths = np.zeros(rows, np.int32)
+    fed = []
+    for n, s in enumerate(steps):
+      for ch in s.prefill:
+        row = n * r_slots + ch.slot
+        tokens[row, :ch.length] = requests.prompts[ch.request][ch.start:ch.start + ch.length]
+        num_new[row], lengths[row] = ch.length, ch.start
+        last = ch.start + ch.length == len(requests.prompts[ch.request])
+        fed.append((row, ch.request, ch.start, ch.length, last))
+      for d in s.decode:
+        row = n * r_slots + d.slot
+        tokens[row, 0] = out[d.request][-1]
+        num_new[row], lengths[row] = 1, d.position
+        fed.append((row, d.request, d.position, 1, True))
+    return tokens, num_new, lengths, fed
+
+  def _step(self, requests: Requests, out: list[list[int]],
+            steps: tuple[sched.ServerStep, ...]) -> tuple[StepRouting, int, int]:
+    """Run one planned step on the mesh; append the new tokens to ``out``. Returns the step's
+    routing, the bytes the dispatch moved (dispatch plus combine) and the tokens produced."""
+    tokens, num_new, lengths, fed = self._batch(requests, out, steps)
+    tables = self._device_tables()
+    nxt, ids, send, self._cache = self._program(
+        self._dense, self.runtime.slot_weights(), tables["route"], tables["dest_slot"],
+        self._cache, shard_rows(tokens, self.mesh), shard_rows(num_new, self.mesh),
+        shard_rows(lengths, self.mesh))
+    nxt, ids, send = _host(nxt), _host(ids), _host(send).astype(np.int64)
+    self._check_reachable(send)
+    r_slots = self.options.max_batch
+    rec = [(req, pos + j, row // r_slots, row, j)
+           for row, req, pos, cnt, _ in fed for j in range(cnt)]
+    produced = 0
+    for row, req, _, _, yields in fed:
+      if yields:
+        out[req].append(int(nxt[row]))
+        produced += 1
+    rec_a = np.array(rec, np.int64).reshape(-1, 5)
+    routing = StepRouting(rec_a[:, 0].astype(np.int32), rec_a[:, 1].astype(np.int32),
+                          rec_a[:, 2].astype(np.int32),
+                          ids[rec_a[:, 3], rec_a[:, 4]].astype(np.int32))
+    return routing, 2 * int(send.sum()) * self.cfg.activation_bytes, produced
 
   def _check_reachable(self, send_rows: np.ndarray) -> None:
     dead = list(self.runtime.failed_servers)
