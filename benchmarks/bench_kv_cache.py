@@ -17,10 +17,11 @@ The shipped ``small_moe`` (context 256) generates 32, 96 and 192 tokens greedily
 Tokens/s = new tokens / wall time of the whole generation (prompt included, compilation
 excluded; best of ``--repeats``). ``speedup[n]`` = cached / cache-free tokens/s on one device,
 ``speedup_4_servers[n]`` on the runtime. Also the cached per-token time at positions 64-95 and
-224-255 (one device), whose ratio is the growth of the per-token time with the context.
+224-255 (one device; two caches decoded in alternation), whose ratio is the growth of the
+per-token time with the context. Cache-free and cached runs alternate on one device.
 Same process, same devices for every pair. Writes ``--out`` (JSON).
 
-  .venv/bin/python benchmarks/bench_kv_cache.py            # -> results/bench_kv_cache/cpu.json
+  .venv/bin/python benchmarks/bench_kv_cache.py   # -> results/bench_kv_cache/cpu.json (~15 min on 2 cores)
 """
 from __future__ import annotations
 
@@ -49,6 +50,17 @@ def _best(fn, repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return min(times)
+
+
+def _alternate(slow, fast, repeats: int) -> tuple[float, float]:
+  """Best seconds of ``slow`` and of ``fast`` over ``repeats`` alternating runs."""
+  t_slow, t_fast = [], []
+  for _ in range(repeats):
+    for fn, out in ((slow, t_slow), (fast, t_fast)):
+      t0 = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - t0)
+  return min(t_slow), min(t_fast)
 
 
 def main(argv):
@@ -85,41 +97,47 @@ def main(argv):
                 cpu_count=os.cpu_count(), repeats=FLAGS.repeats, single_device={},
                 servers=FLAGS.num_servers, runtime={})
 
-  for n in news:  # one device
+  for n in news:  # one device; the two sides alternate, so load changes hit both alike
     p = jnp.asarray(prompt[None])
     uncached = lambda: np.asarray(generate(model, p, n, moe_fn=sparse_moe_fn))  # noqa: E731
     cached = lambda: generate_cached(model, [prompt], n)  # noqa: E731
     same = bool(np.array_equal(uncached()[0, FLAGS.prompt_len:], cached()[0]))  # + compile
-    t_u, t_c = _best(uncached, FLAGS.repeats), _best(cached, FLAGS.repeats)
+    t_u, t_c = _alternate(uncached, cached, FLAGS.repeats)
     result["single_device"][str(n)] = dict(uncached_tokens_per_s=n / t_u,
                                            cached_tokens_per_s=n / t_c, tokens_equal=same)
     print(f"1 device, {n} new tokens: {n / t_u:8.1f} tok/s without cache, {n / t_c:8.1f} with "
           f"(x{t_u / t_c:.1f})", flush=True)
 
-  # Per-token time of the cached decode step at growing positions (one device): the
-  # element-wise minimum over ``repeats`` sweeps from position 64 to 255 (other load on the
-  # machine only ever adds time).
+  # Per-token time of the cached decode step at positions 64-95 and 224-255 (one device): two
+  # real caches (a 64- and a 224-token prompt) decoded in alternation, 31 steps each, the
+  # element-wise minimum over ``repeats`` sweeps (other load only ever adds time).
   step = cached_step(sparse_moe_fn, 0.0)
   key = jax.random.key(0)
   ones = jnp.ones((1,), jnp.int32)
-  sweeps = []
+  starts = (FLAGS.prompt_len, cfg.max_seq_len - 32)
+  sweeps = {a: [] for a in starts}
   for _ in range(max(FLAGS.repeats, 3)):
-    cache = KVCache.init(cfg, 1)
-    nxt, cache = step(model, jnp.asarray(prompt[None]), jnp.asarray([FLAGS.prompt_len]), cache,
-                      key)
-    per_pos = []
-    for _ in range(FLAGS.prompt_len, cfg.max_seq_len - 1):
-      t0 = time.perf_counter()
-      nxt, cache = step(model, nxt[:, None], ones, cache, key)
-      nxt.block_until_ready()
-      per_pos.append(time.perf_counter() - t0)
-    sweeps.append(per_pos)
-  per_pos = np.min(np.array(sweeps), axis=0)  # [positions 65 .. 255]
-  early, late = float(np.median(per_pos[:31])), float(np.median(per_pos[-31:]))
-  result["per_token_ms"] = {"64-95": 1e3 * early, "224-255": 1e3 * late}
+    state = {}
+    for a in starts:
+      cache = KVCache.init(cfg, 1)
+      state[a] = step(model, jnp.asarray(np.asarray(text[:a], np.int32)[None]),
+                      jnp.asarray([a]), cache, key)
+    times = {a: [] for a in starts}
+    for _ in range(31):
+      for a in starts:
+        nxt, cache = state[a]
+        t0 = time.perf_counter()
+        state[a] = step(model, nxt[:, None], ones, cache, key)
+        state[a][0].block_until_ready()
+        times[a].append(time.perf_counter() - t0)
+    for a in starts:
+      sweeps[a].append(times[a])
+  early, late = (float(np.median(np.min(np.array(sweeps[a]), axis=0))) for a in starts)
+  spans = [f"{a}-{a + 30}" for a in starts]
+  result["per_token_ms"] = {spans[0]: 1e3 * early, spans[1]: 1e3 * late}
   result["per_token_growth_64_to_256"] = late / early
-  print(f"cached per-token time: {1e3 * early:.2f} ms at positions 64-95, {1e3 * late:.2f} ms "
-        f"at 224-255 (x{late / early:.2f})", flush=True)
+  print(f"cached per-token time: {1e3 * early:.2f} ms at positions {spans[0]}, "
+        f"{1e3 * late:.2f} ms at {spans[1]} (x{late / early:.2f})", flush=True)
 
   # The 4-server runtime: cache-free generate vs the engine.
   ns = FLAGS.num_servers

@@ -125,6 +125,31 @@ def _load_model(cfg, checkpoint: str, seed: int):
   return model, f"{path} (step {step})"
 
 
+def _runtime(f, model, cluster, mesh):
+  """The placement (planned on a profiling stream, or loaded), the migration target and the
+  :class:`ServingRuntime` holding the placed experts."""
+  from moe_edge.parallel.runtime import ServingRuntime  # noqa: PLC0415
+  from moe_edge.placement import place  # noqa: PLC0415
+  from moe_edge.placement.problem import Placement, PlacementProblem  # noqa: PLC0415
+  from moe_edge.workload.record import record_trace  # noqa: PLC0415
+  from moe_edge.workload.streams import make_streams  # noqa: PLC0415
+  cfg, n = model.cfg, cluster.num_servers
+  profile = make_streams(n, f.profile_requests, min(cfg.max_seq_len, 128), f.alpha, f.seed + 1)
+  trace = record_trace(model, cfg, profile, n, batch_size=4 * n, source="serve profile")
+  problem = PlacementProblem.from_trace(trace, cfg, cluster)
+  if f.placement:
+    placement = Placement.load(f.placement)
+    placement.validate(problem)
+    method = f"file {f.placement}"
+  else:
+    placement = place(f.method, problem, seed=f.seed)
+    method = f.method
+  target = place(f.migrate_to, problem, seed=f.seed) if f.migrate_to else None
+  slots = max(placement.num_slots, target.num_slots if target is not None else 0)
+  rt = ServingRuntime(mesh, model, placement, f.transport, problem=problem, num_slots=slots)
+  return rt, target, method
+
+
 def serve(f) -> dict:
   """Run everything the flags say; return the summary."""
   n = _cluster(f.cluster, f.num_servers).num_servers
@@ -134,17 +159,12 @@ def serve(f) -> dict:
   from moe_edge.config import model_config, with_expert_memory  # noqa: PLC0415
   from moe_edge.experiments.progress import Progress  # noqa: PLC0415
   from moe_edge.parallel.mesh import MeshError, server_mesh  # noqa: PLC0415
-  from moe_edge.parallel.runtime import ServingRuntime  # noqa: PLC0415
-  from moe_edge.placement import place  # noqa: PLC0415
-  from moe_edge.placement.problem import Placement, PlacementProblem  # noqa: PLC0415
   from moe_edge.serving import metrics, report  # noqa: PLC0415
   from moe_edge.serving.engine import Engine  # noqa: PLC0415
   from moe_edge.serving.loop import check_requests  # noqa: PLC0415
   from moe_edge.serving.scheduler import SchedulerOptions  # noqa: PLC0415
   from moe_edge.serving.step_cost import StepCost  # noqa: PLC0415
-  from moe_edge.workload.record import record_trace  # noqa: PLC0415
   from moe_edge.workload.requests import Requests, make_requests  # noqa: PLC0415
-  from moe_edge.workload.streams import make_streams  # noqa: PLC0415
 
   jax.config.update("jax_default_matmul_precision", "highest")
   if f.transport == "ragged" and jax.default_backend() == "cpu":
@@ -172,20 +192,7 @@ def serve(f) -> dict:
   model, source = _load_model(cfg, f.checkpoint, f.seed)
   cfg = model.cfg
 
-  profile = make_streams(n, f.profile_requests, min(cfg.max_seq_len, 128), f.alpha, f.seed + 1)
-  trace = record_trace(model, cfg, profile, n, batch_size=4 * n, source="serve profile")
-  problem = PlacementProblem.from_trace(trace, cfg, cluster)
-  if f.placement:
-    placement = Placement.load(f.placement)
-    placement.validate(problem)
-    method = f"file {f.placement}"
-  else:
-    placement = place(f.method, problem, seed=f.seed)
-    method = f.method
-  target = place(f.migrate_to, problem, seed=f.seed) if f.migrate_to else None
-  slots = max(placement.num_slots, target.num_slots if target is not None else 0)
-  rt = ServingRuntime(mesh, model, placement, f.transport, problem=problem, num_slots=slots)
-
+  rt, target, method = _runtime(f, model, cluster, mesh)
   engine = Engine(rt, model, options, cost=StepCost(cfg, cluster))
   if f.clock == "wall":
     engine.compile()  # measured times without compilation

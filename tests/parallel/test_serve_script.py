@@ -43,6 +43,8 @@ def test_serve_tiny_on_four_cpu_devices(tmp_path):
     steps = list(csv.DictReader(f))
   assert len(steps) == s["steps"]
   assert sum(int(r["cross_bytes"]) for r in steps) == s["cross_bytes"]
+  assert "TTFT" in proc.stdout
+  assert "tokens equal to the single-device cached model: yes" in proc.stdout
 
 
 def test_serve_refuses_bad_input(tmp_path):
