@@ -38,6 +38,7 @@ from absl import app, flags
 
 from moe_edge import kernels
 from moe_edge.config import model_config
+from moe_edge.io import atomic, check_output_file, cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["olmoe_1b_7b", "mixtral_8x7b", "deepseek_v2_lite"], "Model configs.")
@@ -314,7 +315,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  check_output_file(FLAGS.out, overwrite=True, suffix=".json")  # before the benchmark
   t_start = time.time()
   jax.config.update("jax_compilation_cache_dir", FLAGS.cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -335,9 +338,8 @@ def main(argv):
                                                       "target_ms", "repeats", "sweep")},
                   rows=rows, goals=goals(rows))
     out = Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    atomic.write_text(out, json.dumps(result, indent=1) + "\n")
+    atomic.write_text(out.with_suffix(".md"), markdown(result))
     return result
 
   for shape in shapes(FLAGS.models):
@@ -356,4 +358,4 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  app.run(main)
+  cli.run(main)

@@ -30,9 +30,10 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 from absl import app, flags
+
+from moe_edge.io import atomic, check_output_file, cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "checkpoints/small_moe/final", "The small model.")
@@ -64,7 +65,10 @@ def _alternate(slow, fast, repeats: int) -> tuple[float, float]:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  cli.check_flags(FLAGS, at_least_1=("prompt_len", "num_servers", "repeats"))
+  check_output_file(FLAGS.out, overwrite=True, suffix=".json")  # before the benchmark
   if "jax" not in sys.modules:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={FLAGS.num_servers}")
@@ -173,11 +177,9 @@ def main(argv):
                        for k, v in result["single_device"].items()}
   result["speedup_4_servers"] = {k: v["cached_tokens_per_s"] / v["uncached_tokens_per_s"]
                                  for k, v in result["runtime"].items()}
-  out = Path(FLAGS.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  atomic.write_text(FLAGS.out, json.dumps(result, indent=1) + "\n")
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

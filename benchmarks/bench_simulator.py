@@ -17,16 +17,17 @@ inflate), steps, requests and the mean latency. Then the same workload shape on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
 from moe_edge.config import cluster_config, model_config
 from moe_edge.core.problem import Placement
+from moe_edge.io import atomic, check_output_file, cli
 from moe_edge.serving.metrics import summarize
 from moe_edge.serving.scheduler import SchedulerOptions
 from moe_edge.serving.simulator import SampledRouting, simulate
@@ -58,7 +59,10 @@ def _run(requests, cluster, cfg, stats, opts) -> dict:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  cli.check_flags(FLAGS, at_least_1=("repeats",), ranges={"hours": (0.0, math.inf, True)})
+  check_output_file(FLAGS.out, overwrite=True, suffix=".json")  # before the benchmark
   cfg = model_config("olmoe_1b_7b")
   stats = load_routing_stats("olmoe_1b_7b")
   opts = SchedulerOptions(max_batch=8, token_budget=512, prefill_chunk=512,
@@ -87,12 +91,10 @@ def main(argv):
       load_average=os.getloadavg()[0], runs=runs,
       median_wall_s=statistics.median(r["wall_s"] for r in runs),
       median_cpu_s=statistics.median(r["cpu_s"] for r in runs), servers_256=large)
-  out = Path(FLAGS.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  atomic.write_text(FLAGS.out, json.dumps(result, indent=1) + "\n")
   print(f"median {result['median_wall_s']:.1f} s wall, {result['median_cpu_s']:.1f} s CPU "
         f"per simulated hour; wrote {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

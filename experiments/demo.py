@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from moe_edge.io import OutputFolder, RunIdentity, cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "checkpoints/small_moe/final", "Trained small model.")
 flags.DEFINE_integer("num_servers", 4, "Servers, one request stream each.")
@@ -29,6 +31,11 @@ flags.DEFINE_float("alpha", 0.8, "Share of a server's requests from its home dom
 flags.DEFINE_integer("seed", 0, "Seed of the streams and of every sampled trace.")
 flags.DEFINE_string("out", "out/demo", "Where the demo writes its trace and tables.")
 flags.DEFINE_integer("serve_requests", 2, "Requests per server of the serving step.")
+flags.DEFINE_bool("overwrite", False, "Replace another demo run's results in --out.")
+RUN_FLAGS = ("checkpoint", "num_servers", "requests_per_server", "seq_len", "alpha", "seed",
+             "serve_requests")
+OUTPUTS = ("small_moe_trace.npz", "serve", "tables.csv", "tables.md", "timings.json", "*.png",
+           "crosscheck.csv")
 
 
 def serve_section(model, trace, out: Path) -> str:
@@ -74,6 +81,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   t0 = time.perf_counter()
+  cli.check_flags(FLAGS, at_least_1=("num_servers", "requests_per_server", "seq_len",
+                                     "serve_requests"), at_least_0=("seed",),
+                  ranges={"alpha": (0.0, 1.0, False)})
+  folder = OutputFolder.claim(FLAGS.out, RunIdentity("demo", {k: FLAGS[k].value
+                                                              for k in RUN_FLAGS}, FLAGS.seed),
+                              OUTPUTS, overwrite=FLAGS.overwrite,
+                              refuse_hint="choose another --out, or pass --overwrite")
   if "jax" not in sys.modules:  # one host CPU device per server, before JAX starts
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={FLAGS.num_servers}")
@@ -86,8 +100,7 @@ def main(argv):
   from moe_edge.workload.stats_traces import format_domain_tv, load_routing_stats
   from moe_edge.workload.streams import make_streams
 
-  out = Path(FLAGS.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = folder.folder
   cfg = model_config("small_moe")
   model, _, step = restore_checkpoint(FLAGS.checkpoint, cfg)
   print(f"[1/6] restored {FLAGS.checkpoint} (small_moe, step {step}, "
@@ -113,8 +126,10 @@ def main(argv):
   print(serve_section(model, trace, out), "\n")
   print("[6/6] placement and cost tables (small version of results/tables/)\n")
   print(run_demo_tables(out, small_model_trace=path))
+  folder.record_new()
+  folder.finish()
   print(f"demo finished in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

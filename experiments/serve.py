@@ -17,7 +17,9 @@ Written to ``--out`` (a folder): ``requests.csv``, ``steps.csv``, ``summary.json
 (:mod:`moe_edge.serving.metrics`; plus ``kv_cache``, ``equal_to_single_device`` -- every
 generated token equal to the single-device cached model's --, ``bytes_equal_cost_model`` --
 every step's dispatch bytes equal to the cost model's for the same routing --, coverage and the
-run's settings). Exit status 1 when either check fails.
+run's settings), claimed before any work (``manifest.json``; another run's results are refused
+unless ``--overwrite``). Exit status 1 when either check fails; bad flags and input files are
+one ``serve.py: error: ...`` line (exit 2).
 
   python experiments/serve.py --num_servers 4 --requests_per_server 2 --max_new_tokens 32 --out out/serve
   python experiments/serve.py --rate 2 --requests_per_server 8 --migrate_to uniform_ep --out out/serve
@@ -38,7 +40,10 @@ from pathlib import Path
 
 from absl import app, flags
 
+from moe_edge.io import OutputFolder, RunIdentity, cli
+
 FLAGS = flags.FLAGS
+_BEFORE = set(FLAGS)
 flags.DEFINE_string("model_config", "small_moe", "Model preset (configs/models/).")
 flags.DEFINE_string("checkpoint", "checkpoints/small_moe/final",
                     "Checkpoint directory; 'none' = randomly initialised model (--seed).")
@@ -70,6 +75,11 @@ flags.DEFINE_enum("transport", "padded", ["padded", "ragged"], "Dispatch transpo
 flags.DEFINE_integer("seed", 0, "Seed of the workload, the placement and a random-init model.")
 flags.DEFINE_string("out", None, "Output folder (requests.csv, steps.csv, summary.json).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+flags.DEFINE_bool("overwrite", False, "Replace the results of another run in --out.")
+_SERVE_FLAGS = sorted(set(FLAGS) - _BEFORE)
+#: The flags outside a run's identity (manifest.json); every other flag is part of it.
+NOT_IDENTITY = ("out", "overwrite", "progress")
+OUTPUTS = ("requests.csv", "steps.csv", "summary.json")
 
 
 def _length(text: str, name: str):
@@ -150,8 +160,8 @@ def _runtime(f, model, cluster, mesh):
   return rt, target, method
 
 
-def serve(f) -> dict:
-  """Run everything the flags say; return the summary."""
+def serve(f, out: OutputFolder | None = None) -> dict:
+  """Run everything the flags say (results into ``out``, claimed); return the summary."""
   n = _cluster(f.cluster, f.num_servers).num_servers
   _ensure_devices(n)
   import jax  # noqa: PLC0415  (after the device count is set)
@@ -229,23 +239,38 @@ def serve(f) -> dict:
       workload=dict(source=f.requests or "make_requests", rate=f.rate, alpha=f.alpha,
                     prompt_len=f.prompt_len, max_new_tokens=f.max_new_tokens, seed=f.seed),
       migration=migration or None)
-  if f.out:
-    metrics.write_run(f.out, result.loop.requests, result.loop.steps, n, summary)
+  if out is not None:
+    metrics.write_run(out.folder, result.loop.requests, result.loop.steps, n, summary)
+    out.record_new()
+    out.finish()
   return summary
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  for name in ("requests_per_server", "profile_requests", "max_batch", "token_budget",
-               "prefill_chunk"):
-    if getattr(FLAGS, name) < 1:
-      raise app.UsageError(f"--{name} must be >= 1.")
+  cli.check_flags(FLAGS, at_least_1=("requests_per_server", "profile_requests", "max_batch",
+                                     "token_budget", "prefill_chunk", "num_servers"),
+                  at_least_0=("migrate_at_step", "kv_tokens", "seed"),
+                  ranges={"alpha": (0.0, 1.0, False), "copies": (0.0, math.inf, False)})
+  if not FLAGS.rate > 0:
+    raise app.UsageError(f"--rate={FLAGS.rate} must be > 0 requests/s per server (inf: all at "
+                         f"time 0).")
+  if 0 < FLAGS.copies < 1:
+    raise app.UsageError(f"--copies={FLAGS.copies} must be >= 1 (every expert held at least "
+                         f"once) or 0 (the cluster's real memory).")
+  out = None
+  if FLAGS.out:  # claimed before any work
+    config = {k: FLAGS[k].value for k in _SERVE_FLAGS if k not in NOT_IDENTITY}
+    out = OutputFolder.claim(FLAGS.out, RunIdentity("serve", config, FLAGS.seed), OUTPUTS,
+                             overwrite=FLAGS.overwrite,
+                             refuse_hint="choose another --out, or pass --overwrite to "
+                                         "replace them")
   from moe_edge.config import ConfigError  # noqa: PLC0415
   from moe_edge.serving.scheduler import SchedulerError  # noqa: PLC0415
   from moe_edge.workload.corpus import CorpusError  # noqa: PLC0415
   try:
-    summary = serve(FLAGS)
+    summary = serve(FLAGS, out)
   except (ConfigError, SchedulerError, CorpusError) as e:
     raise app.UsageError(str(e)) from None
   from moe_edge.serving import report  # noqa: PLC0415
@@ -259,4 +284,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from moe_edge.io import atomic
 
 REQUEST_COLUMNS = ("request", "server", "domain", "arrival_s", "first_token_s", "finish_s",
                    "prompt_tokens", "output_tokens")
@@ -84,21 +87,25 @@ def summarize(requests: Sequence[RequestRecord], steps: Sequence[StepRecord]) ->
 
 
 def write_requests(path: Path, requests: Sequence[RequestRecord]) -> None:
-  with Path(path).open("w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(REQUEST_COLUMNS)
-    for r in sorted(requests, key=lambda r: r.request):
-      w.writerow([getattr(r, c) if not c.endswith("_s") else repr(float(getattr(r, c)))
-                  for c in REQUEST_COLUMNS])
+  """``requests.csv``, written atomically."""
+  f = io.StringIO(newline="")
+  w = csv.writer(f)
+  w.writerow(REQUEST_COLUMNS)
+  for r in sorted(requests, key=lambda r: r.request):
+    w.writerow([getattr(r, c) if not c.endswith("_s") else repr(float(getattr(r, c)))
+                for c in REQUEST_COLUMNS])
+  atomic.write_text(path, f.getvalue())
 
 
 def write_steps(path: Path, steps: Sequence[StepRecord], num_servers: int) -> None:
-  with Path(path).open("w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(step_columns(num_servers))
-    for s in steps:
-      w.writerow([s.step, repr(float(s.start_s)), repr(float(s.duration_s)),
-                  *s.prefill_tokens, *s.decode_tokens, s.cross_bytes])
+  """``steps.csv``, written atomically."""
+  f = io.StringIO(newline="")
+  w = csv.writer(f)
+  w.writerow(step_columns(num_servers))
+  for s in steps:
+    w.writerow([s.step, repr(float(s.start_s)), repr(float(s.duration_s)),
+                *s.prefill_tokens, *s.decode_tokens, s.cross_bytes])
+  atomic.write_text(path, f.getvalue())
 
 
 def write_run(out_dir: str | Path, requests: Sequence[RequestRecord],
@@ -108,7 +115,7 @@ def write_run(out_dir: str | Path, requests: Sequence[RequestRecord],
   out.mkdir(parents=True, exist_ok=True)
   write_requests(out / "requests.csv", requests)
   write_steps(out / "steps.csv", steps, num_servers)
-  (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+  atomic.write_text(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
   return out
 
 

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from moe_edge.core import files
+from moe_edge.io import atomic
 from moe_edge.workload.corpus import DOMAINS, CorpusError, load_corpus
 from moe_edge.workload.streams import draw_domains
 
@@ -81,47 +83,97 @@ class Requests:
     return np.array([len(p) for p in self.prompts], dtype=np.int64)
 
   def save(self, path: str | Path) -> Path:
-    """Write ``.npz`` or ``.jsonl`` (by suffix)."""
+    """Write ``.npz`` or ``.jsonl`` (by suffix), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
-      with path.open("w") as f:
-        for i in range(len(self)):
-          f.write(json.dumps(dict(server=int(self.server[i]),
-                                  arrival_s=float(self.arrival_s[i]), domain=self.domain[i],
-                                  prompt=[int(x) for x in self.prompts[i]],
-                                  output_tokens=int(self.output_tokens[i]))) + "\n")
-      return path
+      lines = [json.dumps(dict(server=int(self.server[i]), arrival_s=float(self.arrival_s[i]),
+                               domain=self.domain[i], prompt=[int(x) for x in self.prompts[i]],
+                               output_tokens=int(self.output_tokens[i])))
+               for i in range(len(self))]
+      return atomic.write_text(path, "".join(line + "\n" for line in lines))
     if path.suffix != ".npz":
       raise RequestsError(f"unknown requests file type {path.suffix!r}; use .npz or .jsonl.")
     lens = self.prompt_tokens
-    np.savez(path, server=self.server, arrival_s=self.arrival_s,
-             domain=np.array(self.domain, dtype=str),
-             prompt_tokens=np.concatenate(self.prompts).astype(np.int32),
-             prompt_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-             output_tokens=self.output_tokens)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+      np.savez(f, server=self.server, arrival_s=self.arrival_s,
+               domain=np.array(self.domain, dtype=str),
+               prompt_tokens=np.concatenate(self.prompts).astype(np.int32),
+               prompt_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+               output_tokens=self.output_tokens)
     return path
 
   @classmethod
   def load(cls, path: str | Path) -> "Requests":
+    """Read a ``.jsonl`` or ``.npz`` workload; a damaged, wrong-type or inconsistent file
+    raises one RequestsError naming the file (and the line of a ``.jsonl``)."""
     path = Path(path)
-    if not path.is_file():
-      raise RequestsError(f"no requests file at {path}.")
-    if path.suffix == ".jsonl":
-      rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-      return cls(server=np.array([r["server"] for r in rows], np.int32),
-                 arrival_s=np.array([r["arrival_s"] for r in rows], np.float64),
-                 domain=tuple(r["domain"] for r in rows),
-                 prompts=tuple(np.array(r["prompt"], np.int32) for r in rows),
-                 output_tokens=np.array([r["output_tokens"] for r in rows], np.int32))
-    with np.load(path) as z:
-      off = z["prompt_offsets"]
-      toks = z["prompt_tokens"]
-      return cls(server=z["server"].astype(np.int32),
-                 arrival_s=z["arrival_s"].astype(np.float64),
-                 domain=tuple(str(d) for d in z["domain"]),
-                 prompts=tuple(toks[off[i]:off[i + 1]] for i in range(len(off) - 1)),
-                 output_tokens=z["output_tokens"].astype(np.int32))
+    if path.suffix not in (".jsonl", ".npz"):
+      raise RequestsError(f"{path}: requests files end in .jsonl or .npz, got "
+                          f"{path.suffix or 'no suffix'!r}; {_FIX}")
+    fields = _read_jsonl(path) if path.suffix == ".jsonl" else _read_npz(path)
+    try:
+      return cls(**fields)
+    except RequestsError as e:
+      raise RequestsError(f"{path}: {e}") from None
+
+
+_FIX = "write it with Requests.save (docs/DESIGN.md, the Requests format)"
+_KEYS = ("server", "arrival_s", "domain", "prompt", "output_tokens")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_jsonl(path: Path) -> dict:
+  """The fields of a ``.jsonl`` workload, every line checked."""
+  files.check_file(path, RequestsError, "requests", _FIX)
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError:
+    raise RequestsError(f"{path} is not a readable requests file: it is not UTF-8 text; "
+                        f"{_FIX}") from None
+  rows = []
+  for n, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{n}"
+    r = files.json_field(line, where, RequestsError, "request", _FIX, required=_KEYS)
+    if not (_is_int(r["server"]) and r["server"] >= 0 and _is_int(r["output_tokens"])
+            and isinstance(r["arrival_s"], (int, float)) and not isinstance(r["arrival_s"], bool)
+            and isinstance(r["domain"], str) and isinstance(r["prompt"], list)
+            and all(_is_int(t) and t >= 0 for t in r["prompt"])):
+      raise RequestsError(f"{where}: server must be an integer >= 0, arrival_s a number, domain "
+                          f"a string, prompt a list of token ids >= 0 and output_tokens an "
+                          f"integer; got {line.strip()[:120]}")
+    rows.append(r)
+  if not rows:
+    raise RequestsError(f"{path} holds no requests; {_FIX}")
+  return dict(server=np.array([r["server"] for r in rows], np.int32),
+              arrival_s=np.array([r["arrival_s"] for r in rows], np.float64),
+              domain=tuple(r["domain"] for r in rows),
+              prompts=tuple(np.array(r["prompt"], np.int32) for r in rows),
+              output_tokens=np.array([r["output_tokens"] for r in rows], np.int32))
+
+
+def _read_npz(path: Path) -> dict:
+  """The fields of an ``.npz`` workload, the prompt offsets checked."""
+  z = files.read_npz(path, RequestsError, "requests", _FIX,
+                     required=("server", "arrival_s", "domain", "prompt_tokens",
+                               "prompt_offsets", "output_tokens"))
+  off, toks = z["prompt_offsets"], z["prompt_tokens"]
+  ints = ("server", "prompt_tokens", "prompt_offsets", "output_tokens")
+  if not all(np.issubdtype(z[k].dtype, np.integer) for k in ints) or off.ndim != 1:
+    raise RequestsError(f"{path}: {', '.join(ints)} must be integer arrays; {_FIX}")
+  if (off.size < 1 or off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != toks.size):
+    raise RequestsError(f"{path}: prompt_offsets must rise from 0 to the {toks.size} prompt "
+                        f"tokens; the file is corrupt. {_FIX}")
+  if z["server"].size and z["server"].min() < 0:
+    raise RequestsError(f"{path}: server ids must be >= 0; {_FIX}")
+  return dict(server=z["server"].astype(np.int32), arrival_s=z["arrival_s"].astype(np.float64),
+              domain=tuple(str(d) for d in z["domain"]),
+              prompts=tuple(toks[off[i]:off[i + 1]] for i in range(len(off) - 1)),
+              output_tokens=z["output_tokens"].astype(np.int32))
 
 
 def poisson_arrivals(rates: Sequence[float], rng: np.random.Generator,

@@ -19,6 +19,7 @@ from moe_edge.core.routing_stats import RoutingStats
 from moe_edge.core.trace import ActivationTrace
 from moe_edge.cost.calibrate import Calibration
 from moe_edge.io import OutputFolder, RunIdentity
+from moe_edge.workload.requests import Requests
 
 TINY = model_config("tiny")
 T, N = 48, 4  # tokens, servers (edge_hetero_4)
@@ -390,3 +391,98 @@ def an_npz_file(h, d):
   """An existing file where collect_traces.py would write its trace."""
   (d / "trace.npz").write_bytes(h.build("tr_valid").read_bytes())
   return d / "trace.npz"
+
+
+# ---- request workloads -----------------------------------------------------------------------
+def _requests():
+  rng = np.random.default_rng(0)
+  return Requests(server=np.array([0, 1, 0], np.int32), arrival_s=np.array([0.0, 0.5, 1.0]),
+                  domain=("book", "c4", "book"),
+                  prompts=tuple(rng.integers(0, 256, n).astype(np.int32) for n in (4, 3, 5)),
+                  output_tokens=np.array([2, 3, 1], np.int32))
+
+
+def _jsonl_lines(h) -> list[str]:
+  return h.build("rq_valid_jsonl").read_text().splitlines()
+
+
+def _write_lines(d: Path, lines: list[str], name: str = "requests.jsonl") -> Path:
+  (d / name).write_text("\n".join(lines) + "\n")
+  return d / name
+
+
+@builder
+def rq_valid_jsonl(h, d):
+  return _requests().save(d / "requests.jsonl")
+
+
+@builder
+def rq_valid_npz(h, d):
+  return _requests().save(d / "requests.npz")
+
+
+@builder
+def rq_cut_jsonl(h, d):
+  lines = _jsonl_lines(h)
+  return _write_lines(d, lines[:1] + [lines[1][: len(lines[1]) // 2]])
+
+
+@builder
+def rq_no_prompt(h, d):
+  rows = [json.loads(x) for x in _jsonl_lines(h)]
+  del rows[2]["prompt"]
+  return _write_lines(d, [json.dumps(r) for r in rows])
+
+
+@builder
+def rq_string_server(h, d):
+  rows = [json.loads(x) for x in _jsonl_lines(h)]
+  rows[1]["server"] = "one"
+  return _write_lines(d, [json.dumps(r) for r in rows])
+
+
+@builder
+def rq_unsorted(h, d):
+  rows = [json.loads(x) for x in _jsonl_lines(h)]
+  rows[2]["arrival_s"] = 0.25
+  return _write_lines(d, [json.dumps(r) for r in rows])
+
+
+@builder
+def rq_zero_output(h, d):
+  rows = [json.loads(x) for x in _jsonl_lines(h)]
+  rows[0]["output_tokens"] = 0
+  return _write_lines(d, [json.dumps(r) for r in rows])
+
+
+@builder
+def rq_blank(h, d):
+  return _write_lines(d, ["", "   "])
+
+
+@builder
+def rq_zero_bytes(h, d):
+  (d / "requests.jsonl").write_bytes(b"")
+  return d / "requests.jsonl"
+
+
+@builder
+def rq_npz_truncated(h, d):
+  raw = h.build("rq_valid_npz").read_bytes()
+  (d / "requests.npz").write_bytes(raw[: len(raw) // 2])
+  return d / "requests.npz"
+
+
+@builder
+def rq_npz_bad_offsets(h, d):
+  with np.load(h.build("rq_valid_npz")) as z:
+    a = {k: z[k] for k in z.files}
+  a["prompt_offsets"] = np.array([0, 4, 2, 12])
+  np.savez(d / "requests.npz", **a)
+  return d / "requests.npz"
+
+
+@builder
+def rq_csv(h, d):
+  (d / "requests.csv").write_text("server,arrival_s\n0,0.0\n")
+  return d / "requests.csv"

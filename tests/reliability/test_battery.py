@@ -18,6 +18,7 @@ from moe_edge.core.problem import Placement
 from moe_edge.core.routing_stats import RoutingStats
 from moe_edge.core.trace import ActivationTrace
 from moe_edge.cost.calibrate import Calibration
+from moe_edge.workload.requests import Requests
 from moe_edge.io import cli
 from moe_edge.model import checkpoint as ckpt
 from conftest import REPO, load_script
@@ -36,6 +37,7 @@ CALLS = {
     "load_trace": lambda path: ActivationTrace.load(path),
     "load_routing_stats": lambda path: RoutingStats.load(path),
     "load_calibration": lambda path: Calibration.load(path),
+    "load_requests": lambda path: Requests.load(path),
 }
 
 
