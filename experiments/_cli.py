@@ -36,6 +36,9 @@ from moe_edge.io import OutputFolder, RunIdentity, cli
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "experiments"
 _DEFAULT: dict[str, str] = {}
+#: The argv the config flag reads its --config.KEY overrides off: empty while the script's
+#: module is imported (the preset's defaults), the real one from parse_flags on.
+_ARGV: list[str] = []
 
 
 def presets() -> list[str]:
@@ -44,13 +47,13 @@ def presets() -> list[str]:
 
 def define_config(default: str, help_text: str = "") -> config_flags.FlagHolder:
   """``--config`` (a preset file or name, default ``configs/experiments/<default>.py``) with
-  ``--config.KEY=VALUE`` overrides (read off ``sys.argv`` when the flags are parsed)."""
+  ``--config.KEY=VALUE`` overrides (read off the argv of :func:`parse_flags`)."""
   _DEFAULT["config"] = str(PRESETS / f"{default}.py")
   return config_flags.DEFINE_config_file(
       "config", _DEFAULT["config"],
       help_text or f"Experiment preset: a file whose get_config() returns a ConfigDict, or a "
       f"preset name ({', '.join(presets())}); override settings with --config.KEY=VALUE.",
-      lock_config=True)
+      lock_config=True, sys_argv=_ARGV)
 
 
 def _preset_path(value: str) -> str:
@@ -106,7 +109,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   if argv and not any(a == "--config" or a.startswith("--config=") for a in argv):
     # Parsing --config is what registers the --config.KEY overrides of this argv.
     argv.insert(1, f"--config={_DEFAULT['config']}")
-  sys.argv = list(argv)  # the config flag reads its overrides off sys.argv
+  _ARGV[:] = argv  # the config flag reads its overrides off this list
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)  # a previous parse's overrides (in-process runs, tests)
   try:

@@ -211,6 +211,10 @@ def main(argv):
   check_flags()
   cluster = cluster_config(FLAGS.cluster, link_gbps=FLAGS.link_gbps)
   methods = method_names(FLAGS.methods)
+  if FLAGS.home_domains and len(FLAGS.home_domains) != cluster.num_servers:
+    raise app.UsageError(f"--home_domains names {len(FLAGS.home_domains)} domains for the "
+                         f"{cluster.num_servers} servers of {cluster.name}; give one per "
+                         f"server (or none for round robin over the statistics' domains).")
   calibration = Calibration.load(FLAGS.calibration) if FLAGS.calibration else None
   out = claim(methods)
   trace, model = load_workload(FLAGS.trace, FLAGS.stats, FLAGS.model, cluster,

@@ -241,8 +241,6 @@ def serve(f, out: OutputFolder | None = None) -> dict:
       migration=migration or None)
   if out is not None:
     metrics.write_run(out.folder, result.loop.requests, result.loop.steps, n, summary)
-    out.record_new()
-    out.finish()
   return summary
 
 
@@ -271,6 +269,9 @@ def main(argv):
   from moe_edge.workload.corpus import CorpusError  # noqa: PLC0415
   try:
     summary = serve(FLAGS, out)
+    if out is not None:
+      out.record_new()
+      out.finish()
   except (ConfigError, SchedulerError, CorpusError) as e:
     raise app.UsageError(str(e)) from None
   from moe_edge.serving import report  # noqa: PLC0415

@@ -165,6 +165,6 @@ def test_command_lines(tmp_path, shared_data):
   assert bad.returncode != 0 and "Known experiments: ablations, budget_sweep, demo," in bad.stderr
   bad = run("experiments/reproduce_tables.py", "--config", "demo", "--config.copies=0.5",
             "--out", str(out))
-  assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
-      f"FATAL config error: experiment 'demo': copies must be >= 1 (every expert held at least "
-      f"once), got 0.5."]
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+      f"reproduce_tables.py: error: experiment 'demo': copies must be >= 1 (every expert held "
+      f"at least once), got 0.5."]
