@@ -1,5 +1,6 @@
 """ServerSpec.grouped_kernel=False: a server's expert FFN costs dense over its held slots (XLA's
-ragged_dot, results/bench_ffn), in evaluate, expected and the latency search's LayerState alike;
+ragged_dot, results/bench_ffn), in evaluate, expected, the latency search's LayerState and
+DanceMoE's refinement alike;
 the default (grouped, cost per used expert) is unchanged by held slots."""
 import dataclasses
 import json
@@ -11,12 +12,14 @@ import pytest
 
 from moe_edge.config import (ClusterConfig, ConfigError, ModelConfig, ServerSpec, cluster_config,
                              model_config, uniform_links)
+from moe_edge.core.errors import PlacementError
 from moe_edge.core.hardware import Hardware
 from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.cost import CostModel
 from moe_edge.cost.ffn_calibration import H200_SXM
 from moe_edge.experiments.calibration import edge_calibration
 from moe_edge.placement.layer_state import LayerState
+from moe_edge.placement.refine import LayerCost, refine
 from moe_edge.placement.search import candidates
 from moe_edge.workload.traces import ActivationTrace
 
@@ -253,3 +256,24 @@ def test_dense_over_slots_cost_follows_the_measured_lax_rows():
     assert 0.45 < ratio < 1.15, (r, ratio)
     misses += r["ms"] / 1e3 / got[True] > 3.0
   assert misses > 10
+
+
+@pytest.mark.parametrize("cluster", [DENSE, MIXED], ids=["dense", "mixed"])
+def test_refinement_prices_dense_servers_as_the_cost_model(cluster):
+  """DanceMoE's refinement (LayerCost) equals CostModel.expected on held slots, needs the hosts
+  to price them, and its refined score is the cost model's."""
+  prob, a, batches, _ = _search_state(cluster)
+  cost = CostModel.build(MODEL, cluster)
+  lc = LayerCost.build(prob, batches, np.array([0.5, 0.5]))
+  times = lc.phase_times(a.route, hosts=a.hosts)
+  for i, phase in enumerate(("decode", "prefill")):
+    np.testing.assert_allclose(times[i], cost.expected(prob, a, batches[i], phase).layer_time,
+                               rtol=1e-12)
+  with pytest.raises(PlacementError, match="pass hosts"):
+    lc.phase_times(a.route)
+  hosts, route, stats = refine(prob, a.hosts, lc)
+  assert stats["score_after"] < stats["score_before"]
+  new = Placement.from_hosts(hosts, MODEL, cluster, route=route)
+  got = sum(0.5 * cost.expected(prob, new, batches[i], ph).layer_time.sum()
+            for i, ph in enumerate(("decode", "prefill")))
+  assert np.isclose(got, stats["score_after"], rtol=1e-12)
