@@ -79,8 +79,8 @@ take maxima of expectations where the expectation of a maximum is meant; as ``E[
 and it approaches :func:`evaluate` as batches grow and relative fluctuations shrink.
 
 Every formula above is one method of :class:`~moe_edge.core.hardware.Hardware` (expert time,
-a server's compute time, exchange time, dense time); :class:`CostModel` holds one Hardware and is what planners,
-triggers and the simulator receive (docs/DESIGN.md, "Cost").
+a server's compute time, exchange time, dense time); :class:`CostModel` holds one Hardware and
+is what planners, triggers and the simulator receive (docs/DESIGN.md, "Cost").
 
 Implementation (vectorised numpy; steps are processed in chunks to bound memory,
 ``cost/counting.py``), one of three exact counting paths per chunk:
