@@ -182,3 +182,39 @@ def check_kv_fits(model: ModelConfig, cluster: ClusterConfig, experts_per_server
         f"tokens of {model.name!r} needs {need / 2**20:.1f} MiB; give the server more memory "
         f"(reserved_bytes) or place fewer experts there.")
   return budget
+
+
+# --------------------------------------------------------------------------------------------
+# Per step and server, from the tokens a step feeds
+# --------------------------------------------------------------------------------------------
+def step_attention_work(model: ModelConfig, step: np.ndarray, server: np.ndarray,
+                        request: np.ndarray, position: np.ndarray, num_steps: int,
+                        num_servers: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(bytes [S, N], flops [S, N])``: the attention work of every server at every step.
+
+  Args:
+    step: ``[T]`` step index in ``0..S-1`` of each fed token.
+    server: ``[T]`` the server whose request the token belongs to.
+    request: ``[T]`` request id (unique across servers).
+    position: ``[T]`` the token's cache position (0-based; a request's tokens of one step are
+      its contiguous positions ``context - new .. context - 1``, as the scheduler feeds them).
+  Each (step, request) group of ``new`` tokens whose last position is ``context - 1`` costs
+  :func:`attention_bytes` and :func:`attention_flops` of ``(context, new)``.
+  """
+  step = np.asarray(step, dtype=np.int64)
+  if step.size == 0:
+    return np.zeros((num_steps, num_servers)), np.zeros((num_steps, num_servers))
+  request = np.asarray(request, dtype=np.int64)
+  position = np.asarray(position, dtype=np.int64)
+  lo = int(request.min())
+  span = int(request.max()) - lo + 1
+  key = step * span + (request - lo)
+  uk, first, inv = np.unique(key, return_index=True, return_inverse=True)
+  new = np.bincount(inv.ravel(), minlength=uk.size)
+  context = np.full(uk.size, -1, dtype=np.int64)
+  np.maximum.at(context, inv.ravel(), position + 1)
+  cell = step[first] * num_servers + np.asarray(server, dtype=np.int64)[first]
+  size = num_steps * num_servers
+  b = np.bincount(cell, weights=attention_bytes(model, context, new), minlength=size)
+  f = np.bincount(cell, weights=attention_flops(model, context, new), minlength=size)
+  return b.reshape(num_steps, num_servers), f.reshape(num_steps, num_servers)

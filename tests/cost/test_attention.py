@@ -122,3 +122,22 @@ def test_bad_lengths_and_overfull_servers_raise_one_line_errors():
     attention.check_kv_fits(model, cluster, fill, 4096, 4096)
   ok = attention.check_kv_fits(model, cluster, fill - 50, 512, 128)
   assert np.all(ok >= attention.kv_reservation_bytes(model, 512, 128))
+
+
+def test_step_attention_work_groups_tokens_by_step_and_request():
+  model = model_config("mixtral_8x7b")
+  # step 0: request 5 (server 1) prefills positions 0..9; request 2 (server 0) decodes at 40
+  # step 1: request 5 decodes at 10, request 2 at 41, request 9 (server 1) prefills 0..3
+  rows = [(0, 1, 5, p) for p in range(10)] + [(0, 0, 2, 40), (1, 1, 5, 10), (1, 0, 2, 41)] + \
+      [(1, 1, 9, p) for p in range(4)]
+  step, server, request, position = (np.array(c) for c in zip(*rows))
+  order = np.random.default_rng(0).permutation(len(rows))  # token order does not matter
+  b, f = attention.step_attention_work(model, step[order], server[order], request[order],
+                                       position[order], 2, 3)
+  want = np.zeros((2, 3, 2))
+  for s, n, ctx, new in ((0, 1, 10, 10), (0, 0, 41, 1), (1, 1, 11, 1), (1, 0, 42, 1),
+                         (1, 1, 4, 4)):
+    want[s, n] += (attention.attention_bytes(model, ctx, new),
+                   attention.attention_flops(model, ctx, new))
+  np.testing.assert_array_equal(b, want[..., 0])
+  np.testing.assert_array_equal(f, want[..., 1])
