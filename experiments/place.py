@@ -27,6 +27,7 @@ from absl import app, flags
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
 from moe_edge.cost import Calibration
+from moe_edge.placement import registry
 from moe_edge.workload.traces import ActivationTrace
 
 FLAGS = flags.FLAGS
@@ -51,14 +52,13 @@ flags.DEFINE_integer("seed", 0, "Seed of the sampled trace and of the methods.")
 
 def method_names(spec: str) -> list[str]:
   """Methods named by ``spec`` (see --methods), checked against the registry."""
-  from moe_edge.placement import METHODS  # noqa: PLC0415  (registry of another module)
-  known = list(METHODS)
+  known = registry.names()
   if spec.strip() == "all":
     return known
   if not spec.strip():
-    return [m for m in known if m != "ilp"]
+    return [m for m in known if registry.role(m) != "oracle"]
   names = [m.strip() for m in spec.split(",") if m.strip()]
-  unknown = [m for m in names if m not in METHODS]
+  unknown = [m for m in names if m not in known]
   if unknown:
     raise ValueError(f"unknown placement method(s) {unknown}; known: {', '.join(known)}.")
   return names

@@ -16,11 +16,13 @@ from typing import Sequence
 
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
+
 GB = 1e9
 GiB = 2**30
 
 
-class ConfigError(ValueError):
+class ConfigError(MoeEdgeError):
   """A configuration is malformed or a named preset does not exist."""
 
 

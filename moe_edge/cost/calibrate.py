@@ -44,10 +44,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ClusterConfig, ServerSpec, uniform_links
 
 
-class CalibrationError(ValueError):
+class CalibrationError(MoeEdgeError):
   """A calibration is malformed or does not match the cluster it is used with."""
 
 

@@ -54,7 +54,7 @@ steps of ``T[s]``; prefill latency per request = mean over prompt batches of ``T
 ``memory_bytes - reserved_bytes``.
 
 :func:`expected_cost` applies the same formulas to *expected* counts from a
-:class:`~moe_edge.placement.problem.PlacementProblem` (for planning and migration), with
+:class:`~moe_edge.core.problem.PlacementProblem` (for planning and migration), with
 ``x[n, l, e] = batch_tokens[n] * freq[n, l, e]`` token-choices per step:
 
 * ``C``, ``c`` become their expectations (sums of ``x`` along the route table);
@@ -69,8 +69,12 @@ take maxima of expectations where the expectation of a maximum is meant; as ``E[
 (Jensen), the expected step time is a lower bound of the mean step time under the Poisson model,
 and it approaches :func:`evaluate` as batches grow and relative fluctuations shrink.
 
-Implementation (vectorised numpy; steps are processed in chunks to bound memory), one of three
-exact counting paths per chunk:
+Every formula above is one method of :class:`~moe_edge.core.hardware.Hardware` (expert time,
+exchange time, dense time); :class:`CostModel` holds one Hardware and is what planners,
+triggers and the simulator receive (docs/DESIGN.md, "Cost").
+
+Implementation (vectorised numpy; steps are processed in chunks to bound memory,
+``cost/counting.py``), one of three exact counting paths per chunk:
 
 * few large steps: token-choices counted densely per (step, source server, layer, expert) with
   one ``bincount``, then pushed through the route table on the counted table (not per choice);
@@ -89,17 +93,14 @@ from typing import Sequence
 import numpy as np
 
 from moe_edge.config import ClusterConfig, ModelConfig, model_config
+from moe_edge.core.errors import CostError, PlacementError
+from moe_edge.core.hardware import Hardware
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.core.trace import ActivationTrace
+from moe_edge.cost.batches import decode_batches, prefill_batches
 from moe_edge.cost.calibrate import Calibration
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
-from moe_edge.workload.traces import ActivationTrace
-
+from moe_edge.cost.counting import RouteMaps, chunks, counting_path
 PHASES = ("decode", "prefill")
-_CHUNK_CHOICES = 1 << 18   # token-choices per chunk of steps (keeps temporaries in cache)
-_CHUNK_FLOWS = 1 << 22     # entries of the dense [S_c, L, N, N] flow counts per chunk
-
-
-class CostError(ValueError):
-  """The cost model was given inputs that do not fit together."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,35 +218,9 @@ class CostReport:
         max_memory_frac=float(np.max(self.memory_used / self.memory_capacity)),
         fits=self.fits, calibration=self.calibration_source)
 
-
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Hardware:
-  """Per-server roofline coefficients (seconds) and links."""
-  expert_read: np.ndarray   # [N] W_e / (mbw eta_b)
-  expert_flop: np.ndarray   # [N] F_e / (peak eta_f), seconds per token
-  dense_read: np.ndarray    # [N]
-  dense_flop: np.ndarray    # [N]
-  inv_bw: np.ndarray        # [N, N] 1 / bw, diagonal 0
-  lat: np.ndarray           # [N, N] diagonal 0
-  source: str
-
-
-def _hardware(model: ModelConfig, cluster: ClusterConfig,
-              calibration: Calibration | None) -> _Hardware:
-  cal = calibration if calibration is not None else Calibration.datasheet(cluster)
-  cal.check(cluster)
-  flops = cluster.peak_flops * cal.flops_efficiency
-  mbw = cluster.mem_bandwidth * cal.bw_efficiency
-  inv_bw = 1.0 / cluster.bandwidth_matrix
-  np.fill_diagonal(inv_bw, 0.0)
-  return _Hardware(model.expert_bytes / mbw, model.expert_flops_per_token / flops,
-                   model.dense_bytes / mbw, model.dense_flops_per_token / flops, inv_bw,
-                   cluster.latency_matrix, cal.source)
-
-
 def _check_phase(phase: str) -> None:
   if phase not in PHASES:
     raise CostError(f"phase must be one of {PHASES}, got {phase!r}.")
@@ -279,208 +254,14 @@ def _memory(model: ModelConfig, cluster: ClusterConfig,
   return used, cap
 
 
-# --------------------------------------------------------------------------------------------
-# Counting
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _RouteMaps:
-  """The route table ``[N, L, E]`` in the forms the counting paths need."""
-  shape: tuple[int, int, int]
-  dest: np.ndarray          # [N, L, E] int64 computing server m
-  on_index: np.ndarray      # [N, L * E] int64 flat index (m * L + l) * E + e of the computation
-  to32: np.ndarray          # [N, L, E, M] float32 one-hot of the destination
-  bits: np.ndarray          # [N, L, M, W] uint64 bit e % 64 of word e // 64: experts sent to m
-
-  @classmethod
-  def build(cls, route: np.ndarray) -> "_RouteMaps":
-    n_srv, n_lay, n_exp = route.shape
-    dest = route.astype(np.int64)
-    le = np.arange(n_lay * n_exp, dtype=np.int64).reshape(n_lay, n_exp)
-    on_index = (dest * n_lay * n_exp + le[None]).reshape(n_srv, -1)
-    to = np.eye(n_srv, dtype=np.float32)[dest]
-    e = np.arange(n_exp)
-    words = -(-n_exp // 64)
-    bit = np.left_shift(np.uint64(1), (e % 64).astype(np.uint64))                 # [E]
-    in_word = (e // 64)[:, None] == np.arange(words)[None, :]                      # [E, W]
-    sel = to.astype(bool)[..., None] & in_word[None, None, :, None, :]             # [N,L,E,M,W]
-    bits = np.bitwise_or.reduce(np.where(sel, bit[:, None, None], np.uint64(0)), axis=2)
-    return cls(route.shape, dest, on_index, to, bits)
-
-
-_BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))   # [64] single-bit words
-
-
-def _popcount(x: np.ndarray) -> np.ndarray:
-  """Set bits of each uint64 (uint8 result)."""
-  if hasattr(np, "bitwise_count"):
-    return np.bitwise_count(x)
-  table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-  return table[x[..., None].view(np.uint8)].sum(axis=-1, dtype=np.uint8)
-
-
-def _chunks(step_tokens: np.ndarray, choices_per_token: int, flows_per_step: int):
-  """``(s0, s1, t0, t1)`` ranges of consecutive steps (tokens sorted by step)."""
-  bounds = np.concatenate([[0], np.cumsum(step_tokens)])
-  s0, n_steps = 0, step_tokens.size
-  while s0 < n_steps:
-    s1 = s0 + 1
-    while (s1 < n_steps and (bounds[s1 + 1] - bounds[s0]) * choices_per_token <= _CHUNK_CHOICES
-           and (s1 + 1 - s0) * flows_per_step <= _CHUNK_FLOWS):
-      s1 += 1
-    yield s0, s1, int(bounds[s0]), int(bounds[s1])
-    s0 = s1
-
-
-# Each path counts one chunk of steps and returns (link-major layouts keep the reductions over
-# servers, which are short, on the outer axes):
-#   routed [N, M, S_c, L] float64: token-choices of n's tokens computed on m (m == n: local),
-#   per    [M, S_c, L]    float64: expert compute seconds of server m at layer l.
-def _chunk_dense(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: int,
-                 maps: _RouteMaps, hw: _Hardware):
-  """Few large steps: dense counts over (step, server, layer, expert).
-
-  Counts go through float32 where that is exact (every count below 2**24: at most the step's
-  tokens times k). When no step has enough tokens for an expert to become FLOP bound, only
-  whether an expert is used matters and a boolean table replaces the counts.
-  """
-  n_srv, n_lay, n_exp = maps.shape
-  le = n_lay * n_exp
-  biggest = int(np.bincount(sloc).max())                  # tokens of the largest step
-  exact32 = biggest * ids.shape[2] < 2**24
-  row = (sloc * n_srv + srv)[:, None] * le + np.arange(0, le, n_exp)[None, :]   # [T_c, L]
-  src = np.bincount((row[:, :, None] + ids).ravel(), minlength=n_steps * n_srv * le)
-  src = np.ascontiguousarray(src.reshape(n_steps, n_srv * le).T,
-                             dtype=np.float32 if exact32 else np.float64)
-  srcn = src.reshape(n_srv, n_lay, n_exp, n_steps)        # [N, L, E, S_c]
-  routed = np.empty((n_srv, n_srv, n_steps, n_lay))
-  for n in range(n_srv):  # [L, S_c, E] @ [L, E, M] -> [L, S_c, M]
-    routed[n] = np.matmul(srcn[n].transpose(0, 2, 1), maps.to32[n].astype(src.dtype)).transpose(
-        2, 1, 0)
-  read_bound = np.all(biggest * hw.expert_flop <= hw.expert_read)
-  on = np.zeros(src.shape, dtype=bool if read_bound else src.dtype)
-  for n in range(n_srv):  # (l, e) -> (m, l, e) is one-to-one for a fixed source n
-    part = src[n * le:(n + 1) * le]
-    if read_bound:
-      on[maps.on_index[n]] |= part > 0
-    else:
-      on[maps.on_index[n]] += part
-  on = on.reshape(n_srv, n_lay, n_exp, n_steps)
-  if read_bound:
-    per = on.sum(axis=2) * hw.expert_read[:, None, None]
-  else:
-    read = hw.expert_read[:, None, None, None]
-    flop = hw.expert_flop[:, None, None, None]
-    per = np.maximum((on > 0) * read, on * flop).sum(axis=2)   # max(.,.) is 0 where unused
-  return routed, per.transpose(0, 2, 1)
-
-
-def _chunk_small(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: int,
-                 maps: _RouteMaps, hw: _Hardware):
-  """Many small steps in which every used expert is weight-read bound (``B[s] * F_e / peak[m]
-  <= W_e / mbw[m]``, so an expert costs its weight read whatever its count): per
-  (step, server, layer) only the *set* of experts matters, kept as 64-bit masks."""
-  n_srv, n_lay, n_exp = maps.shape
-  words = maps.bits.shape[-1]
-  group = sloc * n_srv + srv
-  order = np.argsort(group, kind="stable")             # tokens by (step, source server)
-  group, ids, srv = group[order], ids[order], srv[order]
-  if words == 1:                                        # [T_c, L, W] expert masks
-    tok = np.take(_BIT, ids[:, :, 0])
-    for r in range(1, ids.shape[2]):
-      tok |= np.take(_BIT, ids[:, :, r])
-    tok = tok[:, :, None]
-  else:
-    tok = np.zeros(ids.shape[:2] + (words,), dtype=np.uint64)
-    for r in range(ids.shape[2]):
-      bit, word = _BIT[ids[:, :, r] % 64], ids[:, :, r] // 64
-      for w in range(words):
-        tok[:, :, w] |= np.where(word == w, bit, np.uint64(0))
-  # Token masks restricted to the experts each destination m computes: [L, M, W, T_c].
-  hit = tok.transpose(1, 2, 0)[:, None] & np.take(maps.bits.transpose(1, 2, 3, 0), srv, axis=-1)
-  starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
-  count = _popcount(hit)
-  count = count.sum(axis=2, dtype=np.int64) if words > 1 else count[:, :, 0]
-  biggest = int(np.diff(np.append(starts, len(group))).max())
-  acc = np.uint16 if biggest * ids.shape[2] < 2**16 else np.int64   # exact group sums
-  if starts.size < group.size:                                      # some group has 2+ tokens
-    count = np.add.reduceat(count, starts, axis=-1, dtype=acc)      # [L, M, G]
-  if starts.size == n_steps * n_srv:               # every (step, server) has tokens: G = S_c N
-    routed = np.ascontiguousarray(
-        count.reshape(n_lay, n_srv, n_steps, n_srv).transpose(3, 1, 2, 0), dtype=np.float64)
-  else:
-    routed = np.zeros((n_srv, n_srv, n_steps, n_lay))
-    routed[group[starts] % n_srv, :, group[starts] // n_srv, :] = count.transpose(2, 1, 0)
-  step_starts = np.flatnonzero(np.concatenate([[True], sloc[order][1:] != sloc[order][:-1]]))
-  used = _popcount(np.bitwise_or.reduceat(hit, step_starts, axis=-1)).sum(
-      axis=2, dtype=np.int64)                                         # [L, M, S_c]
-  return routed, (used * hw.expert_read[None, :, None]).transpose(1, 2, 0)
-
-
-def _chunk_sparse(ids: np.ndarray, srv: np.ndarray, sloc: np.ndarray, n_steps: int,
-                  maps: _RouteMaps, hw: _Hardware):
-  """Many small steps in general: counts by sorting the (step, server, layer, expert) keys."""
-  n_srv, n_lay, n_exp = maps.shape
-  nle = n_srv * n_lay * n_exp
-  row = (sloc * n_srv + srv)[:, None] * n_lay + np.arange(n_lay)[None, :]
-  uk, inv = np.unique((row[:, :, None] * n_exp + ids).ravel(), return_inverse=True)
-  cnt = np.bincount(inv.ravel(), minlength=uk.size).astype(np.float64)
-  s = uk // nle
-  n, l, e = np.unravel_index(uk % nle, maps.shape)
-  m = maps.dest[n, l, e]
-  routed = np.bincount(((n * n_srv + m) * n_steps + s) * n_lay + l, weights=cnt,
-                       minlength=n_steps * n_lay * n_srv * n_srv)
-  ok, oinv = np.unique(((s * n_srv + m) * n_lay + l) * n_exp + e, return_inverse=True)
-  on = np.bincount(oinv.ravel(), weights=cnt, minlength=ok.size)
-  om = (ok // (n_lay * n_exp)) % n_srv
-  t_exp = np.maximum(hw.expert_read[om], on * hw.expert_flop[om])
-  s, ml = ok // (n_srv * n_lay * n_exp), ok // n_exp % (n_srv * n_lay)  # ml = m * L + l
-  per = np.bincount(((ml // n_lay) * n_steps + s) * n_lay + ml % n_lay, weights=t_exp,
-                    minlength=n_steps * n_srv * n_lay)
-  return routed.reshape(n_srv, n_srv, n_steps, n_lay), per.reshape(n_srv, n_steps, n_lay)
-
-
-def _counting_path(n_steps: int, choices: int, max_step_tokens: int, maps: _RouteMaps,
-                   hw: _Hardware):
-  """The cheapest exact counting path for a chunk."""
-  n_srv, n_lay, n_exp = maps.shape
-  if n_steps * n_srv * n_lay * n_exp <= 4 * choices + (1 << 16):
-    return _chunk_dense
-  if np.all(max_step_tokens * hw.expert_flop <= hw.expert_read):
-    return _chunk_small
-  return _chunk_sparse
-
-
-def _exchange_times(vol: np.ndarray, hw: _Hardware,
-                    link_used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Dispatch and combine seconds ``[X]`` of ``X`` exchanges.
-
-  Args:
-    vol: ``[N, M, X]`` dispatch bytes ``n -> m`` (diagonal zero); the combine sends them back.
-    link_used: ``[N, M, X]`` weight (0..1) of each link's latency.
-  """
-  send = np.einsum("nmx,nm->nx", vol, hw.inv_bw)
-  wait = (link_used * hw.lat[:, :, None]).max(axis=1)
-  back = np.einsum("nmx,mn->mx", vol, hw.inv_bw)
-  wait_back = (link_used * hw.lat.T[:, :, None]).max(axis=0)
-  return (send + wait).max(axis=0), (back + wait_back).max(axis=0)
-
-
-def _count_exchange_times(routed: np.ndarray, act: int,
-                          hw: _Hardware) -> tuple[np.ndarray, np.ndarray]:
-  """:func:`_exchange_times` of counted token-choices ``routed [N, M, X]`` (diagonal: local
-  choices, which move nothing: ``inv_bw`` and ``lat`` are zero there)."""
-  used = routed > 0
-  send = np.einsum("nmx,nm->nx", routed, act * hw.inv_bw)
-  send += (used * hw.lat[:, :, None]).max(axis=1)
-  back = np.einsum("nmx,mn->mx", routed, act * hw.inv_bw)
-  back += (used * hw.lat.T[:, :, None]).max(axis=0)
-  return send.max(axis=0), back.max(axis=0)
-
-
-def _dense_times(tokens: np.ndarray, hw: _Hardware) -> np.ndarray:
-  """``[S]`` dense seconds from ``tokens [S, N]``."""
-  t = np.maximum(hw.dense_read[None, :], tokens * hw.dense_flop[None, :])
-  return np.max(np.where(tokens > 0, t, 0.0), axis=-1)
+def _check_inputs(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
+                  placement: Placement) -> None:
+  n_srv, n_lay, n_exp = cluster.num_servers, model.n_moe_layers, model.n_experts
+  trace.check_matches(n_lay, n_exp, model.top_k, n_srv)
+  _check_placement(placement, (n_srv, n_lay, n_exp),
+                   f"model {model.name!r} on cluster {cluster.name!r}")
+  if trace.num_tokens == 0:
+    raise CostError("the trace has no tokens; nothing to cost.")
 
 
 def _step_order(trace: ActivationTrace) -> tuple[np.ndarray, np.ndarray | None]:
@@ -517,16 +298,17 @@ def evaluate(trace: ActivationTrace, model: ModelConfig | str, cluster: ClusterC
   """
   model = model_config(model)
   _check_phase(phase)
+  _check_inputs(trace, model, cluster, placement)
+  hw = Hardware.build(model, cluster, calibration, _activation_bytes(model, activation_bytes))
+  return _evaluate(trace, model, cluster, placement, phase, hw)
+
+
+def _evaluate(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
+              placement: Placement, phase: str, hw: Hardware) -> CostReport:
+  """:func:`evaluate` on checked inputs and a built :class:`Hardware`."""
   n_srv, n_lay, n_exp = cluster.num_servers, model.n_moe_layers, model.n_experts
-  trace.check_matches(n_lay, n_exp, model.top_k, n_srv)
-  _check_placement(placement, (n_srv, n_lay, n_exp),
-                   f"model {model.name!r} on cluster {cluster.name!r}")
-  if trace.num_tokens == 0:
-    raise CostError("the trace has no tokens; nothing to cost.")
-  act = _activation_bytes(model, activation_bytes)
-  hw = _hardware(model, cluster, calibration)
-  maps = _RouteMaps.build(placement.route)
-  k = model.top_k
+  act, k = hw.act, model.top_k
+  maps = RouteMaps.build(placement.route)
 
   sidx, order = _step_order(trace)
   ids = trace.expert_ids if order is None else trace.expert_ids[order]
@@ -540,12 +322,12 @@ def evaluate(trace: ActivationTrace, model: ModelConfig | str, cluster: ClusterC
   server_compute = np.zeros((n_srv, n_lay))
   routed_total = np.zeros((n_srv, n_srv, n_lay))
   step_tokens = tokens.sum(axis=1)
-  for s0, s1, t0, t1 in _chunks(step_tokens, n_lay * k, n_lay * n_srv * n_srv):
-    path = _counting_path(s1 - s0, (t1 - t0) * n_lay * k, int(step_tokens[s0:s1].max()), maps,
+  for s0, s1, t0, t1 in chunks(step_tokens, n_lay * k, n_lay * n_srv * n_srv):
+    path = counting_path(s1 - s0, (t1 - t0) * n_lay * k, int(step_tokens[s0:s1].max()), maps,
                           hw)
     routed, per = path(ids[t0:t1], srv[t0:t1], sidx[t0:t1] - s0, s1 - s0, maps, hw)
     routed_total += routed.sum(axis=2)
-    disp, comb = _count_exchange_times(routed.reshape(n_srv, n_srv, -1), act, hw)
+    disp, comb = hw.exchange_times(routed.reshape(n_srv, n_srv, -1).transpose(2, 0, 1))
     dispatch[s0:s1], combine[s0:s1] = disp.reshape(-1, n_lay), comb.reshape(-1, n_lay)
     compute[s0:s1] = per.max(axis=0)
     server_compute += per.sum(axis=1)
@@ -555,7 +337,7 @@ def evaluate(trace: ActivationTrace, model: ModelConfig | str, cluster: ClusterC
   load = routed_total.sum(axis=1).T                                          # [M, L]
   dispatch_bytes = routed_total * (1 - np.eye(n_srv, dtype=np.int64)) * act
   used, cap = _memory(model, cluster, placement)
-  dense_t = _dense_times(tokens, hw)
+  dense_t = hw.dense_time(tokens)
   return CostReport(
       phase=phase, expected=False, num_steps=n_steps, num_tokens=float(trace.num_tokens),
       activation_bytes=act, step_latency=dense_t + (dispatch + compute + combine).sum(axis=1),
@@ -577,9 +359,20 @@ def expected_cost(problem: PlacementProblem, placement: Placement,
   ``x[n, l, e] = batch_tokens[n] * problem.freq[n, l, e]`` token-choices; the formulas of
   :func:`evaluate` are applied to their expectations along the route table, with expert weight
   reads and link latencies charged by the Poisson probability ``1 - exp(-expected count)`` that
-  they occur (module docstring). Byte counts in the report are float expectations.
+  they occur (module docstring). Byte counts in the report are float expectations. Without
+  ``calibration`` and ``activation_bytes`` the problem's own ``hardware`` prices the step.
   """
   _check_phase(phase)
+  hw = problem.hardware if calibration is None and activation_bytes is None else (
+      Hardware.build(problem.model, problem.cluster, calibration,
+                     _activation_bytes(problem.model, activation_bytes)))
+  return _expected(problem, placement, batch_tokens, phase, hw)
+
+
+def _expected(problem: PlacementProblem, placement: Placement,
+              batch_tokens: Sequence[float] | np.ndarray, phase: str,
+              hw: Hardware) -> CostReport:
+  """:func:`expected_cost` on a built :class:`Hardware`."""
   model, cluster = problem.model, problem.cluster
   n_srv, n_lay, n_exp = problem.shape
   _check_placement(placement, problem.shape, "the problem")
@@ -587,19 +380,14 @@ def expected_cost(problem: PlacementProblem, placement: Placement,
   if b.shape != (n_srv,) or not np.all(np.isfinite(b)) or np.any(b < 0):
     raise CostError(f"batch_tokens must be [N] = [{n_srv}] finite non-negative tokens per step, "
                     f"got {np.shape(batch_tokens)}.")
-  act = _activation_bytes(model, activation_bytes)
-  hw = _hardware(model, cluster, calibration)
-
+  act = hw.act
   x = b[:, None, None] * problem.freq                                  # [N, L, E]
   to = np.eye(n_srv, dtype=np.float64)[placement.route]                # [N, L, E, M] one-hot
   on = np.einsum("nle,nlem->mle", x, to)                               # E[c] [M, L, E]
   flows = np.einsum("nle,nlem->lnm", x, to) * (1.0 - np.eye(n_srv))   # E[C] [L, N, M]
-  t_exp = np.maximum(hw.expert_read[:, None, None] * -np.expm1(-on),
-                     on * hw.expert_flop[:, None, None])
-  per = t_exp.sum(axis=2)                                              # [M, L]
-  flows_nm = flows.transpose(1, 2, 0)                                  # [N, M, L]
-  dispatch, combine = _exchange_times(act * flows_nm, hw, -np.expm1(-flows_nm))
-  dense = _dense_times(b[None, :], hw)
+  per = hw.expert_time(on, server_axis=0, expected=True).sum(axis=2)   # [M, L]
+  dispatch, combine = hw.exchange_times(flows, -np.expm1(-flows))
+  dense = hw.dense_time(b[None, :])
   step = dense + (dispatch + per.max(axis=0) + combine).sum()
   total = b * problem.freq.sum(axis=(1, 2))
   local = np.einsum("nle,nlen->n", x, to)
@@ -632,57 +420,50 @@ def bytes_matrix(trace: ActivationTrace, placement: Placement,
   return np.einsum("nle,nlem->lnm", counts, to) * int(activation_bytes)
 
 
-def _requests_by_server(trace: ActivationTrace) -> tuple[np.ndarray, np.ndarray]:
-  """``(inv [T], rank [R])``: request index of every token, and each request's rank within its
-  server's stream (requests ordered by their first token)."""
-  lo, span = int(trace.request.min()), int(trace.request.max() - trace.request.min()) + 1
-  key = trace.server.astype(np.int64) * span + (trace.request.astype(np.int64) - lo)
-  uk, first, inv = np.unique(key, return_index=True, return_inverse=True)
-  req_srv = trace.server[first]
-  order = np.lexsort((first, req_srv))                # requests by server, then first token
-  start = np.searchsorted(req_srv[order], req_srv[order], side="left")
-  rank = np.empty(uk.size, dtype=np.int64)
-  rank[order] = np.arange(uk.size) - start
-  return inv.ravel(), rank
+@dataclasses.dataclass(frozen=True, eq=False)
+class CostModel:
+  """One model on one cluster under one calibration: what planners, triggers and the simulator
+  receive (docs/DESIGN.md, "Cost").
 
-
-def prefill_batches(trace: ActivationTrace, requests_per_batch: int = 1) -> ActivationTrace:
-  """The trace regrouped into prefill steps: each server's requests, in order of their first
-  token, are cut into batches of ``requests_per_batch``; batch ``i`` of every server is step
-  ``i`` (all prompt tokens of the batch are processed in that step)."""
-  if requests_per_batch < 1:
-    raise CostError(f"requests_per_batch must be >= 1, got {requests_per_batch}.")
-  if trace.num_tokens == 0:
-    return trace
-  inv, rank = _requests_by_server(trace)
-  return dataclasses.replace(trace, step=(rank // requests_per_batch)[inv].astype(np.int32))
-
-
-def decode_batches(trace: ActivationTrace, batch_size: int) -> ActivationTrace:
-  """The trace regrouped into decode steps with ``batch_size`` concurrent requests per server.
-
-  Each server's requests (in order of their first token) are served in groups of
-  ``batch_size`` (static batching): at every step each unfinished request of the current group
-  emits its next token (tokens of a request keep their trace order); the next group starts when
-  the longest request of the group is done. Servers run their groups concurrently, so step
-  ``s`` holds, for every server, one token of each still-active request of its group.
+  Attributes:
+    model, cluster: what is priced.
+    hardware: the per-server and per-link numbers and formulas (:class:`Hardware`).
+    calibration: the efficiency factors the hardware was built with (None: datasheet).
   """
-  if batch_size < 1:
-    raise CostError(f"batch_size must be >= 1, got {batch_size}.")
-  if trace.num_tokens == 0:
-    return trace
-  inv, rank = _requests_by_server(trace)
-  order = np.argsort(inv, kind="stable")               # tokens grouped by request, trace order
-  length = np.bincount(inv, minlength=rank.size)       # [R] tokens per request
-  pos = np.empty(trace.num_tokens, dtype=np.int64)
-  pos[order] = np.arange(trace.num_tokens) - np.repeat(np.cumsum(length) - length, length)
-  _, first = np.unique(inv, return_index=True)
-  req_srv = trace.server[first].astype(np.int64)
-  group = rank // batch_size
-  n_groups = int(group.max()) + 1
-  glen = np.zeros(trace.num_servers * n_groups, dtype=np.int64)  # longest request per group
-  np.maximum.at(glen, req_srv * n_groups + group, length)
-  glen = glen.reshape(trace.num_servers, n_groups)
-  offset = np.cumsum(glen, axis=1) - glen                # first step of each group
-  step = offset[req_srv, group][inv] + pos
-  return dataclasses.replace(trace, step=step.astype(np.int32))
+  model: ModelConfig
+  cluster: ClusterConfig
+  hardware: Hardware
+  calibration: Calibration | None = None
+
+  @classmethod
+  def build(cls, model: ModelConfig | str, cluster: ClusterConfig,
+            calibration: Calibration | None = None,
+            activation_bytes: int | None = None) -> "CostModel":
+    model = model_config(model)
+    hw = Hardware.build(model, cluster, calibration, _activation_bytes(model, activation_bytes))
+    return cls(model, cluster, hw, calibration)
+
+  def evaluate(self, trace: ActivationTrace, placement: Placement,
+               phase: str = "decode") -> CostReport:
+    """:func:`evaluate` of ``placement`` on every step of ``trace``."""
+    _check_phase(phase)
+    _check_inputs(trace, self.model, self.cluster, placement)
+    return _evaluate(trace, self.model, self.cluster, placement, phase, self.hardware)
+
+  def expected(self, problem: PlacementProblem, placement: Placement,
+               batch_tokens: Sequence[float] | np.ndarray,
+               phase: str = "decode") -> CostReport:
+    """:func:`expected_cost` of one step with ``batch_tokens [N]`` tokens per server."""
+    _check_phase(phase)
+    if problem.cluster.num_servers != self.cluster.num_servers or (
+        problem.model.name != self.model.name):
+      raise CostError(f"the problem is model {problem.model.name!r} on "
+                      f"{problem.cluster.num_servers} servers but this cost model prices "
+                      f"{self.model.name!r} on {self.cluster.num_servers}.")
+    return _expected(problem, placement, batch_tokens, phase, self.hardware)
+
+  def problem(self, freq: np.ndarray, tokens: np.ndarray | None = None,
+              capacity: np.ndarray | None = None) -> PlacementProblem:
+    """A placement problem of this model and cluster priced on this cost model's hardware."""
+    return PlacementProblem.build(self.model, self.cluster, freq, tokens, capacity,
+                                  self.calibration)

@@ -42,7 +42,7 @@ from moe_edge.cost import Calibration, evaluate, prefill_batches
 from moe_edge.workload.traces import ActivationTrace
 
 
-class CrosscheckError(RuntimeError):
+class CrosscheckError(MoeEdgeError, RuntimeError):
   """The cross-check cannot run here (too few devices, mismatched traces)."""
 
 

@@ -35,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ClusterConfig, ModelConfig, cluster_config, uniform_links
 from moe_edge.config import with_expert_memory
 from moe_edge.experiments import calibration as calib
@@ -58,7 +59,7 @@ X_LABELS = dict(link_bandwidth="link bandwidth (Gbit/s, 0.5 ms latency)",
                 extensions="gate threshold tau (small_moe, DanceMoE placement)")
 
 
-class SweepError(ValueError):
+class SweepError(MoeEdgeError):
   """A sweep was asked for something it cannot do."""
 
 

@@ -35,13 +35,14 @@ import numpy as np
 from flax import nnx
 from scipy import stats
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.extensions.transform import TransformedMoE, identity_transform
 
 WEIGHT_KINDS = ("response", "flat")
 _EPS = 1e-12
 
 
-class SimilarityError(ValueError):
+class SimilarityError(MoeEdgeError):
   """Similarity inputs are malformed (shapes, kinds, empty calibration)."""
 
 

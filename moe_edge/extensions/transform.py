@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.model import experts as experts_lib
 
 RoutingTransform = Callable[[int, jax.Array, jax.Array, jax.Array],
@@ -35,7 +36,7 @@ RoutingTransform = Callable[[int, jax.Array, jax.Array, jax.Array],
 MoeFn = Callable[..., jax.Array]
 
 
-class TransformError(ValueError):
+class TransformError(MoeEdgeError):
   """A routing transform or its tables do not fit the model or the batch."""
 
 

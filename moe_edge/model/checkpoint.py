@@ -29,6 +29,7 @@ import safetensors.numpy
 from safetensors import safe_open
 from flax import nnx
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ModelConfig, model_config
 from moe_edge.model.transformer import MoETransformer
 
@@ -37,7 +38,7 @@ META_FILE = "checkpoint.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoeEdgeError):
   """A checkpoint is missing, incomplete, or does not match the model it is loaded into."""
 
 

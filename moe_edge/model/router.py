@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
 
-class RoutingError(ValueError):
+
+class RoutingError(MoeEdgeError):
   """Router inputs or outputs are malformed (wrong shape, NaN/inf gates, bad expert ids)."""
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ModelConfig
 from moe_edge.model import experts as experts_lib
 from moe_edge.model import kv_cache as kv_lib
@@ -37,7 +38,7 @@ MoeFn = Callable[..., jax.Array]
 Routing = Optional[tuple[jax.Array, jax.Array]]
 
 
-class ModelError(ValueError):
+class ModelError(MoeEdgeError):
   """Model inputs do not fit the model (wrong shapes, dtypes or lengths)."""
 
 

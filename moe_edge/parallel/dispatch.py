@@ -56,12 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.parallel.mesh import AXIS, SlotTables, WEIGHT_NAMES, shard_rows, tables_on_mesh
 
 TRANSPORTS = ("padded", "ragged")
 
 
-class DispatchError(ValueError):
+class DispatchError(MoeEdgeError):
   """Inputs to the distributed MoE layer are malformed, or the transport cannot run here."""
 
 

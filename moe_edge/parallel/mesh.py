@@ -26,13 +26,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ModelConfig
 from moe_edge.placement.problem import Placement, PlacementError
 
 AXIS = "server"
 
 
-class MeshError(ValueError):
+class MeshError(MoeEdgeError):
   """Devices, tables or weights do not fit together (wrong counts or shapes)."""
 
 

@@ -1,8 +1,9 @@
-"""Baseline placements: ``uniform_ep``, ``random``, ``greedy_local`` and ``topology_aware``.
+"""Baseline placements: ``uniform_ep``, ``random`` and ``greedy_local`` (``topology_aware``
+is in ``topology.py``).
 
-Each is a pure function ``method(problem, seed=0, **options) -> Placement``; routing is the
-default nearest-replica route (``problem.nearest_replica_route``, computed by
-``routing.nearest_replica_route_fast``). Capacities are respected and every expert is hosted at
+Each is a registered method ``method(problem, options, context) -> Placement`` (role
+``baseline``, no options; ``context.seed`` seeds ``random``); routing is the default
+nearest-replica route (``moe_edge.core.routing.route_table`` on ``problem.hardware``). Capacities are respected and every expert is hosted at
 least once; ``info`` records the wall time and the objective numbers (``objective.py``).
 """
 from __future__ import annotations
@@ -11,15 +12,20 @@ import time
 
 import numpy as np
 
-from moe_edge.placement.common import finish, greedy_assign
-from moe_edge.placement.problem import Placement, PlacementProblem, link_time_per_token
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.placement.common import finish
+from moe_edge.placement.registry import NoOptions, PlacementContext, register
+
+_NO, _CTX = NoOptions(), PlacementContext()
 
 
-def uniform_ep(problem: PlacementProblem, seed: int = 0) -> Placement:
+@register("uniform_ep", "baseline")
+def uniform_ep(problem: PlacementProblem, options: NoOptions = _NO,
+               context: PlacementContext = _CTX) -> Placement:
   """Vanilla expert parallelism: expert e of every layer on server ``e % N``, no replicas.
 
   When that server is full the expert spills to the next server (``+1 mod N``) with room.
-  ``seed`` is unused (the method is deterministic).
+  ``context.seed`` is unused (the method is deterministic).
   """
   start = time.perf_counter()
   n, l, e = problem.shape
@@ -34,10 +40,13 @@ def uniform_ep(problem: PlacementProblem, seed: int = 0) -> Placement:
       spilled += s != ei % n
       hosts[s, li, ei] = True
       room[s] -= 1
-  return finish(problem, hosts, "uniform_ep", start, dict(seed=seed, spilled=int(spilled)))
+  return finish(problem, hosts, "uniform_ep", start,
+                dict(seed=context.seed, spilled=int(spilled)))
 
 
-def random_placement(problem: PlacementProblem, seed: int = 0) -> Placement:
+@register("random", "baseline")
+def random_placement(problem: PlacementProblem, options: NoOptions = _NO,
+                     context: PlacementContext = _CTX) -> Placement:
   """Every expert once on a random server with room, then random replicas fill the rest.
 
   The first copies take a random permutation of all free slots (so a server is picked in
@@ -45,7 +54,7 @@ def random_placement(problem: PlacementProblem, seed: int = 0) -> Placement:
   uniformly, without replacement, among those it does not hold yet.
   """
   start = time.perf_counter()
-  rng = np.random.default_rng(seed)
+  rng = np.random.default_rng(context.seed)
   n, l, e = problem.shape
   cap = problem.capacity.astype(np.int64)
   slots = rng.permutation(np.repeat(np.arange(n), cap))[:l * e]
@@ -56,10 +65,12 @@ def random_placement(problem: PlacementProblem, seed: int = 0) -> Placement:
     room = int(cap[s] - hosts[s].sum())
     if room > 0 and free.size:
       hosts[s, rng.choice(free, size=min(room, free.size), replace=False)] = True
-  return finish(problem, hosts.reshape(n, l, e), "random", start, dict(seed=seed))
+  return finish(problem, hosts.reshape(n, l, e), "random", start, dict(seed=context.seed))
 
 
-def greedy_local(problem: PlacementProblem, seed: int = 0) -> Placement:
+@register("greedy_local", "baseline")
+def greedy_local(problem: PlacementProblem, options: NoOptions = _NO,
+                 context: PlacementContext = _CTX) -> Placement:
   """Each server fills its memory with its own hottest experts; then the rest are spread.
 
   1. Server n holds its ``capacity[n]`` experts of largest traffic ``T[n, l, e]`` (any layers).
@@ -69,7 +80,7 @@ def greedy_local(problem: PlacementProblem, seed: int = 0) -> Placement:
      replica elsewhere, choosing the n that minimises ``T[n, x] - T[n, u]``. The total
      capacity covers every expert, so such an x always exists and every expert ends up hosted.
 
-  ``seed`` is unused (the method is deterministic). ``info["evictions_per_server"]`` counts
+  ``context.seed`` is unused (deterministic). ``info["evictions_per_server"]`` counts
   the step-2 evictions of each server.
   """
   start = time.perf_counter()
@@ -113,22 +124,4 @@ def greedy_local(problem: PlacementProblem, seed: int = 0) -> Placement:
     hosts[s, u] = True
     count[u] = 1
   return finish(problem, hosts.reshape(n, l, e), "greedy_local", start,
-                dict(seed=seed, evictions_per_server=evicted.tolist()))
-
-
-def topology_aware(problem: PlacementProblem, seed: int = 0) -> Placement:
-  """Each expert, hottest first, once on the server with the least link time to its traffic.
-
-  Expert (l, e) goes to ``argmin_n sum_m T[m, l, e] * link_time[m, n]`` among servers with room
-  (no replicas). ``seed`` is unused (the method is deterministic).
-  """
-  start = time.perf_counter()
-  n, l, e = problem.shape
-  t = problem.traffic.reshape(n, l * e)
-  tau = link_time_per_token(problem.model, problem.cluster)
-  cost = t.T @ tau  # [L*E, N]
-  order = np.argsort(-t.sum(axis=0), kind="stable")
-  owner = greedy_assign(cost, order, problem.capacity)
-  hosts = np.zeros((n, l * e), dtype=bool)
-  hosts[owner, np.arange(l * e)] = True
-  return finish(problem, hosts.reshape(n, l, e), "topology_aware", start, dict(seed=seed))
+                dict(seed=context.seed, evictions_per_server=evicted.tolist()))

@@ -6,9 +6,10 @@ import time
 
 import numpy as np
 
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.core.routing import route_table
 from moe_edge.placement.objective import objective_terms
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
-from moe_edge.placement.routing import nearest_replica_route_fast
 
 
 def greedy_assign(cost: np.ndarray, order: np.ndarray, room: np.ndarray) -> np.ndarray:
@@ -47,8 +48,7 @@ def finish(problem: PlacementProblem, hosts: np.ndarray, method: str, start: flo
   counts ``experts_hosted`` and ``extra_replicas``.
   """
   if route is None:
-    route = nearest_replica_route_fast(hosts, problem.model, problem.cluster, problem.traffic,
-                                       slack)
+    route = route_table(hosts, problem.hardware, problem.traffic, slack)
   placement = Placement.from_hosts(hosts, problem.model, problem.cluster, route=route,
                                    method=method, info=info)
   elapsed = time.perf_counter() - start

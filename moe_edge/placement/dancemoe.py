@@ -33,7 +33,7 @@ The method minimises the objective of ``objective.py`` (link time of remote toke
 4. **Exchange search** (``exchange.py``): pairs of changes no single copy can make (server a
    drops a replica and takes expert z from server b, which adds a new copy in z's slot; or a
    and b swap two copies), applied in rounds while the exact objective falls.
-5. **Routing**: ``problem.nearest_replica_route`` with the traffic.
+5. **Routing**: the nearest-replica route table (``moe_edge.core.routing``) with the traffic.
 6. **Latency refinement** (``refine.py``, off by default; the method ``dancemoe_refined`` has it
    on): steps 1-5 minimise the objective, which counts remote token-choices; the cost model's
    step time also charges one weight read per distinct expert a server uses (replicas on a
@@ -62,47 +62,18 @@ import time
 
 import numpy as np
 
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.core.routing import route_table
+from moe_edge.core.sorting import stable_argsort_desc
+from moe_edge.placement.budgets import layer_budgets
 from moe_edge.placement.common import finish, greedy_assign
 from moe_edge.placement.exchange import exchange_search
-from moe_edge.placement.objective import compute_time_per_token
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
-from moe_edge.placement.problem import link_time_per_token
 from moe_edge.placement.refine import LayerCost, phase_batches
 from moe_edge.placement.refine import refine as refine_placement
-from moe_edge.placement.routing import nearest_replica_route_fast
-from moe_edge.placement.sorting import stable_argsort_desc
+from moe_edge.placement.registry import PlacementContext, register
 
 _CHUNK = 1024  # columns per block when computing removal losses
-
-
-def layer_budgets(freq: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-  """``[N, L]`` int local-expert budgets proportional to ``exp(entropy)`` (module docstring).
-
-  Args:
-    freq: ``[N, L, E]`` activation frequencies (rows with no traffic count as uniform).
-    capacity: ``[N]`` experts each server holds.
-  """
-  n, l, e = freq.shape
-  tot = freq.sum(axis=2, keepdims=True)
-  p = np.where(tot > 0, freq / np.where(tot > 0, tot, 1.0), 1.0 / e)
-  ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=2)
-  eff = np.exp(ent)  # [N, L], in [1, E]
-  total = np.minimum(np.asarray(capacity, dtype=np.int64), l * e)
-  lo = np.where(total >= l, 1, 0)[:, None].astype(np.float64)
-  # Scale s[n] with sum_l clip(s * eff, lo, E) = total[n], by bisection (monotone in s).
-  a, b = np.zeros(n), np.full(n, float(e) * l + 1.0)
-  for _ in range(64):
-    mid = 0.5 * (a + b)
-    over = np.clip(mid[:, None] * eff, lo, e).sum(axis=1) > total
-    a, b = np.where(over, a, mid), np.where(over, mid, b)
-  share = np.clip(a[:, None] * eff, lo, e)
-  budget = np.floor(share).astype(np.int64)
-  left = total - budget.sum(axis=1)
-  frac = np.where(budget < e, share - budget, -1.0)
-  order = np.argsort(-frac, axis=1, kind="stable")
-  bump = np.arange(l)[None, :] < left[:, None]
-  np.put_along_axis(budget, order, np.take_along_axis(budget, order, axis=1) + bump, axis=1)
-  return budget
 
 
 class _Greedy:
@@ -392,16 +363,11 @@ class _Greedy:
     return free, lu.size - free
 
 
-def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
-             entropy_budgets: bool = True, hetero_aware: bool = True, replicas: bool = True,
-             route_slack: float = 0.1, exchange: bool = True, exchange_rounds: int = 16,
-             exchange_max_size: int = 1 << 24, refine: bool = False, refine_phase: str = "both",
-             decode_tokens: float = 8.0, prefill_tokens: float = 128.0,
-             refine_rounds: int = 64, refine_max_size: int = 1 << 16,
-             calibration=None) -> Placement:
-  """Activation-aware placement (module docstring). ``seed`` is unused (deterministic).
+@dataclasses.dataclass(frozen=True)
+class DanceMoEOptions:
+  """Options of :func:`dancemoe` and :func:`dancemoe_refined` (module docstring).
 
-  Args:
+  Attributes:
     lam: weight of the load-balance term of the objective (``objective.py``).
     entropy_budgets: split each server's memory over layers by activation entropy first.
     hetero_aware: use each server's own compute speed (else the mean) and prefer faster servers
@@ -413,8 +379,9 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
     exchange_max_size: the exchange search runs only when ``N * N * L * E`` is at most this (it
       keeps the move value of every copy to every server); larger instances skip it and say so
       in ``info``.
-    refine: step 6, the latency refinement (``refine.py``): prune, move and add copies where
-      the cost model's expected layer time falls. Off: the placement of steps 1-4.
+    refine: step 6, the latency refinement (``refine.py``) on the problem's hardware: prune,
+      move and add copies where the cost model's expected layer time falls. None: the method's
+      default (``dancemoe`` off, ``dancemoe_refined`` on).
     refine_phase: what the refinement minimises: ``"decode"``, ``"prefill"`` or ``"both"``
       (each phase's summed layer time relative to its value before refinement, weighted 1:1).
     decode_tokens, prefill_tokens: tokens per server in one decode / prefill step (scaled by
@@ -422,32 +389,54 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
     refine_rounds: at most this many refinement rounds (one change per layer each).
     refine_max_size: the refinement runs only when ``N * L * E`` is at most this (its
       candidates cost ``O(N^2)`` each); larger instances skip it and say so in ``info``.
-    calibration: ``moe_edge.cost.Calibration`` of the servers' kernel efficiency for the
-      refinement's roofline (default: the datasheet).
   """
+  lam: float = 1.0
+  entropy_budgets: bool = True
+  hetero_aware: bool = True
+  replicas: bool = True
+  route_slack: float = 0.1
+  exchange: bool = True
+  exchange_rounds: int = 16
+  exchange_max_size: int = 1 << 24
+  refine: bool | None = None
+  refine_phase: str = "both"
+  decode_tokens: float = 8.0
+  prefill_tokens: float = 128.0
+  refine_rounds: int = 64
+  refine_max_size: int = 1 << 16
+
+
+@register("dancemoe", "ours", DanceMoEOptions)
+def dancemoe(problem: PlacementProblem, options: DanceMoEOptions = DanceMoEOptions(),
+             context: PlacementContext = PlacementContext()) -> Placement:
+  """Activation-aware placement on the objective (module docstring); deterministic."""
+  o = options
+  lam, replicas, route_slack, refine = o.lam, o.replicas, o.route_slack, bool(o.refine)
+  hetero_aware, exchange = o.hetero_aware, o.exchange
   if lam < 0:
     raise PlacementError(f"lam={lam}: the load-balance weight must be >= 0.")
   start = time.perf_counter()
   n, l, e = problem.shape
-  t = compute_time_per_token(problem)
+  t = problem.hardware.compute_time_per_token()
   if not hetero_aware:
     t = np.full(n, t.mean())
   perm = np.argsort(t, kind="stable") if hetero_aware else np.arange(n)  # fastest first
   traffic = problem.traffic[perm]
-  tau = link_time_per_token(problem.model, problem.cluster)[np.ix_(perm, perm)]
+  tau = problem.hardware.link_time_per_token()[np.ix_(perm, perm)]
   t = t[perm]
   room = problem.capacity[perm].astype(np.int64).copy()
-  info = dict(seed=seed, lam=lam, entropy_budgets=entropy_budgets, hetero_aware=hetero_aware,
-              replicas=replicas, exchange=exchange, refine=refine, refine_phase=refine_phase)
+  info = dict(seed=context.seed, lam=lam, entropy_budgets=o.entropy_budgets,
+              hetero_aware=hetero_aware, replicas=replicas, exchange=exchange, refine=refine,
+              refine_phase=o.refine_phase)
   if refine:
-    batch, weight = phase_batches(problem, refine_phase, decode_tokens, prefill_tokens)
+    batch, weight = phase_batches(problem, o.refine_phase, o.decode_tokens, o.prefill_tokens)
 
   phase_s = {}
   tick = time.perf_counter()
   greedy = _Greedy(traffic, tau, t, lam, replicas)
   phase_s["init"], tick = time.perf_counter() - tick, time.perf_counter()
   in_budget = 0
-  if entropy_budgets:
+  if o.entropy_budgets:
     budget = layer_budgets(problem.freq[perm], room)
     in_budget = greedy.fill(room, np.ascontiguousarray(budget.T))
     info["budget_mean_per_layer"] = budget.mean(axis=0).round(2).tolist()
@@ -461,41 +450,43 @@ def dancemoe(problem: PlacementProblem, seed: int = 0, lam: float = 1.0,
   out = np.empty_like(hosts)
   out[perm] = hosts
   route = None
-  if exchange and n * n * l * e > exchange_max_size:
+  if exchange and n * n * l * e > o.exchange_max_size:
     info["exchange_skipped"] = (f"N*N*L*E = {n * n * l * e:,} > exchange_max_size = "
-                                f"{exchange_max_size:,}")
+                                f"{o.exchange_max_size:,}")
   elif exchange:
     tick = time.perf_counter()
     out, route, info["exchange_stats"] = exchange_search(problem, out, lam, route_slack,
-                                                         exchange_rounds, adds=replicas)
+                                                         o.exchange_rounds, adds=replicas)
     phase_s["exchange"] = time.perf_counter() - tick
-  if refine and n * l * e > refine_max_size:
-    info["refine_skipped"] = f"N*L*E = {n * l * e:,} > refine_max_size = {refine_max_size:,}"
+  if refine and n * l * e > o.refine_max_size:
+    info["refine_skipped"] = f"N*L*E = {n * l * e:,} > refine_max_size = {o.refine_max_size:,}"
   elif refine:
     tick = time.perf_counter()
     out, route, stats = refine_placement(problem, out, _phase_cost(problem, out, batch, weight,
-                                                                   calibration, route_slack),
-                                         route_slack, refine_rounds, adds=replicas)
+                                                                   route_slack),
+                                         route_slack, o.refine_rounds, adds=replicas)
     phase_s["refine"] = time.perf_counter() - tick
     info["refine_stats"] = stats
   return finish(problem, out, "dancemoe", start, info, route=route, lam=lam, slack=route_slack)
 
 
-def dancemoe_refined(problem: PlacementProblem, seed: int = 0, **options) -> Placement:
-  """DanceMoE with the latency refinement (step 6) on: ``dancemoe(..., refine=True)``."""
-  if "refine" in options:
-    raise PlacementError("dancemoe_refined always refines; use dancemoe(refine=...) to choose.")
-  p = dancemoe(problem, seed=seed, refine=True, **options)
+@register("dancemoe_refined", "ours", DanceMoEOptions)
+def dancemoe_refined(problem: PlacementProblem, options: DanceMoEOptions = DanceMoEOptions(),
+                     context: PlacementContext = PlacementContext()) -> Placement:
+  """DanceMoE with the latency refinement (step 6) on: ``dancemoe`` with ``refine=True``."""
+  if options.refine is not None:
+    raise PlacementError("dancemoe_refined always refines; leave the option refine unset (use "
+                         "dancemoe with refine=True/False to choose).")
+  p = dancemoe(problem, dataclasses.replace(options, refine=True), context)
   return dataclasses.replace(p, method="dancemoe_refined")
 
 
 def _phase_cost(problem: PlacementProblem, hosts: np.ndarray, batch: np.ndarray,
-                weight: np.ndarray, calibration, slack: float) -> LayerCost:
+                weight: np.ndarray, slack: float) -> LayerCost:
   """The refinement's layer-time model, each phase normalised by its summed layer time on
   ``hosts`` (so ``"both"`` weighs relative changes of decode and prefill equally)."""
-  cost = LayerCost.build(problem, batch, weight, calibration)
-  route = nearest_replica_route_fast(hosts, problem.model, problem.cluster, problem.traffic,
-                                     slack)
+  cost = LayerCost.build(problem, batch, weight)
+  route = route_table(hosts, problem.hardware, problem.traffic, slack)
   total = cost.phase_times(route).sum(axis=1)
   return dataclasses.replace(cost, weight=np.where(total > 0, weight / np.where(
       total > 0, total, 1.0), 0.0))

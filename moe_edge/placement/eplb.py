@@ -20,12 +20,15 @@ pack index; equal load-per-replica goes to the lowest expert index.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.placement.common import finish
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
+from moe_edge.placement.registry import PlacementContext, register
 
 
 def balanced_packing(weight: np.ndarray, num_packs: int,
@@ -223,8 +226,18 @@ def layer_slots(capacity: np.ndarray, num_layers: int, num_experts: int) -> np.n
   return np.minimum(base, num_experts)
 
 
-def eplb(problem: PlacementProblem, seed: int = 0, num_groups: int = 1, num_nodes: int = 1,
-         max_slots_per_layer: int | None = None) -> Placement:
+@dataclasses.dataclass(frozen=True)
+class EplbOptions:
+  """Options of :func:`eplb`: EPLB's ``num_groups`` and ``num_nodes`` (hierarchical packing)
+  and a cap on the slots per layer and server (None: no cap)."""
+  num_groups: int = 1
+  num_nodes: int = 1
+  max_slots_per_layer: int | None = None
+
+
+@register("eplb", "baseline", EplbOptions)
+def eplb(problem: PlacementProblem, options: EplbOptions = EplbOptions(),
+         context: PlacementContext = PlacementContext()) -> Placement:
   """EPLB as a placement baseline: balance compute load, no locality.
 
   Mapping: the load of expert (l, e) is its total traffic ``sum_n T[n, l, e]``; every server is
@@ -236,8 +249,10 @@ def eplb(problem: PlacementProblem, seed: int = 0, num_groups: int = 1, num_node
   (:func:`layer_slots`: its whole memory, spread over the layers) and EPLB's global policy packs
   each layer into these unequal GPUs (:func:`rebalance_experts_uneven`); ``info["slots"]`` says
   which. Two replicas of one expert packed onto the same server collapse into one hosted copy.
-  Routing: nearest replica. ``seed`` is unused (deterministic).
+  Routing: nearest replica. ``context.seed`` is unused (deterministic).
   """
+  num_groups, num_nodes = options.num_groups, options.num_nodes
+  max_slots_per_layer = options.max_slots_per_layer
   start = time.perf_counter()
   n, l, e = problem.shape
   weight = problem.traffic.sum(axis=0)
@@ -265,6 +280,6 @@ def eplb(problem: PlacementProblem, seed: int = 0, num_groups: int = 1, num_node
     mode = (f"uneven (equal slots would give {s} * {n} < E={e}): {slots.tolist()} per layer "
             f"and server")
     replicas = int(slots.sum())
-  info = dict(seed=seed, slots=mode, num_replicas=replicas, num_groups=num_groups,
+  info = dict(seed=context.seed, slots=mode, num_replicas=replicas, num_groups=num_groups,
               num_nodes=num_nodes, collapsed=int(replicas - hosts.sum()))
   return finish(problem, hosts, "eplb", start, info)

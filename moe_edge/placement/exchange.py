@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_edge.placement.objective import compute_time_per_token, layer_loads
-from moe_edge.placement.problem import PlacementProblem, link_time_per_token
-from moe_edge.placement.routing import nearest_replica_route_fast
+from moe_edge.core.problem import PlacementProblem
+from moe_edge.core.routing import route_table
+from moe_edge.placement.objective import layer_loads
 
 _TOL = 1e-12  # relative: an accepted round lowers the objective by more than this
 
@@ -185,21 +185,21 @@ def exchange_search(problem: PlacementProblem, hosts: np.ndarray, lam: float = 1
       once, at the end, falling back to verified rounds when the search did not lower it).
   Returns:
     ``(hosts, route, stats)``: the improved hosts, their route table
-    (``routing.nearest_replica_route_fast``) and ``rounds``, ``chains``, ``verified``,
+    (``core.routing.route_table``) and ``rounds``, ``chains``, ``verified``,
     ``objective_before``, ``objective_after`` (the exact objective of all layers).
   """
   hosts = np.array(hosts, dtype=bool)
   n, nl, e = hosts.shape
-  model, cluster = problem.model, problem.cluster
-  tau = link_time_per_token(model, cluster).copy()
+  hw = problem.hardware
+  tau = hw.link_time_per_token().copy()
   np.fill_diagonal(tau, 0.0)
   traffic = problem.traffic
-  t_comp = compute_time_per_token(problem)
+  t_comp = hw.compute_time_per_token()
 
   def layer_obj(h, layers):
     """``([L'] exact objective, route [N, L', E])`` of ``layers`` (their real route tables)."""
     tr = traffic[:, layers]
-    r = nearest_replica_route_fast(h[:, layers], model, cluster, tr, slack)
+    r = route_table(h[:, layers], hw, tr, slack)
     comm = np.einsum("nle,nle->l", tr, tau[np.arange(n)[:, None, None], r])
     load = layer_loads(problem, r, tr)
     return comm + lam * (load * t_comp[:, None]).max(axis=0), r

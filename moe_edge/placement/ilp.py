@@ -22,16 +22,17 @@ instances: ``N * L * E`` is limited (``max_size``) unless ``force=True``.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.placement.common import finish
-from moe_edge.placement.objective import compute_time_per_token
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
-from moe_edge.placement.problem import link_time_per_token
+from moe_edge.placement.registry import PlacementContext, register
 
 MAX_SIZE = 1024  # default limit on N * L * E
 
@@ -43,8 +44,8 @@ def _model(problem: PlacementProblem, lam: float):
   n, l, e = problem.shape
   nle = n * l * e
   traffic = problem.traffic
-  tau = link_time_per_token(problem.model, problem.cluster)
-  t = compute_time_per_token(problem)
+  tau = problem.hardware.link_time_per_token()
+  t = problem.hardware.compute_time_per_token()
   x_id = np.arange(nle).reshape(n, l, e)
   y_id = nle + np.arange(n * n * l * e).reshape(n, n, l, e)
   use_z = lam > 0
@@ -109,27 +110,42 @@ def _model(problem: PlacementProblem, lam: float):
   return c, cons, Bounds(np.zeros(num), ub), integrality, scale, (x_id, y_id)
 
 
-def ilp(problem: PlacementProblem, seed: int = 0, lam: float = 1.0, time_limit: float = 60.0,
-        mip_rel_gap: float = 1e-6, max_size: int = MAX_SIZE, force: bool = False) -> Placement:
-  """The optimal placement and route table for the objective (module docstring).
+@dataclasses.dataclass(frozen=True)
+class IlpOptions:
+  """Options of :func:`ilp`.
 
-  Args:
+  Attributes:
     lam: weight of the load-balance term (as in ``objective.py``).
     time_limit: seconds HiGHS may search; on timeout the best placement found is returned and
       ``info["status"]`` says ``limit_reached`` (``info["gap"]`` is then the proven gap).
     mip_rel_gap: relative optimality gap at which HiGHS stops.
     max_size, force: refuse instances with ``N * L * E > max_size`` unless ``force``.
+  """
+  lam: float = 1.0
+  time_limit: float = 60.0
+  mip_rel_gap: float = 1e-6
+  max_size: int = MAX_SIZE
+  force: bool = False
+
+
+@register("ilp", "oracle", IlpOptions)
+def ilp(problem: PlacementProblem, options: IlpOptions = IlpOptions(),
+        context: PlacementContext = PlacementContext()) -> Placement:
+  """The optimal placement and route table for the objective (module docstring).
+
   Returns:
     A Placement whose ``info`` has ``status``, ``objective`` (of the returned placement),
     ``milp_objective``, ``bound`` (HiGHS's dual bound) and ``gap`` (relative, proven).
   """
+  lam, time_limit, mip_rel_gap = options.lam, options.time_limit, options.mip_rel_gap
+  max_size = options.max_size
   n, l, e = problem.shape
   size = n * l * e
-  if size > max_size and not force:
+  if size > max_size and not options.force:
     raise PlacementError(
         f"ilp: the instance has N*L*E = {n}*{l}*{e} = {size} > max_size={max_size} "
         f"({size + n * size:,} binary variables); the MILP is for small instances. Use a "
-        f"heuristic (dancemoe), a smaller problem, or ilp(..., force=True).")
+        f"heuristic (dancemoe), a smaller problem, or the option force=True.")
   if lam < 0:
     raise PlacementError(f"lam={lam}: the load-balance weight must be >= 0.")
   start = time.perf_counter()
@@ -145,7 +161,7 @@ def ilp(problem: PlacementProblem, seed: int = 0, lam: float = 1.0, time_limit: 
   bound = getattr(res, "mip_dual_bound", None)
   milp_obj = float(res.fun) * scale
   bound = float(bound) * scale if bound is not None and np.isfinite(bound) else None
-  info = dict(seed=seed, status=_STATUS.get(res.status, str(res.status)),
+  info = dict(seed=context.seed, status=_STATUS.get(res.status, str(res.status)),
               milp_objective=milp_obj, bound=bound,
               gap=(max(milp_obj - bound, 0.0) / milp_obj if bound is not None and milp_obj > 0
                    else 0.0),

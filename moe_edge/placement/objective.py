@@ -7,8 +7,9 @@ ILP optimum (``ilp.py``) is comparable with every heuristic. With
 * ``T [N, L, E] = tokens[n] * freq[n, l, e]``: expected token-choices per step of expert (l, e)
   from server n (``PlacementProblem.traffic``),
 * ``tau [N, N]``: seconds to send one token's activations n -> m and back
-  (``problem.link_time_per_token``; zero on the diagonal),
-* ``t [M] = expert_flops_per_token / peak_flops[m]``: seconds of expert compute per token on m,
+  (``problem.hardware.link_time_per_token()``; zero on the diagonal),
+* ``t [M] = expert_flops_per_token / (peak_flops[m] eta_f[m])``: seconds of expert compute per
+  token on m (``problem.hardware.compute_time_per_token()``; calibrated when the problem is),
 * ``r [N, L, E]``: the route table (``r[n, l, e] = n`` when local),
 
 the objective is::
@@ -29,13 +30,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
-from moe_edge.placement.problem import link_time_per_token
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 
 
 def compute_time_per_token(problem: PlacementProblem) -> np.ndarray:
-  """``[N]`` seconds of one routed expert's compute for one token on each server."""
-  return problem.model.expert_flops_per_token / problem.cluster.peak_flops
+  """``[N]`` seconds of one routed expert's compute for one token on each server (the
+  problem's hardware)."""
+  return problem.hardware.compute_time_per_token()
 
 
 def layer_loads(problem: PlacementProblem, route: np.ndarray,
@@ -68,7 +70,7 @@ def objective_terms(problem: PlacementProblem, placement: Placement,
   if lam < 0:
     raise PlacementError(f"lam={lam}: the load-balance weight must be >= 0.")
   t_traffic = problem.traffic
-  tau = link_time_per_token(problem.model, problem.cluster)
+  tau = problem.hardware.link_time_per_token()
   n_idx = np.arange(problem.shape[0])[:, None, None]
   comm = float(np.sum(t_traffic * tau[n_idx, route]))
   t = compute_time_per_token(problem)

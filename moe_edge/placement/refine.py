@@ -6,8 +6,9 @@ so minimising it maximises local coverage. The cost model (``moe_edge/cost/model
 step differently: a layer takes ``dispatch + max_m P[m] + combine``, where ``P[m]`` charges one
 weight read per *distinct* expert a server uses (decode is weight-read bound, and slow-memory
 servers pay most), a link's latency once per step, and the exchange waits for the busiest NIC.
-This module applies exactly the expected-count formulas of ``cost.expected_cost`` per layer
-(notation as there; ``x[p, n, l, e] = batch[p, n] * freq[n, l, e]``)::
+This module applies exactly the expected-count formulas of ``cost.expected_cost`` per layer,
+through the problem's :class:`~moe_edge.core.hardware.Hardware` (calibrated when the problem
+is; notation as there; ``x[p, n, l, e] = batch[p, n] * freq[n, l, e]``)::
 
   on[p, m, l, e]   = sum_{n : route[n, l, e] = m} x[p, n, l, e]
   C[p, l, n, m]    = sum_{e : route[n, l, e] = m != n} x[p, n, l, e]
@@ -26,10 +27,10 @@ each layer is refined on its own, all layers vectorised together. Moves per roun
 * **add** a copy to a server with room.
 
 Each round predicts every candidate's layer score on a routing that re-routes only the changed
-expert (nearest copy by ``link time + compute time``, ties within ``slack`` to the least loaded, as
-``problem.nearest_replica_route``), applies each layer's best predicted improvement (room taken
+expert (nearest copy by ``Hardware.route_cost``, ties within ``slack`` to the least loaded, as
+``core.routing.route_table_reference``), applies each layer's best predicted improvement (room taken
 by the best gains first), recomputes the real route table of the changed layers
-(``routing.nearest_replica_route_fast``, the one the placement ships with) and keeps a change only
+(``core.routing.route_table``, the one the placement ships with) and keeps a change only
 when the layer's exact score strictly falls; a rejected candidate is not proposed again until its
 layer changes. At most ``max_rounds`` rounds. Every accepted step lowers the exact score, so the
 refined placement never scores worse than its input.
@@ -40,8 +41,10 @@ import dataclasses
 
 import numpy as np
 
-from moe_edge.placement.problem import PlacementError, PlacementProblem, link_time_per_token
-from moe_edge.placement.routing import nearest_replica_route_fast
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.hardware import Hardware
+from moe_edge.core.problem import PlacementProblem
+from moe_edge.core.routing import route_table
 
 PHASE_WEIGHTS = {"decode": (1.0, 0.0), "prefill": (0.0, 1.0), "both": (0.5, 0.5)}
 _REL_TOL = 1e-9  # an accepted change lowers a layer's score by more than this (relative)
@@ -49,61 +52,33 @@ _REL_TOL = 1e-9  # an accepted change lowers a layer's score by more than this (
 
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
-  """The expected-count layer-time model of one problem (module docstring).
+  """The expected-count layer-time model of one problem (module docstring): the formulas are
+  those of the problem's :class:`~moe_edge.core.hardware.Hardware`.
 
   Attributes:
-    read: ``[N]`` seconds to read one expert's weights (``W_e / (mbw eta_b)``).
-    flop: ``[N]`` seconds of one token's expert compute (``F_e / (peak eta_f)``).
-    inv_bw: ``[N, N]`` seconds per byte (diagonal 0).
-    lat: ``[N, N]`` seconds per message (diagonal 0).
-    act: bytes of one token-choice on the wire.
+    hardware: the problem's hardware (calibrated when the problem was built with one).
     x: ``[P, N, L, E]`` expected token-choices per step of each phase.
     weight: ``[P]`` weight of each phase's layer time in the score (already normalised).
   """
-  read: np.ndarray
-  flop: np.ndarray
-  inv_bw: np.ndarray
-  lat: np.ndarray
-  act: float
+  hardware: Hardware
   x: np.ndarray
   weight: np.ndarray
 
   @classmethod
-  def build(cls, problem: PlacementProblem, batch: np.ndarray, weight: np.ndarray,
-            calibration=None) -> "LayerCost":
-    """Cost model of ``problem`` with ``batch [P, N]`` tokens per server and step of each phase.
-
-    ``calibration``: a ``moe_edge.cost.Calibration`` (its ``flops_efficiency`` and
-    ``bw_efficiency`` scale the datasheet numbers); ``None`` uses the datasheet (factors 1).
-    """
-    model, cluster = problem.model, problem.cluster
-    n = cluster.num_servers
-    eta_f, eta_b = np.ones(n), np.ones(n)
-    if calibration is not None:
-      calibration.check(cluster)
-      eta_f, eta_b = calibration.flops_efficiency, calibration.bw_efficiency
-    inv_bw = 1.0 / cluster.bandwidth_matrix
-    np.fill_diagonal(inv_bw, 0.0)
-    lat = np.array(cluster.latency_matrix, dtype=np.float64)
-    np.fill_diagonal(lat, 0.0)
+  def build(cls, problem: PlacementProblem, batch: np.ndarray,
+            weight: np.ndarray) -> "LayerCost":
+    """Cost model of ``problem`` with ``batch [P, N]`` tokens per server and step of each phase,
+    priced on ``problem.hardware``."""
     x = np.asarray(batch, dtype=np.float64)[:, :, None, None] * problem.freq[None]
-    return cls(model.expert_bytes / (cluster.mem_bandwidth * eta_b),
-               model.expert_flops_per_token / (cluster.peak_flops * eta_f), inv_bw, lat,
-               float(model.activation_bytes), x, np.asarray(weight, dtype=np.float64))
+    return cls(problem.hardware, x, np.asarray(weight, dtype=np.float64))
 
   def expert_time(self, on: np.ndarray, m_axis: int) -> np.ndarray:
-    """Roofline seconds of expected counts ``on`` whose server axis is ``m_axis``."""
-    shape = [1] * on.ndim
-    shape[m_axis] = -1
-    return np.maximum(self.read.reshape(shape) * -np.expm1(-on), on * self.flop.reshape(shape))
+    """Expected roofline seconds of counts ``on`` whose server axis is ``m_axis``."""
+    return self.hardware.expert_time(on, server_axis=m_axis, expected=True)
 
   def exchange(self, flows: np.ndarray) -> np.ndarray:
     """Dispatch plus combine seconds of ``flows [..., N, M]`` (expected remote choices)."""
-    used = -np.expm1(-flows)
-    send = self.act * np.einsum("...nm,nm->...n", flows, self.inv_bw)
-    dispatch = (send + (used * self.lat).max(axis=-1)).max(axis=-1)
-    back = self.act * np.einsum("...nm,mn->...m", flows, self.inv_bw)
-    combine = (back + (used * self.lat.T).max(axis=-2)).max(axis=-1)
+    dispatch, combine = self.hardware.exchange_times(flows, -np.expm1(-flows))
     return dispatch + combine
 
   def state(self, route: np.ndarray, layers: np.ndarray | None = None):
@@ -183,14 +158,12 @@ def refine(problem: PlacementProblem, hosts: np.ndarray, cost: LayerCost, slack:
     (``rounds``, ``pruned``, ``moved``, ``added``, ``rejected``, ``score_before``,
     ``score_after``).
   """
-  model, cluster = problem.model, problem.cluster
   traffic = problem.traffic
   hosts = np.array(hosts, dtype=bool)
   n, nl, e = hosts.shape
-  route = nearest_replica_route_fast(hosts, model, cluster, traffic, slack)
-  route_cost = link_time_per_token(model, cluster) + (
-      model.expert_flops_per_token / cluster.peak_flops)[None, :]
-  peak = cluster.peak_flops
+  hw = problem.hardware
+  route = route_table(hosts, hw, traffic, slack)
+  route_cost, peak = hw.route_cost(), hw.flops
   room = problem.capacity - hosts.sum(axis=(1, 2))
   score = cost.scores(route)
   before = float(score.sum())
@@ -249,7 +222,7 @@ def refine(problem: PlacementProblem, hosts: np.ndarray, cost: LayerCost, slack:
     g = g[np.argsort(lk[g], kind="stable")]
     trial = hosts[:, layers].copy()
     trial[:, np.arange(layers.size), ek[g]] = hk[g].T
-    t_route = nearest_replica_route_fast(trial, model, cluster, traffic[:, layers], slack)
+    t_route = route_table(trial, hw, traffic[:, layers], slack)
     t_score = cost.scores(t_route, layers)
     ok = t_score < score[layers] * (1.0 - _REL_TOL)
     acc, rej = g[ok], g[~ok]

@@ -1,142 +1,21 @@
-"""Fast route tables: ``problem.nearest_replica_route``, vectorised over layers.
-
-:func:`nearest_replica_route_fast` returns exactly what
-:func:`moe_edge.placement.problem.nearest_replica_route` returns (the tests compare them), but
-it runs in a fraction of the time on large instances (a million flows at 256 experts x 61 layers
-x 64 servers, where the reference's per-flow Python loop takes tens of seconds). The reference
-rule, per layer: flows ``(n, e)`` that are not local are taken heaviest first (stable in ``(n, e)``
-order); each goes to the replica with the least ``link_time[n, m] + t[m]`` (``t`` = expert
-compute time per token), replicas within ``slack`` (relative) of the cheapest being ties broken
-by the least ``load / peak_flops`` so far (lowest server id on equal scores), and adds its
-traffic to that replica's load.
-
-How it is made fast without changing a single decision:
-
-* flows whose near set (the replicas within ``slack``) has one member never look at the load:
-  their destination is computed for all of them at once;
-* only flows with two or more near replicas and positive traffic ("contested") depend on the
-  order; they are replayed in a loop whose step ``s`` handles the ``s``-th contested flow of
-  *every* layer at once (layers never share loads), adding the traffic of the single-choice flows
-  that precede it first, with ``np.add.at`` in the reference's order (so even the floating-point
-  sums are the same);
-* contested flows with zero traffic come last in every layer and all see the final loads.
-"""
+"""Re-export of the route tables' old path (moved to :mod:`moe_edge.core.routing`; this path
+keeps working until the final clean-up). ``nearest_replica_route_fast(hosts, model, cluster,
+...)`` prices on the datasheet numbers of ``Hardware.build(model, cluster)``; code that has a
+problem calls ``route_table(hosts, problem.hardware, ...)``."""
 from __future__ import annotations
 
 import numpy as np
 
 from moe_edge.config import ClusterConfig, ModelConfig
-from moe_edge.placement.problem import PlacementError, link_time_per_token
-from moe_edge.placement.sorting import stable_argsort_desc
-
-_CHUNK = 1024  # replicated (layer, expert) columns per near-mask block
+from moe_edge.core.hardware import Hardware
+from moe_edge.core.routing import route_table, route_table_reference
 
 
 def nearest_replica_route_fast(hosts: np.ndarray, model: ModelConfig, cluster: ClusterConfig,
                                traffic: np.ndarray | None = None,
                                slack: float = 0.1) -> np.ndarray:
-  """Same result as ``problem.nearest_replica_route`` (see the module docstring).
+  """:func:`moe_edge.core.routing.route_table` on the datasheet hardware."""
+  return route_table(hosts, Hardware.build(model, cluster), traffic, slack)
 
-  Args:
-    hosts: ``[N, L, E]`` bool.
-    traffic: ``[N, L, E]`` non-negative expected token-choices (defaults to uniform).
-  Returns:
-    ``route [N, L, E]`` int32.
-  """
-  hosts = np.asarray(hosts, dtype=bool)
-  n_srv, n_lay, n_exp = hosts.shape
-  traffic = (np.ones(hosts.shape) if traffic is None
-             else np.asarray(traffic, dtype=np.float64))
-  if traffic.shape != hosts.shape:
-    raise PlacementError(f"traffic shape {traffic.shape} differs from hosts {hosts.shape}.")
-  if np.any(~(traffic >= 0)):
-    raise PlacementError("traffic must be finite and non-negative.")
-  missing = np.argwhere(~hosts.any(axis=0))
-  if missing.size:
-    l, e = missing[0]
-    raise PlacementError(f"expert {e} of layer {l} is hosted nowhere.")
-  cost = link_time_per_token(model, cluster) + (
-      model.expert_flops_per_token / cluster.peak_flops)[None, :]
-  peak = cluster.peak_flops
-  route = np.where(hosts, np.arange(n_srv)[:, None, None], -1).astype(np.int32)
-  load = np.ascontiguousarray((traffic * hosts).sum(axis=2).T)  # [L, N], as the reference
 
-  # Flows of every layer in the reference's order (stable sort, then drop local ones).
-  t_l = traffic.transpose(1, 0, 2).reshape(n_lay, n_srv * n_exp)
-  order = stable_argsort_desc(t_l)
-  remote = np.take_along_axis(~hosts.transpose(1, 0, 2).reshape(n_lay, -1), order, axis=1)
-  f_lay, f_k = np.nonzero(remote)  # layer-major, processing order inside a layer
-  f_pos = order[f_lay, f_k]
-  f_srv, f_exp = f_pos // n_exp, f_pos % n_exp
-  f_t = traffic[f_srv, f_lay, f_exp]
-
-  # Near sets: single-replica experts have one; replicated columns get a mask per source.
-  n_rep = hosts.sum(axis=0)  # [L, E]
-  dest = np.argmax(hosts, axis=0)[f_lay, f_exp].astype(np.int64)  # right when one replica
-  multi = n_rep[f_lay, f_exp] > 1
-  cols = np.argwhere(n_rep > 1)  # [C, 2]
-  col_id = np.full((n_lay, n_exp), -1, dtype=np.int64)
-  col_id[cols[:, 0], cols[:, 1]] = np.arange(len(cols))
-  near = np.zeros((len(cols), n_srv, n_srv), dtype=bool)  # [C, source, replica]
-  by_count = np.argsort(n_rep[cols[:, 0], cols[:, 1]], kind="stable")  # blocks of similar R
-  for a in range(0, len(cols), _CHUNK):
-    ci = by_count[a:a + _CHUNK]
-    h = hosts[:, cols[ci, 0], cols[ci, 1]].T  # [c, N]
-    r = int(h.sum(axis=1).max())
-    reps = np.argsort(~h, axis=1, kind="stable")[:, :r]  # [c, R] replicas first, in id order
-    real = np.take_along_axis(h, reps, axis=1)
-    cm = np.where(real[:, None, :], cost[:, reps].transpose(1, 0, 2), np.inf)  # [c, N, R]
-    ok = cm <= cm.min(axis=2, keepdims=True) * (1.0 + slack)
-    c_idx = np.broadcast_to(ci[:, None, None], ok.shape)
-    s_idx = np.broadcast_to(np.arange(n_srv)[None, :, None], ok.shape)
-    near[c_idx[ok], s_idx[ok], np.broadcast_to(reps[:, None, :], ok.shape)[ok]] = True
-  f_col = col_id[f_lay, f_exp]
-  mi = np.flatnonzero(multi)
-  n_near = near.sum(axis=2)[f_col[mi], f_srv[mi]]  # [M]
-  one = n_near == 1
-  dest[mi[one]] = np.argmax(near, axis=2)[f_col[mi[one]], f_srv[mi[one]]]
-  contested = np.zeros(len(f_t), dtype=bool)
-  contested[mi[~one]] = True
-  busy = contested & (f_t > 0)
-
-  # Step of each flow: how many busy contested flows of its layer come before it.
-  lay_start = np.searchsorted(f_lay, np.arange(n_lay))
-  csum = np.cumsum(busy)
-  before = csum - busy - np.concatenate([[0], csum])[lay_start][f_lay]
-  steps = int(before[busy].max()) + 1 if busy.any() else 0
-
-  fixed = ~contested & (f_t > 0)
-  fx = np.flatnonzero(fixed)
-  key = before[fx]
-  if steps < np.iinfo(np.uint16).max:  # small keys: numpy's stable sort is a radix sort
-    key = key.astype(np.uint16)
-  fx = fx[np.argsort(key, kind="stable")]
-  fx_cell = f_lay[fx] * n_srv + dest[fx]
-  fx_bounds = np.searchsorted(before[fx], np.arange(steps + 2))
-  load_flat = load.reshape(-1)
-
-  bz = np.flatnonzero(busy)
-  s_near = np.zeros((steps, n_lay, n_srv), dtype=bool)
-  s_near[before[bz], f_lay[bz]] = near[f_col[bz], f_srv[bz]]
-  s_t = np.zeros((steps, n_lay))
-  s_t[before[bz], f_lay[bz]] = f_t[bz]
-  s_dest = np.zeros((steps, n_lay), dtype=np.int64)
-  rows = np.arange(n_lay)
-  for s in range(steps):
-    a, b = fx_bounds[s], fx_bounds[s + 1]
-    if b > a:
-      np.add.at(load_flat, fx_cell[a:b], f_t[fx[a:b]])
-    m = np.where(s_near[s], load / peak, np.inf).argmin(axis=1)
-    load[rows, m] += s_t[s]
-    s_dest[s] = m
-  if bz.size:
-    dest[bz] = s_dest[before[bz], f_lay[bz]]
-  a = fx_bounds[steps]
-  np.add.at(load_flat, fx_cell[a:], f_t[fx[a:]])
-
-  idle = np.flatnonzero(contested & (f_t == 0))
-  if idle.size:
-    score = np.where(near[f_col[idle], f_srv[idle]], (load / peak)[f_lay[idle]], np.inf)
-    dest[idle] = score.argmin(axis=1)
-  route[f_srv, f_lay, f_exp] = dest
-  return route
+__all__ = ["nearest_replica_route_fast", "route_table", "route_table_reference"]

@@ -20,12 +20,14 @@ from typing import Sequence
 
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
+
 DOMAINS = ("arxiv", "book", "c4", "github", "wikipedia")
 SPLITS = ("train", "heldout")
 CUT_WINDOW = 4096  # bytes searched on each side of the nominal cut for a line break
 
 
-class CorpusError(ValueError):
+class CorpusError(MoeEdgeError):
   """The corpus is missing or a request for it is malformed."""
 
 

@@ -34,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.workload.traces import ActivationTrace, TraceError
 
 KINDS = ("ema", "window")
 
 
-class StatsError(ValueError):
+class StatsError(MoeEdgeError):
   """Bad arguments to the online statistics (shapes, window, decay, kind)."""
 
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
+
 _LOG_T_STEP = 0.25
 
 
-class SamplingError(ValueError):
+class SamplingError(MoeEdgeError):
   """Target inclusion probabilities that no k-distinct sampler can realise."""
 
 

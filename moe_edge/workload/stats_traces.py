@@ -39,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from moe_edge.config import ConfigError, model_config
+from moe_edge.core.routing_stats import RoutingStats, StatsError
 from moe_edge.workload.corpus import DOMAINS, data_dir
 from moe_edge.workload.sampling import calibrate_inclusion, gumbel_top_k
 from moe_edge.workload.streams import DriftSchedule, default_homes, draw_domains, normalize_home
@@ -49,133 +49,13 @@ STATS_MODELS = ("olmoe_1b_7b", "mixtral_8x7b")
 _CHUNK_ELEMENTS = 1 << 22  # token chunk size of the sampler: about 16 MB of float32 keys
 
 
-class StatsError(ValueError):
-  """A routing-statistics file is missing or malformed, or a request for a trace is."""
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, eq=False)
-class RoutingStats:
-  """Measured routing counts of one model over the five domains.
-
-  Attributes:
-    name: model name (``configs/models/<name>.py``).
-    path: the file it was read from.
-    domains: ``D`` domain names (= :data:`DOMAINS`).
-    layers: ``R`` recorded layer indices, increasing.
-    num_layers, num_experts, top_k: the model's ``L``, ``E``, ``k``.
-    counts: ``[D, R, E]`` int64 token-choices per expert (all k ranks).
-    counts_top1: ``[D, R, E]`` int64 first choices only.
-    cross_pairs: ``P`` recorded layer pairs ``(a, b)``.
-    cross: ``[D, P, E, E]`` int64 rank-aligned co-activation (see the data README).
-    cross_top1: ``[D, P, E, E]`` int64 the same for first choices.
-  """
-  name: str
-  path: str
-  domains: tuple[str, ...]
-  layers: tuple[int, ...]
-  num_layers: int
-  num_experts: int
-  top_k: int
-  counts: np.ndarray
-  counts_top1: np.ndarray
-  cross_pairs: tuple[tuple[int, int], ...]
-  cross: np.ndarray
-  cross_top1: np.ndarray
-
-  def __post_init__(self):
-    self.validate()
-
-  @property
-  def tokens_per_domain(self) -> np.ndarray:
-    """``[D]`` int64 tokens measured per domain."""
-    return self.counts_top1[:, 0].sum(-1)
-
-  def distributions(self) -> np.ndarray:
-    """``[D, R, E]`` float64 share of token-choices per expert (rows sum to one)."""
-    c = self.counts.astype(np.float64)
-    return c / c.sum(-1, keepdims=True)
-
-  def inclusion(self) -> np.ndarray:
-    """``[D, R, E]`` float64 fraction of tokens that pick each expert (rows sum to ``top_k``)."""
-    return self.counts / self.tokens_per_domain[:, None, None].astype(np.float64)
-
-  def validate(self) -> None:
-    """Check shapes and the count identities; raise StatsError naming the problem."""
-    where = f"routing stats {self.path}"
-    d, r, e, k = len(self.domains), len(self.layers), self.num_experts, self.top_k
-    if tuple(self.domains) != DOMAINS:
-      raise StatsError(f"{where}: domains {list(self.domains)} differ from {list(DOMAINS)} "
-                       f"(order matters: domain ids index DOMAINS).")
-    if not 0 < k <= e:
-      raise StatsError(f"{where}: need 0 < top_k <= num_experts, got top_k={k}, E={e}.")
-    lay = np.asarray(self.layers)
-    if r == 0 or np.any(np.diff(lay) <= 0) or lay[0] < 0 or lay[-1] >= self.num_layers:
-      raise StatsError(f"{where}: recorded layers {list(self.layers)} must be increasing and "
-                       f"inside [0, {self.num_layers}).")
-    for key, shape in (("counts", (d, r, e)), ("counts_top1", (d, r, e)),
-                       ("cross", (d, len(self.cross_pairs), e, e)),
-                       ("cross_top1", (d, len(self.cross_pairs), e, e))):
-      a = getattr(self, key)
-      if a.shape != shape:
-        raise StatsError(f"{where}: {key} has shape {a.shape}, expected {shape}.")
-      if not np.issubdtype(a.dtype, np.integer) or (a.size and a.min() < 0):
-        raise StatsError(f"{where}: {key} must hold non-negative integer counts.")
-    tokens = self.counts_top1.sum(-1)  # [D, R]
-    if np.any(tokens != tokens[:, :1]) or np.any(tokens[:, 0] <= 0):
-      raise StatsError(f"{where}: counts_top1 must count the same positive number of tokens at "
-                       f"every layer of a domain, got {tokens.tolist()}.")
-    if np.any(self.counts.sum(-1) != k * tokens):
-      raise StatsError(f"{where}: counts rows must sum to top_k * tokens = {k} x "
-                       f"{tokens[:, 0].tolist()}, got {self.counts.sum(-1).tolist()}.")
-    if np.any(self.counts > tokens[..., None]) or np.any(self.counts_top1 > self.counts):
-      raise StatsError(f"{where}: an expert is counted more often than there are tokens (or "
-                       f"first choices exceed all choices); the file is corrupt.")
-    for p, (a, b) in enumerate(self.cross_pairs):
-      if a not in self.layers or b not in self.layers:
-        raise StatsError(f"{where}: cross pair {(a, b)} uses a layer that was not recorded "
-                         f"({list(self.layers)}).")
-      ia, ib = self.layers.index(a), self.layers.index(b)
-      for key, ref in (("cross", self.counts), ("cross_top1", self.counts_top1)):
-        x = getattr(self, key)[:, p]
-        if (not np.array_equal(x.sum(-1), ref[:, ia]) or
-            not np.array_equal(x.sum(-2), ref[:, ib])):
-          raise StatsError(f"{where}: the marginals of {key} for layer pair {(a, b)} do not "
-                           f"equal the per-layer counts; the file is corrupt.")
-    try:
-      cfg = model_config(self.name)
-    except ConfigError:
-      return  # no preset of this name: nothing to compare with
-    want = (cfg.n_moe_layers, cfg.n_experts, cfg.top_k)
-    if want != (self.num_layers, e, k):
-      raise StatsError(f"{where}: shape (L, E, k) = {(self.num_layers, e, k)} differs from "
-                       f"configs/models/{self.name}.py {want}.")
-
-
 def stats_path(name: str) -> Path:
   return data_dir() / "routing_stats" / f"{name}_domain_counts.npz"
 
 
 @functools.lru_cache(maxsize=None)
 def _load(name: str, path: str) -> RoutingStats:
-  need = ("domains", "layers", "num_layers", "num_experts", "top_k", "counts", "counts_top1",
-          "cross_pairs", "cross", "cross_top1")
-  with np.load(path, allow_pickle=False) as z:
-    missing = [k for k in need if k not in z.files]
-    if missing:
-      raise StatsError(f"routing stats {path} lacks arrays {missing}; expected the keys of "
-                       f"third_party/olmoe_routing_and_corpus/README.md.")
-    a = {k: np.asarray(z[k]) for k in need}
-  pairs = a["cross_pairs"].reshape(-1, 2) if a["cross_pairs"].size else np.zeros((0, 2), int)
-  return RoutingStats(
-      name=name, path=path, domains=tuple(str(x) for x in a["domains"]),
-      layers=tuple(int(x) for x in a["layers"]), num_layers=int(a["num_layers"]),
-      num_experts=int(a["num_experts"]), top_k=int(a["top_k"]),
-      counts=a["counts"].astype(np.int64), counts_top1=a["counts_top1"].astype(np.int64),
-      cross_pairs=tuple((int(x), int(y)) for x, y in pairs), cross=a["cross"].astype(np.int64),
-      cross_top1=a["cross_top1"].astype(np.int64))
+  return RoutingStats.load(path, name)
 
 
 def load_routing_stats(name: str, path: str | Path | None = None) -> RoutingStats:

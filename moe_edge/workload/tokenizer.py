@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(MoeEdgeError):
   """Token ids that the byte tokenizer cannot decode."""
 
 

@@ -7,7 +7,8 @@ import pytest
 from moe_edge.config import ClusterConfig, ModelConfig, ServerSpec, cluster_config, model_config
 from moe_edge.cost import (Calibration, CalibrationError, CostError, bytes_matrix, decode_batches,
                            evaluate, expected_cost, prefill_batches)
-from moe_edge.cost import model as cost_model
+from moe_edge.core.hardware import Hardware
+from moe_edge.cost import counting
 from moe_edge.placement.problem import Placement, PlacementProblem
 from moe_edge.workload.traces import ActivationTrace, TraceError
 
@@ -227,7 +228,7 @@ def test_matches_reference(tiny, n_tokens, n_steps, peak_scale):
 
 
 def test_matches_reference_many_chunks(tiny, monkeypatch):
-  monkeypatch.setattr(cost_model, "_CHUNK_CHOICES", 40)  # about 10 tokens per chunk
+  monkeypatch.setattr(counting, "_CHUNK_CHOICES", 40)  # about 10 tokens per chunk
   rng = np.random.default_rng(5)
   cluster = random_cluster(rng, 4)
   placement = random_placement(rng, tiny, cluster)
@@ -252,9 +253,9 @@ def test_matches_reference_small_steps(n_experts, tokens_per_step, peak_scale, p
   trace = random_trace(rng, model, 4, n_steps * tokens_per_step, 1)
   trace = dataclasses.replace(trace, step=rng.permutation(
       np.repeat(np.arange(n_steps), tokens_per_step)).astype(np.int32))
-  hw = cost_model._hardware(model, cluster, None)
-  chosen = cost_model._counting_path(n_steps, trace.num_tokens * 2 * 2, tokens_per_step,
-                                     cost_model._RouteMaps.build(placement.route), hw)
+  hw = Hardware.build(model, cluster)
+  chosen = counting.counting_path(n_steps, trace.num_tokens * 2 * 2, tokens_per_step,
+                                     counting.RouteMaps.build(placement.route), hw)
   assert chosen.__name__ == path  # the premise of this case
   rep = evaluate(trace, model, cluster, placement)
   assert_matches_reference(rep, reference(trace, model, cluster, placement))
@@ -279,9 +280,9 @@ def test_matches_reference_one_token_per_server_per_step(n_experts, every_server
   ids = np.argsort(rng.random((step.size, 2, n_experts)), axis=-1)[..., :2]
   perm = rng.permutation(step.size)
   trace = make_trace(ids[perm], server[perm], step[perm] * 2 + 1, n_experts, 4)
-  hw = cost_model._hardware(model, cluster, None)
-  chosen = cost_model._counting_path(n_steps, trace.num_tokens * 2 * 2, 4,
-                                     cost_model._RouteMaps.build(placement.route), hw)
+  hw = Hardware.build(model, cluster)
+  chosen = counting.counting_path(n_steps, trace.num_tokens * 2 * 2, 4,
+                                     counting.RouteMaps.build(placement.route), hw)
   assert chosen.__name__ == "_chunk_small"  # the premise of this case
   rep = evaluate(trace, model, cluster, placement, activation_bytes=12)
   assert_matches_reference(rep, reference(trace, model, cluster, placement, act=12))

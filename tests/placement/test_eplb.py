@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from _placement_cases import make_problem
-from moe_edge.placement.eplb import (balanced_packing, eplb, layer_slots, rebalance_experts,
+from moe_edge.placement.eplb import (EplbOptions, balanced_packing, eplb, layer_slots, rebalance_experts,
                                      rebalance_experts_uneven, replicate_experts)
 from moe_edge.placement.problem import PlacementError, PlacementProblem
 
@@ -133,4 +133,4 @@ def test_eplb_placement_uneven_slots():
   assert placement.info["num_replicas"] == 12  # all the memory, spread over the layers
   assert placement.hosts.sum() == 12 - placement.info["collapsed"]
   with pytest.raises(PlacementError, match="max_slots_per_layer"):
-    eplb(problem, max_slots_per_layer=1)
+    eplb(problem, EplbOptions(max_slots_per_layer=1))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from _placement_cases import balanced_lam, make_problem
-from moe_edge.placement import METHODS, place
+from moe_edge.placement import place, registry
 from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import PlacementError, PlacementProblem, link_time_per_token
 
@@ -61,7 +61,7 @@ def test_never_worse_than_any_heuristic(case, lam_kind):
   assert info["status"] == "optimal"
   assert info["bound"] <= info["objective"] * (1 + 1e-6)
   assert 0.0 <= info["gap"] <= 1e-6
-  for method in METHODS:
+  for method in registry.names():
     if method == "ilp":
       continue
     opts = dict(lam=lam) if method == "dancemoe" else {}

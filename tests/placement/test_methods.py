@@ -4,12 +4,12 @@ import pytest
 
 from _placement_cases import CASES, make_problem, small_cluster
 from moe_edge.config import ModelConfig
-from moe_edge.placement import METHODS, place
+from moe_edge.placement import place, registry
 from moe_edge.placement.dancemoe import layer_budgets
 from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import PlacementError, PlacementProblem, link_time_per_token
 
-HEURISTICS = [m for m in METHODS if m != "ilp"]
+HEURISTICS = [m for m in registry.names() if registry.role(m) != "oracle"]
 
 
 @pytest.fixture(params=range(len(CASES)), ids=lambda i: f"case{i}")
