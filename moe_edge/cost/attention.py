@@ -24,10 +24,11 @@ ones). Token ``i`` of the chunk sits at position ``context - new + i`` and atten
   attention bytes    = kv_bytes_per_token * context
       (the cached ``context - new`` tokens are read once, the ``new`` ones written once)
 
-A server's attention time at a step is the roofline of its requests' summed work,
-``max(sum bytes / (mbw eta_b), sum FLOPs / (peak eta_f))``; :func:`attention_time` adds it to
-nothing else, :func:`dense_roofline` folds it into the dense weights' roofline (the weights and
-the caches stream through the same memory, the matmuls and the scores share the same units)::
+A server's attention time alone is the roofline of its requests' summed work,
+``max(sum bytes / (mbw eta_b), sum FLOPs / (peak eta_f))`` (:func:`attention_time`); the cost
+model folds the work of a step (:func:`step_attention_work`) into the dense weights' roofline
+(the weights and the caches stream through the same memory, the matmuls and the scores share
+the same units; ``Hardware.dense_time``)::
 
   dense[n] = max((W_d + A_bytes[n]) / (mbw eta_b), (B[n] F_d + A_flops[n]) / (peak eta_f))
 
@@ -43,12 +44,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_edge.config import ClusterConfig, ConfigError, ModelConfig
+from moe_edge.config import ClusterConfig, ModelConfig
+from moe_edge.core.errors import CostError
 
 KV_BYTES_PER_ELEMENT = 2  # the cache is kept in bf16 whatever the weight format
 
 
-class AttentionCostError(ConfigError):
+class AttentionCostError(CostError):
   """Attention-cost inputs that cannot describe a real step (negative or inconsistent lengths)."""
 
 
@@ -108,25 +110,6 @@ def attention_time(model: ModelConfig, context, new, mem_bandwidth: float,
   sum FLOPs / peak_flops)`` over its requests ``context [R]``, ``new [R]`` (effective rates)."""
   return float(max(np.sum(attention_bytes(model, context, new)) / mem_bandwidth,
                    np.sum(attention_flops(model, context, new)) / peak_flops))
-
-
-def dense_roofline(dense_read: np.ndarray, dense_flop: np.ndarray, tokens: np.ndarray,
-                   attn_bytes: np.ndarray, attn_flops: np.ndarray, mem_bandwidth: np.ndarray,
-                   peak_flops: np.ndarray) -> np.ndarray:
-  """``[S]`` dense seconds per step with attention, the slowest server with tokens.
-
-  Args:
-    dense_read: ``[N]`` seconds to stream the dense weights, ``W_d / (mbw eta_b)``.
-    dense_flop: ``[N]`` seconds of the dense matmuls per token, ``F_d / (peak eta_f)``.
-    tokens: ``[S, N]`` tokens of each server at each step ``B[s, n]``.
-    attn_bytes, attn_flops: ``[S, N]`` summed attention bytes / FLOPs of each server's requests.
-    mem_bandwidth, peak_flops: ``[N]`` effective bytes/s and FLOP/s (efficiencies applied).
-  Returns:
-    ``max_{n : B[s, n] > 0} max(dense_read + A_bytes / mbw, B dense_flop + A_flops / peak)``.
-  """
-  t = np.maximum(dense_read[None, :] + attn_bytes / mem_bandwidth[None, :],
-                 tokens * dense_flop[None, :] + attn_flops / peak_flops[None, :])
-  return np.max(np.where(tokens > 0, t, 0.0), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------

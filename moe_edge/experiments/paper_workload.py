@@ -25,6 +25,7 @@ from moe_edge.config import ClusterConfig, ConfigError, ModelConfig, cluster_con
 from moe_edge.cost.attention import kv_reservation_bytes
 from moe_edge.experiments.paper_config import PaperConfig, WorkloadSpec
 from moe_edge.placement.problem import PlacementError, PlacementProblem
+from moe_edge.workload.corpus import DOMAINS
 from moe_edge.workload.requests import Requests, make_requests
 from moe_edge.workload.standin import routing_stats_for
 from moe_edge.workload.stats_traces import RoutingStats, layer_distributions
@@ -60,6 +61,18 @@ def domain_mix(spec: WorkloadSpec, num_servers: int) -> np.ndarray:
   return domain_probabilities(homes_for(spec, num_servers), spec.alpha)
 
 
+def stats_rows(stats: RoutingStats, spec: WorkloadSpec) -> np.ndarray:
+  """``[D]`` row of each corpus domain in ``stats`` (ConfigError when the workload draws
+  requests from a domain the statistics do not have)."""
+  q = domain_mix(spec, len(spec.homes)).sum(0)
+  missing = [d for i, d in enumerate(DOMAINS) if q[i] > 0 and d not in stats.domains]
+  if missing:
+    raise ConfigError(f"workload {spec.name!r} draws requests from {missing}, which the routing "
+                      f"statistics of {stats.name} ({', '.join(stats.domains)}) do not have; "
+                      f"use those domains or statistics that have them.")
+  return np.array([stats.domains.index(d) if d in stats.domains else 0 for d in DOMAINS])
+
+
 def workload_requests(cfg: PaperConfig, spec: WorkloadSpec, num_servers: int, duration_s: float,
                       seed: int) -> Requests:
   """Arrivals over ``duration_s`` seconds of workload ``spec`` (module docstring)."""
@@ -93,8 +106,8 @@ def expected_problem(model: ModelConfig, cluster: ClusterConfig, stats: RoutingS
                      cfg: PaperConfig, spec: WorkloadSpec) -> PlacementProblem:
   """The placement problem of workload ``spec`` (module docstring)."""
   n = cluster.num_servers
-  q = domain_mix(spec, n)                                              # [N, D]
-  p = layer_distributions(stats)                                       # [D, L, E]
+  q = domain_mix(spec, n)                                              # [N, D] corpus domains
+  p = layer_distributions(stats)[stats_rows(stats, spec)]              # [D, L, E] same order
   freq = stats.top_k * np.einsum("nd,dle->nle", q, p)
   mean_tokens = 0.5 * (cfg.prompt_tokens[0] + cfg.prompt_tokens[1]) + cfg.output_tokens
   tokens = np.full(n, mean_tokens / spec.interarrival_s)

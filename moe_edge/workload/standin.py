@@ -16,10 +16,8 @@ Reshaping (:func:`standin_stats`), no value invented beyond what the reshape nee
   (OLMoE's 0, 7, 15 of 16 become 0, 12, 25 of 26), and the unrecorded layers are filled as for
   any model (:func:`moe_edge.workload.stats_traces.layer_plan`: nearest recorded layer, experts
   relabelled per layer);
-* first choices (``counts_top1``, used only to validate a file): ``tokens * p`` by the same
-  rounding, i.e. first choices distributed like all choices;
-* cross-layer co-activation: dropped (it is recorded for top-8 rank pairs and has no top-6
-  counterpart); the sampler does not use it anyway.
+* first choices (``counts_top1``) and cross-layer co-activation (``cross``): dropped, they are
+  recorded for OLMoE's top-8 ranks and have no top-6 counterpart (the sampler uses neither).
 """
 from __future__ import annotations
 
@@ -69,16 +67,12 @@ def _standin(name: str, num_layers: int, num_experts: int, top_k: int,
     raise StatsError(f"{source}'s hottest expert takes {share.max():.3f} of the choices; at "
                      f"top-{top_k} it would be chosen by more than every token.")
   counts = _round_rows(top_k * tok[..., None] * share, top_k * tok)
-  top1 = _round_rows(tok[..., None] * share, tok)
   scale = (num_layers - 1) / max(src.num_layers - 1, 1)
   layers = tuple(int(round(l * scale)) for l in src.layers)
-  e = num_experts
   return RoutingStats(
       name=name, path=f"{src.path} (stand-in: {source} reshaped to {num_layers} layers, "
       f"top-{top_k})", domains=src.domains, layers=layers, num_layers=num_layers,
-      num_experts=e, top_k=top_k, counts=counts, counts_top1=top1, cross_pairs=(),
-      cross=np.zeros((len(src.domains), 0, e, e), np.int64),
-      cross_top1=np.zeros((len(src.domains), 0, e, e), np.int64))
+      num_experts=num_experts, top_k=top_k, counts=counts)
 
 
 def routing_stats_for(model: str) -> tuple[RoutingStats, str]:

@@ -6,7 +6,10 @@ import pytest
 
 from moe_edge.config import cluster_config, model_config
 from moe_edge.cost import attention
-from moe_edge.cost import model as cost_model
+from moe_edge.cost.model import CostModel
+from moe_edge.core.problem import PlacementProblem
+from moe_edge.core.trace import ActivationTrace
+from moe_edge.placement import baselines
 
 MODELS = ("mixtral_8x7b", "deepseek_v2_lite", "olmoe_1b_7b", "tiny")
 
@@ -77,18 +80,61 @@ def test_attention_time_is_the_roofline_of_summed_work():
       attention.attention_flops(model, 4000, 4000) / 3e14)
 
 
-def test_dense_roofline_without_attention_is_the_cost_models_dense_time():
+def _trace(rows, num_experts, num_servers, top_k, layers, seed=0):
+  """A trace of tokens ``(step, server, request, position)`` with random expert choices."""
+  rng = np.random.default_rng(seed)
+  step, server, request, position = (np.array(c, np.int32) for c in zip(*rows))
+  t = len(rows)
+  ids = np.stack([np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)])
+                  for _ in range(t)]).astype(np.int32)
+  return ActivationTrace(expert_ids=ids, gate_weights=np.ones(ids.shape, np.float32),
+                         server=server, request=request, position=position, step=step,
+                         model="test", num_experts=num_experts, num_servers=num_servers)
+
+
+def test_cost_model_adds_attention_to_the_dense_roofline():
+  model = model_config("olmoe_1b_7b")
+  cluster = cluster_config("edge_hetero_4")
+  cost = CostModel.build(model, cluster)
+  placement = baselines.uniform_ep(PlacementProblem.build(
+      model, cluster, np.full((4, model.n_moe_layers, model.n_experts), 8 / 64)))
+  # step 0: server 0 prefills request 0 (positions 0..299), server 2 decodes request 1 at 900
+  # step 1: server 0 decodes request 0 at 300, server 3 prefills request 2 positions 64..127
+  rows = [(0, 0, 0, p) for p in range(300)] + [(0, 2, 1, 900), (1, 0, 0, 300)] + \
+      [(1, 3, 2, p) for p in range(64, 128)]
+  trace = _trace(rows, model.n_experts, 4, model.top_k, model.n_moe_layers)
+  plain = cost.evaluate(trace, placement)
+  with_attn = cost.evaluate(trace, placement, attention=True)
+  np.testing.assert_array_equal(plain.dispatch_time, with_attn.dispatch_time)
+  mbw, peak = cluster.mem_bandwidth, cluster.peak_flops
+  w_d, f_d = model.dense_bytes, model.dense_flops_per_token
+  kv, fk = attention.kv_bytes_per_token(model), attention.flops_per_key(model)
+  layers = model.n_layers
+
+  def server_time(n, tokens, ctx_new):
+    b = sum(kv * c for c, _ in ctx_new)
+    f = sum(layers * fk * sum(p + 1 for p in range(c - k, c)) for c, k in ctx_new)
+    return max((w_d + b) / mbw[n], (tokens * f_d + f) / peak[n])
+
+  want = [max(server_time(0, 300, [(300, 300)]), server_time(2, 1, [(901, 1)])),
+          max(server_time(0, 1, [(301, 1)]), server_time(3, 64, [(128, 64)]))]
+  np.testing.assert_allclose(with_attn.dense_time, want, rtol=1e-12)
+  assert np.all(with_attn.dense_time > plain.dense_time)
+  np.testing.assert_allclose(with_attn.step_latency - plain.step_latency,
+                             with_attn.dense_time - plain.dense_time, rtol=1e-12)
+
+
+def test_cost_model_kv_tokens_shrink_with_every_expert_held():
   model, cluster = model_config("olmoe_1b_7b"), cluster_config("edge_hetero_4")
-  hw = cost_model._hardware(model, cluster, None)
-  tokens = np.array([[3, 0, 5, 1], [0, 0, 0, 2], [9, 9, 9, 9]], float)
-  zero = np.zeros_like(tokens)
-  got = attention.dense_roofline(hw.dense_read, hw.dense_flop, tokens, zero, zero,
-                                 cluster.mem_bandwidth, cluster.peak_flops)
-  np.testing.assert_allclose(got, cost_model._dense_times(tokens, hw), rtol=1e-12)
-  # attention only adds time, and only where the server has tokens
-  more = attention.dense_roofline(hw.dense_read, hw.dense_flop, tokens, tokens * 1e9,
-                                  tokens * 1e12, cluster.mem_bandwidth, cluster.peak_flops)
-  assert np.all(more > got)
+  cost = CostModel.build(model, cluster)
+  problem = PlacementProblem.build(model, cluster,
+                                   np.full((4, model.n_moe_layers, model.n_experts), 8 / 64))
+  placement = baselines.uniform_ep(problem)
+  got = cost.kv_tokens(placement)
+  held = placement.experts_per_server
+  for n, s in enumerate(cluster.servers):
+    left = s.memory_bytes - model.dense_bytes - held[n] * model.expert_bytes
+    assert got[n] == int(left // attention.kv_bytes_per_token(model))
 
 
 def test_kv_budget_is_memory_left_after_dense_and_experts():
