@@ -11,7 +11,7 @@ def get_config() -> ExperimentConfig:
   return ExperimentConfig(
       name="demo", description=__doc__.splitlines()[0], seed=0,
       models=("olmoe_1b_7b", "mixtral_8x7b"), clusters=("edge_hetero_4",),
-      methods=("dancemoe", "dancemoe_refined", "uniform_ep", "random", "greedy_local", "eplb", "topology_aware"),
+      methods=("ours", "paper", "baseline"),
       link_gbps=1.0, copies=1.5, bytes_per_param=(("mixtral_8x7b", 0.5),), alpha=0.8,
       tokens_per_server=1024, request_len=128, trace_cache="", decode_batch=8,
       prefill_requests=1, calibration="h100_kernels", crosscheck=False)

@@ -106,7 +106,7 @@ from moe_edge.core.hardware import Hardware
 from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.core.trace import ActivationTrace
 from moe_edge.cost.attention import kv_bytes_per_token, kv_budget_bytes, step_attention_work
-from moe_edge.cost.batches import decode_batches, prefill_batches
+from moe_edge.cost.batches import decode_batches, prefill_batches  # noqa: F401  (re-export)
 from moe_edge.cost.calibrate import Calibration
 from moe_edge.cost.counting import RouteMaps, chunks, counting_path
 PHASES = ("decode", "prefill")

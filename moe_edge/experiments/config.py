@@ -16,10 +16,10 @@ import math
 from typing import Any
 
 from moe_edge.config import ConfigError, available, load_preset
+from moe_edge.placement import registry
 
-#: Placement methods of the tables (``moe_edge.placement.METHODS``, in table order).
-ALL_METHODS = ("dancemoe", "dancemoe_refined", "uniform_ep", "random", "greedy_local", "eplb",
-               "topology_aware", "ilp")
+#: Method selectors besides method names: ``all`` (every registered method) and the roles.
+METHOD_SELECTORS = ("all",) + registry.ROLES
 #: How the compute terms of the cost model are calibrated (see ``calibration.py``).
 CALIBRATIONS = ("datasheet", "h100_kernels")
 #: The ablation sweeps ``experiments/ablations.py`` knows (see ``sweeps.py``).
@@ -38,7 +38,10 @@ class ExperimentConfig:
       their real routing statistics, ``small_moe`` by its own recorded traces, any other model
       by small-model traces mapped to its shape (``trace_mapping.py``).
     clusters: cluster presets (``configs/clusters``), at ``link_gbps``.
-    methods: placement methods; ``ilp`` runs where the instance is within its size limit.
+    methods: placement methods: registered names, ``all`` (every registered method, the
+      default) or roles (``ours``, ``paper``, ``baseline``, ``oracle``), expanded in
+      registration order (``moe_edge/placement/registry.py``); an oracle (``ilp``) runs where
+      the instance is within its size limit.
     copies: expert memory of the cluster as full copies of the model's experts
       (:func:`moe_edge.config.with_expert_memory`).
     bytes_per_param: ``(model, bytes)`` pairs overriding a model's served weight format
@@ -97,7 +100,7 @@ class ExperimentConfig:
   models: tuple[str, ...] = ("olmoe_1b_7b", "mixtral_8x7b", "small_moe", "deepseek_v2_lite",
                              "qwen1_5_moe_a2_7b")
   clusters: tuple[str, ...] = ("edge_hetero_4", "edge_hetero_8")
-  methods: tuple[str, ...] = ALL_METHODS
+  methods: tuple[str, ...] = ("all",)
   link_gbps: float = 1.0
   copies: float = 1.5
   bytes_per_param: tuple[tuple[str, float], ...] = (("mixtral_8x7b", 0.5),)
@@ -129,7 +132,7 @@ class ExperimentConfig:
   sweeps: tuple[str, ...] = ()
   sweep_models: tuple[str, ...] = ("olmoe_1b_7b", "mixtral_8x7b")
   sweep_cluster: str = "edge_hetero_4"
-  sweep_methods: tuple[str, ...] = ALL_METHODS[:-1]
+  sweep_methods: tuple[str, ...] = ("ours", "paper", "baseline")
   sweep_tokens_per_server: int = 4096
   link_gbps_values: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
   server_counts: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16)
@@ -151,12 +154,14 @@ class ExperimentConfig:
                                           for v in value))
     self._check_names("models", self.models + self.sweep_models, available("models"))
     self._check_names("clusters", self.clusters + (self.sweep_cluster,), available("clusters"))
-    self._check_names("methods", self.methods + self.crosscheck_methods + self.sweep_methods,
-                      ALL_METHODS)
+    for key in ("methods", "crosscheck_methods", "sweep_methods"):
+      object.__setattr__(self, key, self._expand_methods(key))
     self._check_names("sweeps", self.sweeps, SWEEPS)
-    if "ilp" in self.crosscheck_methods + self.sweep_methods:
-      raise ConfigError(f"experiment {self.name!r}: ilp only runs in the tables (methods), not "
-                        f"in the cross-check or the sweeps.")
+    oracles = [m for m in self.crosscheck_methods + self.sweep_methods
+               if registry.role(m) == "oracle"]
+    if oracles:
+      raise ConfigError(f"experiment {self.name!r}: oracle methods ({', '.join(oracles)}) only "
+                        f"run in the tables (methods), not in the cross-check or the sweeps.")
     if not self.models or not self.clusters or not self.methods:
       raise ConfigError(f"experiment {self.name!r}: models, clusters and methods must not be "
                         f"empty.")
@@ -203,6 +208,25 @@ class ExperimentConfig:
       raise ConfigError(f"experiment {self.name!r}: link_gbps_values must be positive.")
     if any(int(n) != n or n < 2 for n in self.server_counts):
       raise ConfigError(f"experiment {self.name!r}: server_counts must be integers >= 2.")
+
+  def _expand_methods(self, key: str) -> tuple[str, ...]:
+    """``key``'s entries as registered method names, in order, without repeats: a name stays,
+    ``all`` is every registered method, a role every method of that role."""
+    known = registry.names()
+    out: list[str] = []
+    for entry in getattr(self, key):
+      if entry == "all":
+        picked = known
+      elif entry in registry.ROLES:
+        picked = registry.names(entry)
+      elif entry in known:
+        picked = [entry]
+      else:
+        raise ConfigError(f"experiment {self.name!r}: unknown {key} entry {entry!r}; use a "
+                          f"registered method ({', '.join(known)}), 'all' or a role "
+                          f"({', '.join(registry.ROLES)}).")
+      out += [m for m in picked if m not in out]
+    return tuple(out)
 
   def _check_names(self, what: str, names: tuple[str, ...], known) -> None:
     unknown = sorted({n for n in names if n not in known})

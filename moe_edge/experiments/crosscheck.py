@@ -37,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ModelConfig, with_expert_memory
 from moe_edge.cost import Calibration, evaluate, prefill_batches
 from moe_edge.workload.traces import ActivationTrace

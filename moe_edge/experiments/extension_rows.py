@@ -2,7 +2,7 @@
 
 Both start from the DanceMoE placement of a table setting and the evaluation trace's recorded
 routing ``[T, L, k]``, transform that routing layer by layer with the placement's hosts, and cost
-the result with the tables' cost model (:func:`moe_edge.experiments.tables.cost_placement`):
+the result with the tables' cost model (:func:`moe_edge.experiments.costing.cost_placement`):
 
 * ``dancemoe+subst(tau)`` -- :func:`moe_edge.extensions.substitution.substitute`: a remote
   choice with gate ``< tau`` is replaced by the most similar local expert (routed output
@@ -34,10 +34,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_edge.config import ClusterConfig, ModelConfig, model_config
+from moe_edge.config import ClusterConfig, ModelConfig, cluster_config, model_config
+from moe_edge.config import with_expert_memory
+from moe_edge.core.hardware import Hardware
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.core.trace import ActivationTrace
+from moe_edge.experiments import calibration as calib
 from moe_edge.experiments.config import ExperimentConfig
-from moe_edge.placement.problem import Placement
-from moe_edge.workload.traces import ActivationTrace
+from moe_edge.experiments.costing import cost_placement, phase_traces, report_metrics
+from moe_edge.experiments.workloads import SMALL_MODEL, _small_model, small_trace
+from moe_edge.extensions import budgeted, harness, substitution
+from moe_edge.extensions.budgeted import budgeted_selection, choice_cost_matrix
+from moe_edge.extensions.harness import Workload
+from moe_edge.extensions.similarity import calibration_similarity
+from moe_edge.extensions.substitution import drop_remote, substitute
+from moe_edge.extensions.transform import TransformedMoE
+from moe_edge.placement import registry
+from moe_edge.placement.registry import PlacementContext
+from moe_edge.workload.corpus import DOMAINS
+from moe_edge.workload.streams import make_streams
 
 NO_WEIGHTS = "n/a (no weights)"
 
@@ -73,19 +88,16 @@ def _per_layer(trace: ActivationTrace, fn) -> ActivationTrace:
 
 @jax.jit
 def _substitute(ids, gates, server, hosts, sim, threshold):
-  from moe_edge.extensions.substitution import substitute  # noqa: PLC0415
   return substitute(ids, gates, server, hosts, sim, threshold)[:2]
 
 
 @jax.jit
 def _drop(ids, gates, server, hosts, threshold):
-  from moe_edge.extensions.substitution import drop_remote  # noqa: PLC0415
   return drop_remote(ids, gates, server, hosts, threshold, renormalize=False)[:2]
 
 
 @jax.jit
 def _budgeted(ids, gates, server, hosts, cost_matrix, budget):
-  from moe_edge.extensions.budgeted import budgeted_selection  # noqa: PLC0415
   sel = budgeted_selection(ids, gates, server, hosts, cost_matrix, budget, force_top1=True)
   return sel.expert_ids, sel.gates
 
@@ -106,12 +118,13 @@ def dropped_trace(trace: ActivationTrace, hosts: np.ndarray, threshold: float) -
                                                        jnp.float32(threshold)))
 
 
-def latency_budget(model: ModelConfig, cluster: ClusterConfig, remote_choices: float
-                   ) -> tuple[np.ndarray, float]:
+def latency_budget(model: ModelConfig, cluster: ClusterConfig, remote_choices: float,
+                   calibration=None) -> tuple[np.ndarray, float]:
   """``(cost [N, N] seconds per token-choice, budget seconds per token and layer)``: the budget
-  is ``remote_choices`` times the mean off-diagonal cost (one remote choice)."""
-  from moe_edge.extensions.budgeted import choice_cost_matrix  # noqa: PLC0415
-  cm = choice_cost_matrix(model, cluster, "latency")
+  is ``remote_choices`` times the mean off-diagonal cost (one remote choice), priced on
+  ``Hardware.build(model, cluster, calibration)``."""
+  cm = choice_cost_matrix(model, cluster, "latency",
+                          hardware=Hardware.build(model, cluster, calibration))
   off = ~np.eye(cm.shape[0], dtype=bool)
   return cm, float(remote_choices * cm[off].mean())
 
@@ -129,16 +142,12 @@ def budgeted_trace(trace: ActivationTrace, hosts: np.ndarray, cost_matrix: np.nd
 # The small model: similarity on calibration text, loss on the evaluation trace's tokens
 # --------------------------------------------------------------------------------------------
 def _model(cfg: ExperimentConfig):
-  from moe_edge.experiments.workloads import _small_model  # noqa: PLC0415
   return _small_model(cfg.checkpoint)[0]
 
 
 @lru_cache(maxsize=4)
 def _similarity(checkpoint: str, num_servers: int, requests: int, seq_len: int, alpha: float,
                 seed: int) -> np.ndarray:
-  from moe_edge.experiments.workloads import _small_model  # noqa: PLC0415
-  from moe_edge.extensions.similarity import calibration_similarity  # noqa: PLC0415
-  from moe_edge.workload.streams import make_streams  # noqa: PLC0415
   reqs = make_streams(num_servers, requests, seq_len, alpha, seed, split="train")
   tokens = np.stack([r.tokens for r in reqs]).astype(np.int32)
   return calibration_similarity(_small_model(checkpoint)[0], tokens)
@@ -148,7 +157,6 @@ def calibration_sim(cfg: ExperimentConfig) -> np.ndarray:
   """``[L, E, E]`` routed output similarity of ``small_moe`` on ``cfg.extension_calib_requests``
   requests per stream of *train* text, one stream per corpus domain (seed ``cfg.seed + 1``; a
   property of the model, shared by every cluster)."""
-  from moe_edge.workload.corpus import DOMAINS  # noqa: PLC0415
   return _similarity(cfg.checkpoint, len(DOMAINS), cfg.extension_calib_requests,
                      cfg.small_seq_len, cfg.alpha, cfg.seed + 1)
 
@@ -157,8 +165,6 @@ def heldout_workload(cfg: ExperimentConfig, trace: ActivationTrace):
   """The evaluation trace's requests, regenerated with the workload's settings, as a
   :class:`moe_edge.extensions.harness.Workload` (inputs ``S - 1`` tokens, next-token targets).
   Checks that the regenerated requests are the trace's (servers, ids, lengths)."""
-  from moe_edge.extensions.harness import Workload  # noqa: PLC0415
-  from moe_edge.workload.streams import make_streams  # noqa: PLC0415
   reqs = make_streams(trace.num_servers, cfg.small_requests_per_server, cfg.small_seq_len,
                       cfg.alpha, cfg.seed, split="heldout")
   reqs = sorted(reqs, key=lambda r: (r.step, r.server, r.request_id))
@@ -177,8 +183,6 @@ def heldout_workload(cfg: ExperimentConfig, trace: ActivationTrace):
 
 @lru_cache(maxsize=1)
 def _runners(batch_rows: int = 16):
-  from moe_edge.extensions import budgeted, harness, substitution  # noqa: PLC0415
-  from moe_edge.extensions.transform import TransformedMoE  # noqa: PLC0415
   subst = harness.Runner(lambda server, t, knob: substitution.substitution_moe_fn(
       t["hosts"], t["sim"], server, knob, record=True), batch_rows)
   drop = harness.Runner(lambda server, t, knob: TransformedMoE(
@@ -202,10 +206,12 @@ def mean_nll(cfg: ExperimentConfig, work, family: str, tables: dict, knob: float
 # --------------------------------------------------------------------------------------------
 def extension_rows(cfg: ExperimentConfig, model_name: str, model: ModelConfig,
                    cluster: ClusterConfig, trace: ActivationTrace, placement: Placement,
-                   base_row: dict, cost, with_weights: bool) -> list[dict]:
+                   base_row: dict, cost, with_weights: bool,
+                   calibration=None) -> list[dict]:
   """Extra rows of one table setting.
 
   Args:
+    calibration: the setting's calibration (the budget's latency costs are priced on it).
     base_row: the plain DanceMoE row (its keys are copied, the metrics replaced).
     cost: ``trace -> metrics dict`` (the tables' cost model on ``trace``'s phases).
     with_weights: the model has real weights (``small_moe``): substitution and budget rows with
@@ -224,7 +230,7 @@ def extension_rows(cfg: ExperimentConfig, model_name: str, model: ModelConfig,
         f"remote choices with gate < {tau:g} dropped")
     return rows
   sim = calibration_sim(cfg)
-  cm, budget = latency_budget(model, cluster, cfg.budget_remote_choices)
+  cm, budget = latency_budget(model, cluster, cfg.budget_remote_choices, calibration)
   work = heldout_workload(cfg, trace)
   hosts = np.asarray(placement.hosts, bool)
   base = mean_nll(cfg, work, "subst", dict(hosts=hosts, sim=sim), 0.0)
@@ -244,13 +250,6 @@ def sweep_extensions(cfg: ExperimentConfig, tick) -> list[dict]:
   """Substitution and drop at every ``cfg.extension_thresholds`` on ``small_moe`` on
   ``cfg.sweep_cluster``: rows ``{sweep, x (tau), method (subst / drop), decode_ms, prefill_ms,
   cross_kb_per_token, coverage, bytes_saved, latency_ratio, delta_nll, ...}``."""
-  from moe_edge.config import cluster_config, with_expert_memory  # noqa: PLC0415
-  from moe_edge.experiments import calibration as calib  # noqa: PLC0415
-  from moe_edge.experiments.tables import (cost_placement, phase_traces,  # noqa: PLC0415
-                                           report_metrics)
-  from moe_edge.experiments.workloads import SMALL_MODEL, small_trace  # noqa: PLC0415
-  from moe_edge.placement import place  # noqa: PLC0415
-  from moe_edge.placement.problem import PlacementProblem  # noqa: PLC0415
   model = model_config(SMALL_MODEL)
   cluster = with_expert_memory(cluster_config(cfg.sweep_cluster, link_gbps=cfg.link_gbps), model,
                                cfg.copies)
@@ -258,8 +257,8 @@ def sweep_extensions(cfg: ExperimentConfig, tick) -> list[dict]:
   profile = small_trace(cfg, n, cfg.seed + cfg.profile_seed_offset)
   trace = small_trace(cfg, n, cfg.seed)
   cal = calib.edge_calibration(cfg.calibration, cluster, SMALL_MODEL)
-  problem = PlacementProblem.from_trace(profile, model, cluster)
-  placement = place("dancemoe", problem, seed=cfg.seed)
+  problem = PlacementProblem.from_trace(profile, model, cluster, calibration=cal)
+  placement = registry.place("dancemoe", problem, None, PlacementContext(seed=cfg.seed))
   placement.validate(problem)
   hosts = np.asarray(placement.hosts, bool)
 

@@ -7,9 +7,15 @@ from typing import Sequence
 
 import numpy as np
 
-METHOD_COLORS = {"dancemoe": "tab:red", "dancemoe_refined": "tab:orange", "uniform_ep": "tab:gray",
-                 "random": "tab:olive", "greedy_local": "tab:blue", "eplb": "tab:purple",
-                 "topology_aware": "tab:cyan", "ilp": "black"}
+from moe_edge.placement import registry
+
+#: Colours by role; a method takes its role's colours in registration order (cycling).
+ROLE_COLORS = {"ours": ("tab:red", "tab:orange", "tab:pink", "tab:brown"),
+               "paper": ("tab:green", "lime", "darkgreen"),
+               "baseline": ("tab:gray", "tab:olive", "tab:blue", "tab:purple", "tab:cyan",
+                            "navy", "goldenrod", "teal"),
+               "oracle": ("black", "dimgray")}
+OTHER_COLOR = "tab:green"  # a name no registered method has
 FULL = "dancemoe_refined"  # the full method of the parts ablation
 TABLE_FIGURES = (("decode_ms", "decode latency (ms / token)", "decode_latency.png"),
                  ("prefill_ms", "prefill latency (ms / request)", "prefill_latency.png"),
@@ -25,8 +31,17 @@ def _plt():
   return plt
 
 
+def method_color(method: str) -> str:
+  """The colour of a registered method, derived from its role and registration order."""
+  if method not in registry.names():
+    return OTHER_COLOR
+  role = registry.role(method)
+  palette = ROLE_COLORS[role]
+  return palette[registry.names(role).index(method) % len(palette)]
+
+
 def _color(method: str) -> str:
-  return METHOD_COLORS.get(method, "tab:green")
+  return method_color(method)
 
 
 def plot_tables(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
@@ -112,7 +127,7 @@ def plot_parts(rows: Sequence[dict], path: str | Path) -> Path:
       vals = [find(m, c, v)[key] / find(m, c, FULL)[key] if find(m, c, FULL)[key]
               else math.nan for m, c in keys]
       ax.bar(np.arange(len(keys)) + v_i * width, vals, width, label=v,
-             color=_color(v) if v in METHOD_COLORS else None)
+             color=_color(v) if v in registry.names() else None)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2,
                   [f"{m}\n{c}" for m, c in keys], fontsize=6)

@@ -41,9 +41,11 @@ from moe_edge.config import with_expert_memory
 from moe_edge.experiments import calibration as calib
 from moe_edge.experiments.config import PARTS, SWEEPS, ExperimentConfig
 from moe_edge.experiments.progress import Progress
-from moe_edge.experiments.tables import cost_methods, cost_placement, phase_traces
-from moe_edge.experiments.tables import report_metrics
+from moe_edge.experiments.costing import (cost_methods, cost_placement, phase_traces,
+                                          planning_context, report_metrics)
+from moe_edge.experiments.extension_rows import sweep_extensions as _sweep_extensions
 from moe_edge.experiments.workloads import served_model
+from moe_edge.placement import registry
 from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import PlacementProblem
 from moe_edge.workload.stats_traces import STATS_MODELS, sample_stats_trace
@@ -116,12 +118,11 @@ def _point(cfg: ExperimentConfig, sweep: str, x: float, setting: str, model_name
     rows.append(dict(base, method=r.method, **report_metrics(r.reports),
                      objective=objective(problem, r.placement)))
   if variants:
-    from moe_edge.placement import place  # noqa: PLC0415
     phases = phase_traces(trace, "both", cfg.decode_batch, cfg.prefill_requests)
+    # The same planner inputs as the full method's row (costing.cost_methods).
+    context = planning_context(problem, phases, cfg.decode_batch, cfg.seed, cal)
     for label, opts in variants:
-      # The same planner inputs as the full method's row (tables.cost_methods).
-      opts = dict(dict(calibration=cal, decode_tokens=float(cfg.decode_batch)), **opts)
-      p = place("dancemoe", problem, seed=cfg.seed, **opts)
+      p = registry.place("dancemoe", problem, opts, context)
       rows.append(dict(base, method=label,
                        **report_metrics(cost_placement(p, phases, model, cluster, cal)),
                        objective=objective(problem, p)))
@@ -276,8 +277,7 @@ def sweep_migration(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[
 
 def sweep_extensions(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[dict]:
   """Substitution and drop over ``extension_thresholds`` (``extension_rows.py``)."""
-  from moe_edge.experiments.extension_rows import sweep_extensions as run  # noqa: PLC0415
-  return run(cfg, tick)
+  return _sweep_extensions(cfg, tick)
 
 
 SWEEP_FUNCTIONS = dict(link_bandwidth=sweep_link_bandwidth, num_servers=sweep_num_servers,

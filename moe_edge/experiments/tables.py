@@ -10,9 +10,10 @@ server per step), cross-server bytes per token and local coverage; plus the plac
 ``J`` (``objective.py``, on the profiling problem) and, where the ILP solves, every method's gap
 to the optimal ``J``.
 
-Compose (:func:`headline`): the latency and communication reduction of each DanceMoE variant
-(``OURS``: ``dancemoe``, ``dancemoe_refined``) against each baseline and the best baseline of
-each setting, and its gap to the ILP.
+Compose (:func:`~moe_edge.experiments.headline.headline`): the latency and communication
+reduction of each method of role ``ours`` against each method of role ``baseline`` and the best
+baseline of each setting, and its gap to the oracle (the ILP). Which methods exist and their
+roles come from the placement registry: a registered method appears here with no other edit.
 
 Format (:func:`format_markdown`, :func:`write_tables`): ``tables.csv``, ``tables.md``, plots.
 The CSV holds no wall-clock times, so two runs with one seed write identical files
@@ -24,26 +25,28 @@ import csv
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
-import numpy as np
 
 from moe_edge.config import ClusterConfig, ConfigError, GB, ModelConfig, cluster_config
 from moe_edge.config import model_config, with_expert_memory
-from moe_edge.cost import Calibration, CostReport, decode_batches, evaluate, prefill_batches
+from moe_edge.core.problem import Placement
+from moe_edge.core.trace import ActivationTrace
+from moe_edge.cost import Calibration
 from moe_edge.experiments import calibration as calib
+from moe_edge.experiments import extension_rows as ext
 from moe_edge.experiments.config import ExperimentConfig, load_experiment, with_overrides
+from moe_edge.experiments.costing import (MethodResult, cost_methods, cost_placement,  # noqa: F401
+                                          phase_traces, report_metrics)
+from moe_edge.experiments.headline import (display_name, format_headline, headline,  # noqa: F401
+                                           ok_rows, ours_present, pct, settings)
+from moe_edge.experiments.plots import plot_tables
 from moe_edge.experiments.progress import Progress
-from moe_edge.experiments.workloads import (build_workload, small_trace, split_trace,
-                                            workload_kind)
+from moe_edge.experiments.workloads import (build_workload, served_model, small_trace,
+                                            split_trace, workload_kind)
+from moe_edge.placement import registry
 from moe_edge.placement.objective import objective
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
-from moe_edge.workload.traces import ActivationTrace
-
-BASELINES = ("uniform_ep", "random", "greedy_local", "eplb", "topology_aware")
-OURS = {"dancemoe": "DanceMoE", "dancemoe_refined": "DanceMoE-refined"}  # method -> headline name
 COLUMNS = ("model", "cluster", "servers", "copies", "bytes_per_param", "method", "status",
            "decode_ms", "prefill_ms", "cross_kb_per_token", "coverage", "decode_exchange_ms",
            "decode_compute_ms", "decode_dense_ms", "prefill_exchange_ms", "prefill_compute_ms",
@@ -55,107 +58,8 @@ COLUMNS = ("model", "cluster", "servers", "copies", "bytes_per_param", "method",
 # --------------------------------------------------------------------------------------------
 # Placing and costing (shared with experiments/place.py)
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class MethodResult:
-  """One method's placement and its costs.
-
-  Attributes:
-    method: the method's name.
-    placement: the validated placement (None when the method refused the instance).
-    seconds: wall time of the method.
-    reports: phase (``"decode"`` / ``"prefill"``) -> :class:`~moe_edge.cost.CostReport`.
-    error: why the method did not run (e.g. an instance too large for ``ilp``).
-  """
-  method: str
-  placement: Placement | None
-  seconds: float
-  reports: dict
-  error: str = ""
-
-
-def phase_traces(trace: ActivationTrace, phase: str = "both", decode_batch: int = 8,
-                 prefill_requests: int = 1) -> dict[str, ActivationTrace]:
-  """``trace`` regrouped into decode steps and/or prefill batches, by phase."""
-  if phase not in ("both", "decode", "prefill"):
-    raise ValueError(f"phase must be 'both', 'decode' or 'prefill', got {phase!r}.")
-  out = {}
-  if phase in ("both", "decode"):
-    out["decode"] = decode_batches(trace, decode_batch)
-  if phase in ("both", "prefill"):
-    out["prefill"] = prefill_batches(trace, prefill_requests)
-  return out
-
-
-def cost_placement(placement: Placement, phases: dict[str, ActivationTrace], model: ModelConfig,
-                   cluster: ClusterConfig,
-                   calibration: Calibration | None = None) -> dict[str, CostReport]:
-  """``{phase: evaluate(trace of that phase, ...)}``."""
-  return {ph: evaluate(tr, model, cluster, placement, ph, calibration)
-          for ph, tr in phases.items()}
-
-
-def cost_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
-                 methods: Sequence[str], phase: str = "both", decode_batch: int = 8,
-                 prefill_requests: int = 1, seed: int = 0,
-                 calibration: Calibration | None = None,
-                 profile: ActivationTrace | None = None, options: dict | None = None,
-                 on_method: Callable[[str], None] | None = None,
-                 ) -> tuple[PlacementProblem, list[MethodResult]]:
-  """Plan each method on ``profile`` (default: ``trace`` itself) and cost it on ``trace``.
-
-  Args:
-    methods: names of ``moe_edge.placement.METHODS``.
-    options: method name -> keyword options for it (e.g. ``{"ilp": {"time_limit": 60}}``).
-    on_method: called with each method's name when it is done (progress display).
-  Returns:
-    ``(problem, results)``: the placement problem (from the profiling trace) and one
-    :class:`MethodResult` per method, in order. A method that refuses the instance
-    (``PlacementError``, e.g. ilp beyond its size limit) gets ``error`` set and no placement.
-  """
-  from moe_edge.placement import place  # noqa: PLC0415  (the registry imports every method)
-  problem = PlacementProblem.from_trace(trace if profile is None else profile, model, cluster)
-  phases = phase_traces(trace, phase, decode_batch, prefill_requests)
-  results = []
-  for name in methods:
-    t0 = time.perf_counter()
-    try:
-      opts = dict((options or {}).get(name, {}))
-      if name in OURS:
-        # The latency-aware refinement plans with what a deployment knows: the servers'
-        # calibrated kernel efficiency and the decode batch it serves (baselines use neither).
-        opts.setdefault("calibration", calibration)
-        opts.setdefault("decode_tokens", float(decode_batch))
-      placement = place(name, problem, seed=seed, **opts)
-    except PlacementError as e:
-      results.append(MethodResult(name, None, time.perf_counter() - t0, {}, str(e)))
-    else:
-      seconds = time.perf_counter() - t0
-      placement.validate(problem)
-      results.append(MethodResult(name, placement, seconds,
-                                  cost_placement(placement, phases, model, cluster,
-                                                 calibration)))
-    if on_method is not None:
-      on_method(name)
-  return problem, results
-
-
-def report_metrics(reports: dict[str, CostReport]) -> dict:
-  """The tables' latency / bytes / coverage numbers of one placement (ms, kB, MB)."""
-  out = {}
-  dec, pre = reports.get("decode"), reports.get("prefill")
-  any_rep = dec or pre
-  out["coverage"] = any_rep.coverage
-  out["cross_kb_per_token"] = any_rep.cross_bytes_per_token / 1e3  # phase-independent
-  out["fits"] = any_rep.fits
-  if dec is not None:
-    out.update(decode_ms=1e3 * dec.latency, decode_exchange_ms=1e3 * dec.exchange_time,
-               decode_compute_ms=1e3 * float(dec.compute_time.sum()),
-               decode_dense_ms=1e3 * float(dec.dense_time.mean()),
-               decode_cross_mb_per_step=dec.cross_bytes_per_step / 1e6)
-  if pre is not None:
-    out.update(prefill_ms=1e3 * pre.latency, prefill_exchange_ms=1e3 * pre.exchange_time,
-               prefill_compute_ms=1e3 * float(pre.compute_time.sum()))
-  return out
+def _is_oracle(method: str) -> bool:
+  return method in registry.names("oracle")
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +119,7 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
                                       on_method=tick)
       phases = phase_traces(work.trace, "both", cfg.decode_batch, cfg.prefill_requests)
       ds = Calibration.datasheet(cluster)
-      opt = next((r for r in results if r.method == "ilp" and r.placement is not None), None)
+      opt = next((r for r in results if _is_oracle(r.method) and r.placement is not None), None)
       j_opt = objective(problem, opt.placement) if opt is not None else None
       l, e = work.model.n_moe_layers, work.model.n_experts
       for r in results:
@@ -239,7 +143,7 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
         row["objective"] = j
         if j_opt is not None:
           row["gap_to_ilp"] = j / j_opt - 1.0
-        if r.method == "ilp":
+        if _is_oracle(r.method):
           row["ilp_status"] = r.placement.info.get("status", "")
           row["ilp_proven_gap"] = r.placement.info.get("gap", float("nan"))
         row["replicas_per_expert"] = float(r.placement.hosts.sum()) / (l * e)
@@ -259,8 +163,6 @@ def _extension_rows(cfg: ExperimentConfig, model_name: str, work, cluster: Clust
                     cal: Calibration | None, ds: Calibration, placement: Placement,
                     base_row: dict) -> list[dict]:
   """The extensions' rows of one setting (``extension_rows.py``), costed like the others."""
-  from moe_edge.experiments import extension_rows as ext  # noqa: PLC0415
-
   def cost(trace: ActivationTrace) -> dict:
     phases = phase_traces(trace, "both", cfg.decode_batch, cfg.prefill_requests)
     out = report_metrics(cost_placement(placement, phases, work.model, cluster, cal))
@@ -270,137 +172,8 @@ def _extension_rows(cfg: ExperimentConfig, model_name: str, work, cluster: Clust
     return out
 
   return ext.extension_rows(cfg, model_name, work.model, cluster, work.trace, placement,
-                            base_row, cost, with_weights=work.kind == "recorded")
-
-
-# --------------------------------------------------------------------------------------------
-# Compose
-# --------------------------------------------------------------------------------------------
-def _ok(rows: Iterable[dict]) -> list[dict]:
-  return [r for r in rows if r.get("status") == "ok"]
-
-
-def settings(rows: Sequence[dict]) -> list[tuple[str, str]]:
-  """``(model, cluster)`` pairs in first-appearance order."""
-  out = []
-  for r in rows:
-    key = (r["model"], r["cluster"])
-    if key not in out:
-      out.append(key)
-  return out
-
-
-def _comparison(rows: Sequence[dict], key: str, baselines: Sequence[str],
-                ours: str = "dancemoe") -> dict:
-  """``ours``' ``key`` against each baseline and the best baseline, over the settings."""
-  by = {(r["model"], r["cluster"], r["method"]): r for r in _ok(rows)}
-  out = {}
-  best_ratios, best_names, labels = [], [], []
-  per = {b: [] for b in baselines}
-  for model, cluster in settings(rows):
-    dm = by.get((model, cluster, ours))
-    base = {b: by[(model, cluster, b)][key] for b in baselines if (model, cluster, b) in by}
-    if dm is None or not base:
-      continue
-    for b, v in base.items():
-      per[b].append(dm[key] / v)
-    best = min(base, key=base.get)
-    best_ratios.append(dm[key] / base[best])
-    best_names.append(best)
-    labels.append(f"{model}/{cluster}")
-
-  def summary(ratios):
-    ratios = np.asarray(ratios, dtype=np.float64)
-    return dict(settings=int(ratios.size), reduction=float(1.0 - np.exp(np.log(ratios).mean())),
-                min_reduction=float(1.0 - ratios.max()), max_reduction=float(1.0 - ratios.min()),
-                wins=int((ratios < 1.0 - 1e-12).sum()))
-
-  for b, ratios in per.items():
-    if ratios:
-      out[b] = summary(ratios)
-  if best_ratios:
-    out["best"] = dict(summary(best_ratios),
-                       per_setting=[dict(setting=s, best=n, reduction=1.0 - x)
-                                    for s, n, x in zip(labels, best_names, best_ratios)])
-  return out
-
-
-def headline(rows: Sequence[dict], decode_key: str = "decode_ms",
-             prefill_key: str = "prefill_ms", ours: str = "dancemoe") -> dict:
-  """``ours`` (a key of ``OURS``) against the baselines (geometric-mean reductions over the
-  settings) and the ILP.
-
-  Returns ``{"ours": ours, "decode": ..., "prefill": ..., "bytes": ..., "ilp": [...]}``; the
-  three comparisons map
-  a baseline (and ``"best"``: per setting the baseline with the lowest value) to
-  ``reduction`` (``1 - geomean(ours / baseline)``), ``min_reduction``, ``max_reduction``,
-  ``wins`` (settings where ``ours`` is lower) and ``settings``.
-  """
-  present = {r["method"] for r in _ok(rows)}
-  baselines = [b for b in BASELINES if b in present]
-  out = dict(ours=ours, decode=_comparison(rows, decode_key, baselines, ours),
-             prefill=_comparison(rows, prefill_key, baselines, ours),
-             bytes=_comparison(rows, "cross_kb_per_token", baselines, ours), ilp=[])
-  by = {(r["model"], r["cluster"], r["method"]): r for r in _ok(rows)}
-  for model, cluster in settings(rows):
-    opt, dm = by.get((model, cluster, "ilp")), by.get((model, cluster, ours))
-    if opt is None or dm is None:
-      continue
-    m = model_config(model)
-    n = int(opt["servers"])
-    l, e = m.n_moe_layers, m.n_experts
-    out["ilp"].append(dict(
-        model=model, cluster=cluster, shape=f"N={n}, L={l}, E={e}",
-        binaries=n * l * e + n * n * l * e, status=opt.get("ilp_status", ""),
-        proven_gap=float(opt.get("ilp_proven_gap", float("nan"))),
-        dancemoe_gap=float(dm["gap_to_ilp"]),
-        decode_vs_ilp=float(dm[decode_key] / opt[decode_key] - 1.0),
-        prefill_vs_ilp=float(dm[prefill_key] / opt[prefill_key] - 1.0)))
-  return out
-
-
-def ours_present(rows: Sequence[dict]) -> list[str]:
-  """The DanceMoE variants (``OURS``) that have rows, in ``OURS`` order."""
-  present = {r["method"] for r in _ok(rows)}
-  return [m for m in OURS if m in present]
-
-
-def _pct(x: float) -> str:
-  return f"{100 * x:+.1f}%".replace("+-", "-")
-
-
-def _red(x: float) -> str:
-  """A reduction as text: 0.12 -> '12.0% lower', -0.05 -> '5.0% higher'."""
-  return f"{100 * abs(x):.1f}% {'lower' if x >= 0 else 'higher'}"
-
-
-def format_headline(head: dict, label: str = "") -> str:
-  """The headline as readable lines (Markdown list items)."""
-  lines = []
-  who = OURS.get(head.get("ours", "dancemoe"), head.get("ours", "dancemoe"))
-  names = dict(decode="decode latency per token", prefill="prefill latency per request",
-               bytes="cross-server bytes per token")
-  for key in ("decode", "prefill", "bytes"):
-    comp = head[key]
-    if "best" not in comp:
-      continue
-    best = comp["best"]
-    per = ", ".join(f"{b} {_red(v['reduction'])} ({v['wins']}/{v['settings']} won, range "
-                    f"{_pct(-v['max_reduction'])}..{_pct(-v['min_reduction'])})"
-                    for b, v in comp.items() if b != "best")
-    lines.append(f"- **{names[key]}**{label}: {who} is {_red(best['reduction'])} than the "
-                 f"best baseline of each setting (geometric mean over {best['settings']} "
-                 f"settings; better in {best['wins']}, range {_pct(-best['max_reduction'])}.."
-                 f"{_pct(-best['min_reduction'])}); per baseline: {per}.")
-  for g in head.get("ilp", []):
-    lines.append(
-        f"- **gap to the ILP optimum** ({g['model']} on {g['cluster']}, {g['shape']}: "
-        f"{g['binaries']:,} binaries, HiGHS {g['status']}, proven gap "
-        f"{100 * g['proven_gap']:.2g}%): {who}'s objective J is {_pct(g['dancemoe_gap'])} "
-        f"above the optimum; its decode latency is {_pct(g['decode_vs_ilp'])} and prefill "
-        f"{_pct(g['prefill_vs_ilp'])} relative to the ILP placement's (the ILP optimises J, "
-        f"not the cost model's latency).")
-  return "\n".join(lines)
+                            base_row, cost, with_weights=work.kind == "recorded",
+                            calibration=cal)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +187,6 @@ def _fmt(v, spec: str) -> str:
 
 def memory_lines(cfg: ExperimentConfig) -> list[str]:
   """What the memory budget means per model and cluster, and why a weight format was changed."""
-  from moe_edge.experiments.workloads import served_model  # noqa: PLC0415
   lines = []
   for name in cfg.models:
     model = served_model(cfg, name)
@@ -458,7 +230,7 @@ def format_model_table(rows: Sequence[dict], model: str) -> str:
   lines = [head, "|" + "---|" * (11 if loss else 10)]
   for cluster in dict.fromkeys(r["cluster"] for r in mine):
     here = [r for r in mine if r["cluster"] == cluster]
-    ok = [r for r in _ok(here) if not r.get("extension")]  # bold: best placement method
+    ok = [r for r in ok_rows(here) if not r.get("extension")]  # bold: best placement method
     best = {k: min(r[k] for r in ok) for k in ("decode_ms", "prefill_ms", "cross_kb_per_token")
             } if ok else {}
     for r in here:
@@ -477,8 +249,8 @@ def format_model_table(rows: Sequence[dict], model: str) -> str:
           f"| {cluster} | {r['method']} | {cell('decode_ms', '.2f')} | "
           f"{cell('prefill_ms', '.1f')} | {cell('cross_kb_per_token', '.1f')} | "
           f"{_fmt(r.get('coverage'), '.3f')} | {_fmt(r.get('replicas_per_expert'), '.2f')} | "
-          f"{_fmt(r.get('objective'), '.4g')} | {'-' if gap is None else _pct(gap)} | {dn}"
-          f"{r['status'] if r['method'] != 'ilp' else r.get('ilp_status', 'ok')} |")
+          f"{_fmt(r.get('objective'), '.4g')} | {'-' if gap is None else pct(gap)} | {dn}"
+          f"{r.get('ilp_status', 'ok') if _is_oracle(r['method']) else r['status']} |")
   return "\n".join(lines)
 
 
@@ -519,7 +291,7 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
                     crosscheck: Sequence[dict] | None = None,
                     crosscheck_note: str = "") -> str:
   """``tables.md``: setup, headline, one table per model, the cross-check."""
-  ok = _ok(rows)
+  ok = ok_rows(rows)
   models = list(dict.fromkeys(r["model"] for r in rows))
   workloads = {r["model"]: r["workload"] for r in rows}
   out = ["# Latency and communication of expert placement on edge clusters", ""]
@@ -609,7 +381,6 @@ def write_tables(cfg: ExperimentConfig, rows: Sequence[dict], out_dir: str | Pat
   if timings is not None:
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
   if plots:
-    from moe_edge.experiments.plots import plot_tables  # noqa: PLC0415  (matplotlib)
     plot_tables(rows, out)
   return md
 

@@ -36,9 +36,9 @@ gates as they are. With ``park=True`` (default) a dropped choice is re-pointed t
 hosted expert the token has not chosen (gate 0): it computes nothing that counts, and a real
 dispatch moves no bytes for it. Without a free local expert it keeps its id (gate 0).
 
-**Costs.** ``kind="latency"`` in seconds: ``C[n, m] = F_e / peak[m] + [n != m] 2 (lat[n, m] + a /
-bw[n, m])`` (expert FLOP time plus the link time of dispatch and combine, as in
-``moe_edge.placement.objective``); summed over choices this is the time of running them one after
+**Costs.** ``kind="latency"`` in seconds, ``Hardware.route_cost()``: ``C[n, m] = F_e / (peak[m]
+eta_f[m]) + [n != m] 2 (lat[n, m] + a / bw[n, m])`` (expert FLOP time plus the link time of
+dispatch and combine, as in the route tables and ``moe_edge.placement.objective``); summed over choices this is the time of running them one after
 another, an upper bound of their parallel time. ``kind="energy"`` in joules: ``C[n, m] = F_e
 J_flop[m] + [n != m] 2 a J_byte`` with :class:`EnergyModel`.
 """
@@ -52,9 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_edge.config import ClusterConfig, ModelConfig
+from moe_edge.core.hardware import Hardware
 from moe_edge.extensions.transform import (MoeFn, RoutingTransform, TransformError,
                                            TransformedMoE, token_servers, with_shape)
-from moe_edge.placement.problem import link_time_per_token
 
 COST_KINDS = ("latency", "energy")
 SOLVERS = ("greedy", "exact")
@@ -115,14 +115,20 @@ class EnergyModel:
 
 def choice_cost_matrix(model: ModelConfig, cluster: ClusterConfig, kind: str,
                        energy: EnergyModel | None = None,
-                       activation_bytes: int | None = None) -> np.ndarray:
+                       activation_bytes: int | None = None,
+                       hardware: Hardware | None = None) -> np.ndarray:
   """``[N, N]`` float64 cost of running one token-choice of a token on ``n`` on server ``m``
-  (seconds for ``"latency"``, joules for ``"energy"``; formulas in the module docstring)."""
+  (seconds for ``"latency"``, joules for ``"energy"``; formulas in the module docstring).
+
+  ``"latency"`` is ``hardware.route_cost()`` (default ``Hardware.build(model, cluster)``, the
+  datasheet; pass a calibrated one to price on measured kernel efficiency).
+  """
   n = cluster.num_servers
   remote = ~np.eye(n, dtype=bool)
   flops = float(model.expert_flops_per_token)
   if kind == "latency":
-    return flops / cluster.peak_flops[None, :] + link_time_per_token(model, cluster) * remote
+    hw = hardware if hardware is not None else Hardware.build(model, cluster)
+    return hw.route_cost()
   if kind == "energy":
     energy = EnergyModel() if energy is None else energy
     a = model.activation_bytes if activation_bytes is None else int(activation_bytes)

@@ -385,7 +385,8 @@ class DanceMoEOptions:
     refine_phase: what the refinement minimises: ``"decode"``, ``"prefill"`` or ``"both"``
       (each phase's summed layer time relative to its value before refinement, weighted 1:1).
     decode_tokens, prefill_tokens: tokens per server in one decode / prefill step (scaled by
-      each server's relative request rate ``problem.tokens / mean``).
+      each server's relative request rate ``problem.tokens / mean``); None: the context's
+      workload summary (``decode_batch``, ``prefill_tokens`` per server), else 8 and 128.
     refine_rounds: at most this many refinement rounds (one change per layer each).
     refine_max_size: the refinement runs only when ``N * L * E`` is at most this (its
       candidates cost ``O(N^2)`` each); larger instances skip it and say so in ``info``.
@@ -400,13 +401,13 @@ class DanceMoEOptions:
   exchange_max_size: int = 1 << 24
   refine: bool | None = None
   refine_phase: str = "both"
-  decode_tokens: float = 8.0
-  prefill_tokens: float = 128.0
+  decode_tokens: float | None = None
+  prefill_tokens: float | None = None
   refine_rounds: int = 64
   refine_max_size: int = 1 << 16
 
 
-@register("dancemoe", "ours", DanceMoEOptions)
+@register("dancemoe", "ours", DanceMoEOptions, label="DanceMoE")
 def dancemoe(problem: PlacementProblem, options: DanceMoEOptions = DanceMoEOptions(),
              context: PlacementContext = PlacementContext()) -> Placement:
   """Activation-aware placement on the objective (module docstring); deterministic."""
@@ -429,7 +430,8 @@ def dancemoe(problem: PlacementProblem, options: DanceMoEOptions = DanceMoEOptio
               hetero_aware=hetero_aware, replicas=replicas, exchange=exchange, refine=refine,
               refine_phase=o.refine_phase)
   if refine:
-    batch, weight = phase_batches(problem, o.refine_phase, o.decode_tokens, o.prefill_tokens)
+    batch, weight = phase_batches(problem, o.refine_phase, o.decode_tokens, o.prefill_tokens,
+                                  context.workload)
 
   phase_s = {}
   tick = time.perf_counter()
@@ -470,7 +472,7 @@ def dancemoe(problem: PlacementProblem, options: DanceMoEOptions = DanceMoEOptio
   return finish(problem, out, "dancemoe", start, info, route=route, lam=lam, slack=route_slack)
 
 
-@register("dancemoe_refined", "ours", DanceMoEOptions)
+@register("dancemoe_refined", "ours", DanceMoEOptions, label="DanceMoE-refined")
 def dancemoe_refined(problem: PlacementProblem, options: DanceMoEOptions = DanceMoEOptions(),
                      context: PlacementContext = PlacementContext()) -> Placement:
   """DanceMoE with the latency refinement (step 6) on: ``dancemoe`` with ``refine=True``."""

@@ -101,18 +101,43 @@ class LayerCost:
     return np.einsum("p,pl->l", self.weight, self.phase_times(route, layers))
 
 
-def phase_batches(problem: PlacementProblem, phase: str, decode_tokens: float,
-                  prefill_tokens: float) -> tuple[np.ndarray, np.ndarray]:
-  """``(batch [P, N], weight [P])`` for ``phase``: a step's tokens per server (scaled by each
-  server's relative request rate ``tokens / mean(tokens)``) and the phases' weights."""
+DEFAULT_DECODE_TOKENS, DEFAULT_PREFILL_TOKENS = 8.0, 128.0
+
+
+def phase_batches(problem: PlacementProblem, phase: str, decode_tokens: float | None = None,
+                  prefill_tokens: float | None = None,
+                  workload=None) -> tuple[np.ndarray, np.ndarray]:
+  """``(batch [P, N], weight [P])`` for ``phase``: a step's tokens per server and the phases'
+  weights.
+
+  Per phase: a given ``decode_tokens`` / ``prefill_tokens`` is scaled by each server's relative
+  request rate ``tokens / mean(tokens)``; else ``workload`` (a
+  :class:`~moe_edge.placement.registry.WorkloadSummary`) gives each server's ``decode_batch``
+  and ``prefill_tokens`` as the scheduler forms them; else the defaults (8 and 128, scaled).
+  """
   if phase not in PHASE_WEIGHTS:
     raise PlacementError(f"refine_phase must be one of {sorted(PHASE_WEIGHTS)}, got {phase!r}.")
-  if not (decode_tokens > 0 and prefill_tokens > 0):
-    raise PlacementError(f"decode_tokens={decode_tokens} and prefill_tokens={prefill_tokens} "
-                         f"must be positive tokens per server and step.")
+  for name, v in (("decode_tokens", decode_tokens), ("prefill_tokens", prefill_tokens)):
+    if v is not None and not v > 0:
+      raise PlacementError(f"{name}={v} must be positive tokens per server and step.")
   rate = problem.tokens / problem.tokens.mean() if problem.tokens.mean() > 0 else (
       np.ones_like(problem.tokens))
-  batch = np.stack([decode_tokens * rate, prefill_tokens * rate])
+
+  def one(given, from_workload, default):
+    if given is not None:
+      return given * rate
+    if workload is not None:
+      if workload.num_servers != problem.shape[0]:
+        raise PlacementError(f"the workload summary has {workload.num_servers} servers but the "
+                             f"problem {problem.shape[0]}.")
+      return np.asarray(from_workload, dtype=np.float64)
+    return default * rate
+
+  batch = np.stack([
+      one(decode_tokens, None if workload is None else workload.decode_batch,
+          DEFAULT_DECODE_TOKENS),
+      one(prefill_tokens, None if workload is None else workload.prefill_tokens,
+          DEFAULT_PREFILL_TOKENS)])
   return batch, np.asarray(PHASE_WEIGHTS[phase])
 
 

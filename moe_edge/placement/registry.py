@@ -89,13 +89,20 @@ class MethodSpec:
   fn: Callable[[PlacementProblem, Any, PlacementContext], Placement]
   options_type: type
   doc: str
+  label: str = ""
+
+  @property
+  def display(self) -> str:
+    """The name tables and plots print (``label``, else the method name)."""
+    return self.label or self.name
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, role: str, options: type = NoOptions):
-  """Decorator: register ``fn(problem, options, context) -> Placement`` as method ``name``."""
+def register(name: str, role: str, options: type = NoOptions, label: str = ""):
+  """Decorator: register ``fn(problem, options, context) -> Placement`` as method ``name``
+  (``label``: the name the tables' headline prints, default ``name``)."""
   if role not in ROLES:
     raise PlacementError(f"role {role!r} of method {name!r} is not one of {', '.join(ROLES)}.")
   if not (dataclasses.is_dataclass(options) and options.__dataclass_params__.frozen):
@@ -108,7 +115,7 @@ def register(name: str, role: str, options: type = NoOptions):
                            f"({_REGISTRY[name].fn.__module__} and {fn.__module__}); pick "
                            f"another name.")
     doc = (fn.__doc__ or "").strip().split("\n")[0]
-    _REGISTRY[name] = MethodSpec(name, role, fn, options, doc)
+    _REGISTRY[name] = MethodSpec(name, role, fn, options, doc, label)
     return fn
   return wrap
 

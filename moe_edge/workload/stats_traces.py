@@ -31,7 +31,6 @@ shared domain of a request. ``counts_top1`` is used only to validate the file.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from pathlib import Path

@@ -8,12 +8,15 @@ from moe_edge.config import ConfigError, load_preset
 from moe_edge.cost import decode_batches, evaluate, prefill_batches
 from moe_edge.experiments import calibration as calib
 from moe_edge.experiments.config import ExperimentConfig, load_experiment, with_overrides
-from moe_edge.experiments.tables import (BASELINES, compute_rows, headline, read_rows,
-                                         run_demo_tables, run_tables, setting_cluster)
+from moe_edge.experiments.costing import phase_traces, planning_context
+from moe_edge.experiments.tables import (compute_rows, headline, read_rows, run_demo_tables,
+                                         run_tables, setting_cluster)
 from moe_edge.experiments.workloads import build_workload
-from moe_edge.placement import place
+from moe_edge.placement import registry
 from moe_edge.placement.problem import PlacementProblem
 from moe_edge.workload.traces import ActivationTrace
+
+BASELINES = registry.names("baseline")
 
 TINY = ExperimentConfig(
     name="test_tiny", models=("olmoe_1b_7b", "mixtral_8x7b"), clusters=("edge_hetero_4",),
@@ -49,12 +52,13 @@ def test_rows_are_consistent_with_the_cost_model(tiny_rows):
   work = build_workload(TINY, "mixtral_8x7b", 4)
   cluster = setting_cluster(TINY, "edge_hetero_4", work.model)
   cal = calib.edge_calibration(TINY.calibration, cluster, "mixtral_8x7b")
-  problem = PlacementProblem.from_trace(work.profile, work.model, cluster)
+  # Every method plans on the calibrated problem with the deployment's context
+  # (costing.cost_methods).
+  problem = PlacementProblem.from_trace(work.profile, work.model, cluster, calibration=cal)
+  context = planning_context(problem, phase_traces(work.trace, "both", TINY.decode_batch),
+                             TINY.decode_batch, TINY.seed, cal)
   for method in ("dancemoe", "eplb"):
-    # DanceMoE plans with the deployment's calibration and decode batch (tables.cost_methods).
-    opts = dict(calibration=cal, decode_tokens=float(TINY.decode_batch)) if (
-        method == "dancemoe") else {}
-    p = place(method, problem, seed=TINY.seed, **opts)
+    p = registry.place(method, problem, None, context)
     dec = evaluate(decode_batches(work.trace, TINY.decode_batch), work.model, cluster, p,
                    "decode", cal)
     pre = evaluate(prefill_batches(work.trace, 1), work.model, cluster, p, "prefill", cal)
@@ -125,7 +129,7 @@ def test_presets_and_bad_names():
     assert isinstance(load_experiment(name), ExperimentConfig)
   with pytest.raises(ConfigError, match="Unknown experiment config 'nope'.*paper_tables"):
     load_preset("experiments", "nope")
-  with pytest.raises(ConfigError, match="unknown methods"):
+  with pytest.raises(ConfigError, match="unknown methods entry 'magic'"):
     with_overrides(load_experiment("demo"), methods=("dancemoe", "magic"))
   with pytest.raises(ConfigError, match="copies"):
     with_overrides(load_experiment("demo"), copies=0.5)
