@@ -171,20 +171,34 @@ class Engine:
       self._tables_key, self._tables_dev = tables, tables_on_mesh(tables, self.mesh)
     return self._tables_dev
 
+  def compile(self) -> None:
+    """Compile (and run once, feeding nothing) the step program of both chunk widths, so
+    wall-clock times of a following :meth:`serve` do not include compilation."""
+    rows = self.num_servers * self.options.max_batch
+    zeros = np.zeros(rows, np.int32)
+    for c in sorted({1, self.options.prefill_chunk}):
+      tables = self._device_tables()
+      out = self._program(self._dense, self.runtime.slot_weights(), tables["route"],
+                          tables["dest_slot"], self._cache,
+                          shard_rows(np.zeros((rows, c), np.int32), self.mesh),
+                          shard_rows(zeros, self.mesh), shard_rows(zeros, self.mesh))
+      self._cache = out[3]
+    jax.block_until_ready(self._cache)
+
   def width(self, steps: tuple[sched.ServerStep, ...]) -> int:
     """Chunk width of a step: 1 for decodes only, else ``prefill_chunk`` (two programs)."""
     return self.options.prefill_chunk if any(s.prefill for s in steps) else 1
 
   def serve(self, requests: Requests, clock: str = "wall",
             between_steps: Callable[[int, float], None] | None = None,
-            on_step: Callable[[int], None] | None = None) -> EngineResult:
+            on_step: Callable[[int, int], None] | None = None) -> EngineResult:
     """Serve ``requests`` to completion.
 
     Args:
       requests: the workload (sorted by arrival; token ids within the vocabulary).
       clock: ``"wall"`` or ``"virtual"`` (needs ``cost``).
       between_steps: called with ``(steps done, now)`` before each step, e.g. to migrate.
-      on_step: called with the step index after each step (progress bars).
+      on_step: called with ``(step index, tokens it produced)`` after each step (progress).
     """
     if clock not in CLOCKS:
       raise EngineError(f"unknown clock {clock!r}; use one of {CLOCKS}.")
@@ -199,6 +213,10 @@ class Engine:
     r_slots = self.options.max_batch
 
     def execute(index: int, steps: tuple[sched.ServerStep, ...]) -> loop_lib.StepOutcome:
+      for n in self.runtime.failed_servers:
+        if steps[n].tokens:
+          raise EngineError(f"server {n} has failed but has requests to serve; send them to a "
+                            f"surviving server (Requests.server) before failing it.")
       c = self.width(steps)
       rows = self.num_servers * r_slots
       tokens = np.zeros((rows, c), np.int32)
@@ -244,7 +262,7 @@ class Engine:
                                             placement))
         seconds = self.cost.seconds(step_routing.expert_ids, step_routing.server, placement)
       if on_step is not None:
-        on_step(index)
+        on_step(index, sum(1 for f in fed if f[4]))
       return loop_lib.StepOutcome(seconds, sent[-1])
 
     clk = loop_lib.VirtualClock() if clock == "virtual" else loop_lib.WallClock()
