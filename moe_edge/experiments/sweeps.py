@@ -17,9 +17,10 @@ the :class:`~moe_edge.experiments.config.ExperimentConfig`: statistics-driven tr
   (``entropy_budgets``, ``hetero_aware``, ``replicas``, ``exchange``, ``refine``; ``no_refine``
   is plain ``dancemoe``), on every cluster of ``clusters``; ``uniform_ep`` for reference.
 * ``migration``: a drifting workload (the first model's statistics; servers 0 and 1 swap home
-  domains at 1/3 of the run, servers 2 and 3 at 2/3) replayed in intervals; ``off`` keeps the
-  DanceMoE placement planned on interval 0, ``incremental`` applies
-  :func:`moe_edge.placement.migration.plan_incremental` (at most ``migration_max_moves`` expert
+  domains at 1/3 of the run, servers 2 and 3 at 2/3) replayed in intervals by the one pipeline
+  (:func:`moe_edge.migration.replay.replay`, no trigger); ``none`` keeps the DanceMoE placement
+  planned on interval 0, ``incremental`` applies
+  :func:`moe_edge.migration.incremental.plan_incremental` (at most ``migration_max_moves`` expert
   copies per interval) planned on the previous interval's statistics, ``full_replan`` re-runs
   DanceMoE from scratch on them (the upper reference, at many more copies).
 * ``extensions``: importance-driven substitution and its drop control at every
@@ -46,10 +47,11 @@ from moe_edge.experiments.costing import (cost_methods, cost_placement, phase_tr
 from moe_edge.experiments.extension_rows import sweep_extensions as _sweep_extensions
 from moe_edge.experiments.workloads import served_model
 from moe_edge.placement import registry
+from moe_edge.migration.config import MigrationConfig
+from moe_edge.migration.drift import drift_preset, drifting_trace
+from moe_edge.migration.replay import replay
 from moe_edge.placement.objective import objective
-from moe_edge.placement.problem import PlacementProblem
 from moe_edge.workload.stats_traces import STATS_MODELS, sample_stats_trace
-from moe_edge.workload.streams import DriftSchedule, default_homes
 
 GBPS = 1e9 / 8
 LAN_LATENCY = 5e-4
@@ -210,66 +212,36 @@ def sweep_parts(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[dict
   return rows
 
 
-def pair_swap_drift(num_servers: int, steps: int, interval: int) -> DriftSchedule:
-  """Servers 0 and 1 swap home domains at ~steps/3, servers 2 and 3 at ~2 steps/3 (interval
-  aligned; with fewer than four servers the second change swaps 0 and 1 back)."""
-  if num_servers < 2:
-    raise SweepError("the migration sweep needs at least two servers.")
-  homes = list(default_homes(num_servers))
-  at = [max(1, round(steps * f / 3 / interval)) * interval for f in (1, 2)]
-  first = list(homes)
-  first[0], first[1] = homes[1], homes[0]
-  second = list(first)
-  a, b = (2, 3) if num_servers >= 4 else (0, 1)
-  second[a], second[b] = first[b], first[a]
-  return DriftSchedule(((at[0], tuple(first)), (at[1], tuple(second))))
-
-
 def sweep_migration(cfg: ExperimentConfig, tick: Callable[[str], None]) -> list[dict]:
   """Per interval and policy: latency, coverage, bytes and the migration (expert copies, GB,
-  transfer time) applied at the interval's start."""
-  from moe_edge.placement import migration as mig  # noqa: PLC0415
-  from moe_edge.placement import place  # noqa: PLC0415
+  transfer time) applied at the interval's start. The replay is the one pipeline of
+  :func:`moe_edge.migration.replay.replay` (no trigger: the incremental plan of every interval
+  is applied), costed here like the tables (decode and prefill phases, calibrated)."""
   m = _stats_models(cfg)[0]
   model = served_model(cfg, m)
   base = cluster_config(cfg.sweep_cluster, link_gbps=cfg.link_gbps)
   cluster = with_expert_memory(base, model, cfg.copies)
   cap = cluster.expert_capacity(model)
   w, steps = cfg.migration_interval, cfg.migration_steps
-  drift = pair_swap_drift(cluster.num_servers, steps, w)
-  trace = sample_stats_trace(m, cluster.num_servers, steps * cfg.migration_request_len,
-                             cfg.alpha, cfg.seed, drift=drift,
-                             request_len=cfg.migration_request_len)
+  drift = drift_preset("pairs", cluster.num_servers, steps, w)
+  trace = drifting_trace(m, cluster.num_servers, steps, cfg.migration_request_len, cfg.alpha,
+                         cfg.seed, drift)
   cal = calib.edge_calibration(cfg.calibration, cluster, m)
-  windows = [trace.window(i, i + w) for i in range(0, steps, w)]
-
-  def problem(win):
-    return PlacementProblem.build(model, cluster, win.frequency(), win.tokens_per_server(), cap)
-
-  initial = place("dancemoe", problem(windows[0]), seed=cfg.seed)
-  state = {p: (initial, 0, 0.0) for p in ("off", "incremental", "full_replan")}
+  mcfg = MigrationConfig(interval=w, policies=("none", "incremental", "full_replan"),
+                         seed=cfg.seed, max_moves=cfg.migration_max_moves, trigger=False)
+  rep = replay(trace, model, cluster, cap, mcfg)
   shifts = [s for s, _ in drift.changes]
   rows = []
-  for i, win in enumerate(windows):
-    if i > 0:
-      seen = problem(windows[i - 1])
-      cur = state["incremental"][0]
-      new = mig.plan_incremental(seen, cur, max_moves=cfg.migration_max_moves)
-      plan = mig.move_cost(cur, new, model, cluster, cap, sequence=mig.move_sequence(new))
-      state["incremental"] = (new, plan.moves, plan.seconds)
-      cur = state["full_replan"][0]
-      new = mig.full_replan(seen, cur, "dancemoe", seed=cfg.seed)
-      plan = mig.move_cost(cur, new, model, cluster, cap)
-      state["full_replan"] = (new, plan.moves, plan.seconds)
-      state["off"] = (initial, 0, 0.0)
+  for i, win in enumerate(rep.windows):
     phases = phase_traces(win, "both", cfg.decode_batch, cfg.prefill_requests)
-    for policy, (p, moves, seconds) in state.items():
+    for policy in mcfg.policies:
+      st = rep.history[policy][i]
       rows.append(dict(sweep="migration", x=float(i * w), setting=f"interval {i}", model=m,
                        cluster=cluster.name, servers=cluster.num_servers, method=policy,
-                       interval=i, **report_metrics(cost_placement(p, phases, model, cluster,
-                                                                   cal)),
-                       moves=int(moves), gb_moved=moves * model.expert_bytes / 1e9,
-                       transfer_s=float(seconds),
+                       interval=i, **report_metrics(cost_placement(st.placement, phases, model,
+                                                                   cluster, cal)),
+                       moves=int(st.moves), gb_moved=st.moves * model.expert_bytes / 1e9,
+                       transfer_s=float(st.transfer_s),
                        drift_after=";".join(str(s) for s in shifts)))
     tick(f"migration interval {i}")
   return rows

@@ -93,7 +93,7 @@ from moe_edge.parallel import dispatch as dispatch_lib
 from moe_edge.parallel.mesh import (AXIS, WEIGHT_NAMES, SlotTables, pack_rows, row_sharding,
                                     shard_layer_weights, shard_rows, tables_from_placement,
                                     tables_on_mesh)
-from moe_edge.placement import migration as mig
+from moe_edge import migration as mig
 from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
 from moe_edge.placement.routing import nearest_replica_route_fast
 

@@ -10,7 +10,8 @@ from moe_edge.config import cluster_config, model_config
 from moe_edge.experiments.config import ExperimentConfig
 from moe_edge.experiments.progress import Progress
 from moe_edge.experiments.sweeps import (SweepError, cycled_cluster, everything_everywhere,
-                                         migration_summary, pair_swap_drift, run_sweep)
+                                         migration_summary, run_sweep)
+from moe_edge.migration.drift import drift_preset
 from moe_edge.workload.traces import ActivationTrace
 
 CFG = ExperimentConfig(
@@ -34,8 +35,8 @@ def test_cycled_cluster_and_full_memory():
     cycled_cluster(0)
 
 
-def test_pair_swap_drift():
-  d = pair_swap_drift(4, 96, 8)
+def test_pairs_drift_preset():
+  d = drift_preset("pairs", 4, 96, 8)
   (s1, h1), (s2, h2) = d.changes
   assert (s1, s2) == (32, 64)
   assert h1 == ("book", "arxiv", "c4", "github") and h2 == ("book", "arxiv", "github", "c4")
@@ -70,12 +71,12 @@ def test_migration_sweep(shared_data):
   first = [r for r in rows if r["interval"] == 0]
   assert len({round(r["decode_ms"], 9) for r in first}) == 1  # one initial placement
   for r in rows:
-    if r["method"] == "off":
+    if r["method"] == "none":
       assert r["moves"] == 0
     if r["method"] == "incremental":
       assert r["moves"] <= cfg.migration_max_moves
   summ = {s["policy"]: s for s in migration_summary(rows)}
-  assert summ["off"]["moves"] == 0 and summ["incremental"]["intervals"] == 2
+  assert summ["none"]["moves"] == 0 and summ["incremental"]["intervals"] == 2
 
 
 def test_progress_lines():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from moe_edge.config import cluster_config, model_config
-from moe_edge.placement import migration as mig
+from moe_edge import migration as mig
 from moe_edge.placement.objective import objective
 from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
 

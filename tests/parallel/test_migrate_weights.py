@@ -13,7 +13,7 @@ from _parallel_util import E, K, L, MODEL, cluster, cover, make_placement, scena
 from moe_edge.model.transformer import MoETransformer, expert_weights
 from moe_edge.parallel import mesh as mesh_lib
 from moe_edge.parallel.runtime import ServingRuntime, collective_permute_bytes
-from moe_edge.placement import migration as mig
+from moe_edge import migration as mig
 from moe_edge.placement.problem import PlacementProblem
 
 N = 8
