@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.table_workloads = ("specialised", "multidata")
   c.methods = ("uniform_ep", "redundance", "smartmoe", "eplb_hetero", "prism", "dancemoe")
   c.include_ours = True
+  c.pilot_method = "prism"
   c.cluster = "paper_testbed"
   c.link_mbps = 500.0
   c.latency_s = 1e-4
@@ -36,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.profile_duration_s = 1800.0
   c.scheduler = ml_collections.ConfigDict(dict(max_batch=16, token_budget=512,
                                                prefill_chunk=512, policy="fifo"))
+  c.max_waiting = 100
   c.shift_model = "deepseek_v2_lite"
   c.shift_from = "multidata"
   c.shift_to = "specialised"
@@ -45,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.shift_method = "prism"
   c.paper_replan_s = 300.0
   c.ours_check_s = 60.0
+  c.ours_max_moves = 256
   c.stats_window_s = 300.0
   c.shift_bin_s = 120.0
   c.scaling_model = "deepseek_v2_lite"

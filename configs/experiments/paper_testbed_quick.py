@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.name = "paper_testbed_quick"
   c.description = __doc__.splitlines()[0]
   c.duration_s = 240.0
-  c.profile_duration_s = 600.0
+  c.profile_duration_s = 240.0
   c.shift_at_s = 240.0
   c.shift_duration_s = 600.0
   c.paper_replan_s = 120.0

@@ -19,13 +19,18 @@ here and said so):
   domains) and the mean Poisson inter-arrival time per server; prompts ``prompt_tokens``
   (uniform integers, inclusive) cut from held-out documents of the request's domain, a fixed
   ``output_tokens``; ``duration_s`` of arrivals per run (every request then runs to the end).
+* ``max_waiting``: a server with more requests waiting means the queue diverges (the offered
+  load exceeds what the cluster serves with that placement): the row reports ``inf``.
 * methods: the table's rows: ``methods`` plus, with ``include_ours``, every registered method of
-  role ``ours`` (placement registry).
+  role ``ours`` (placement registry). ``pilot_method`` serves a pilot run of the profiling
+  workload that measures the batches the scheduler forms (the methods' WorkloadSummary).
 * shift: arrivals follow ``shift_from`` for ``shift_at_s`` seconds, then ``shift_to`` until
   ``shift_duration_s``; policies ``none`` (keep the first placement), ``paper`` (re-plan with
   ``prism`` every ``paper_replan_s`` on the last window's statistics, migrate when the
   candidate's communication cost plus the move cost is below the current communication cost)
-  and ``ours`` (the repository's migration trigger, judged every ``ours_check_s``).
+  and ``ours`` (the repository's migration trigger on incremental plans of at most
+  ``ours_max_moves`` copies, judged every ``ours_check_s``). Weights move over the links (the
+  repository's copy schedule) and serving stalls meanwhile.
 * scaling: the paper's simulation, ``scaling_gpus`` GPUs (the 1-1-2 pattern repeated) x
   ``scaling_link_mbps``, ``scaling_methods`` on ``scaling_model`` with ``scaling_workload``.
 """
@@ -40,6 +45,7 @@ from moe_edge.workload.corpus import DOMAINS
 
 PAPER_MODELS = ("deepseek_v2_lite", "mixtral_8x7b")
 SHIFT_POLICIES = ("none", "paper", "ours")
+NAME_LISTS = ("models", "table_workloads", "methods", "shift_policies", "scaling_methods")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +91,7 @@ class PaperConfig:
   table_workloads: tuple[str, ...]
   methods: tuple[str, ...]
   include_ours: bool
+  pilot_method: str
   cluster: str
   link_mbps: float
   latency_s: float
@@ -97,6 +104,7 @@ class PaperConfig:
   duration_s: float
   profile_duration_s: float
   scheduler: SchedulerSpec
+  max_waiting: int
   shift_model: str
   shift_from: str
   shift_to: str
@@ -106,6 +114,7 @@ class PaperConfig:
   shift_method: str
   paper_replan_s: float
   ours_check_s: float
+  ours_max_moves: int
   stats_window_s: float
   shift_bin_s: float
   scaling_model: str
@@ -158,6 +167,8 @@ class PaperConfig:
         raise ConfigError(f"{where}: {key} must be a positive finite number, got {v!r}.")
     if self.latency_s < 0 or self.kv_reserve_requests < 1:
       raise ConfigError(f"{where}: latency_s must be >= 0 and kv_reserve_requests >= 1.")
+    if self.max_waiting < 1 or self.ours_max_moves < 1:
+      raise ConfigError(f"{where}: max_waiting and ours_max_moves must be >= 1.")
     if self.shift_at_s >= self.shift_duration_s:
       raise ConfigError(f"{where}: shift_at_s ({self.shift_at_s}) must come before "
                         f"shift_duration_s ({self.shift_duration_s}).")
@@ -230,7 +241,7 @@ def paper_config(cd: Mapping[str, Any]) -> PaperConfig:
   for key, value in list(d.items()):
     if key not in ("workloads", "memory_fraction", "scheduler"):
       d[key] = _tuple(value)
-      if isinstance(d[key], str) and key in ("models", "table_workloads", "methods",
-                                             "shift_policies", "scaling_methods"):
-        d[key] = tuple(x.strip() for x in d[key].split(",") if x.strip())
+      if key in NAME_LISTS:  # "a,b" (a command-line override) or ("a", "b")
+        parts = (d[key],) if isinstance(d[key], str) else d[key]
+        d[key] = tuple(x.strip() for v in parts for x in str(v).split(",") if x.strip())
   return PaperConfig(**d)

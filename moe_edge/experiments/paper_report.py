@@ -228,3 +228,77 @@ def plot_shift(rows: Sequence[dict], shift_at_s: float, path: str | Path) -> Pat
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+# --------------------------------------------------------------------------------------------
+# Shift and scaling
+# --------------------------------------------------------------------------------------------
+def format_shift(shift) -> str:
+  """Mean latency before and after the shift per policy, against ``none`` and the paper."""
+  base = shift.after.get("none")
+  lines = ["| policy | mean latency before the shift s | after the shift s | after vs none | "
+           "migrations (time s: copies, stall s) |", "|---|---|---|---|---|"]
+  for p in shift.after:
+    mig = "; ".join(f"{t:.0f}: {c}, {s:.1f}" for t, c, s in shift.migrations[p]) or "-"
+    vs = _pct(change(shift.after[p], base)) if base else "-"
+    lines.append(f"| {p} | {shift.before[p]:.2f} | {shift.after[p]:.2f} | {vs} | {mig} |")
+  lines.append(f"| paper (PAPER.md) | - | {PAPER_SHIFT[0]:.2f} -> {PAPER_SHIFT[1]:.2f} | "
+               f"{_pct(change(PAPER_SHIFT[1], PAPER_SHIFT[0]))} | - |")
+  return "\n".join(lines)
+
+
+def scaling_effects(rows: Sequence[dict]) -> list[str]:
+  """The paper's two scaling statements, measured on our rows (per method)."""
+  out = []
+  gpus = sorted({r["gpus"] for r in rows})
+  links = sorted({r["link_mbps"] for r in rows})
+  for m in dict.fromkeys(r["method"] for r in rows):
+    get = {(r["gpus"], r["link_mbps"]): r["mean_latency_s"] for r in rows if r["method"] == m}
+    parts = []
+    for b in links:
+      if (gpus[0], b) in get and (gpus[-1], b) in get:
+        parts.append(f"{gpus[0]} -> {gpus[-1]} GPUs at {b:g} Mbps "
+                     f"{_pct(change(get[(gpus[-1], b)], get[(gpus[0], b)]))}")
+    for g in (gpus[0], gpus[-1]):
+      if (g, links[0]) in get and (g, links[-1]) in get:
+        parts.append(f"{links[0]:g} -> {links[-1]:g} Mbps at {g} GPUs "
+                     f"{_pct(change(get[(g, links[-1])], get[(g, links[0])]))}")
+    out.append(f"- {m}: " + "; ".join(parts))
+  return out
+
+
+def format_scaling(rows: Sequence[dict]) -> str:
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  lines = ["| GPUs | servers | link Mbps | " + " | ".join(f"{m} mean s" for m in methods) + " |",
+           "|---|---|---|" + "---|" * len(methods)]
+  keys = list(dict.fromkeys((r["gpus"], r["servers"], r["link_mbps"]) for r in rows))
+  for g, n, b in keys:
+    vals = {r["method"]: r["mean_latency_s"] for r in rows
+            if (r["gpus"], r["link_mbps"]) == (g, b)}
+    lines.append(f"| {g} | {n} | {b:g} | " + " | ".join(_f(vals.get(m), ".2f") for m in methods)
+                 + " |")
+  return "\n".join(lines)
+
+
+def plot_scaling(rows: Sequence[dict], path: str | Path) -> Path:
+  """Mean latency against GPUs, one panel per method, a line per link speed."""
+  plt = _plt()
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.0), squeeze=False)
+  for ax, m in zip(axes[0], methods):
+    for b in sorted({r["link_mbps"] for r in rows}):
+      here = sorted((r["gpus"], r["mean_latency_s"]) for r in rows
+                    if r["method"] == m and r["link_mbps"] == b)
+      ax.plot([g for g, _ in here], [v for _, v in here], marker="o", label=f"{b:g} Mbps")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("GPUs", fontsize=8)
+    ax.set_ylabel("mean request latency (s)", fontsize=8)
+    ax.set_title(m, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = Path(path)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -5,7 +5,7 @@ Per cluster step (the same pure planner the engine runs, :mod:`moe_edge.serving.
 every fed token (prompt chunks and decodes of every server) draws its ``top_k`` experts per
 layer from the routing statistics of its request's domain (Gumbel-top-k on the calibrated
 weights of :func:`moe_edge.workload.stats_traces.sampling_log_weights`, the sampler of the
-statistics-driven traces); the step's time is :meth:`moe_edge.cost.model.CostModel.evaluate`
+statistics-driven traces, so each expert's inclusion frequency equals the measured one); the step's time is :meth:`moe_edge.cost.model.CostModel.evaluate`
 with attention over every request's context (``attention=True``: a token at cache position
 ``p`` attends ``p + 1`` keys); its cross-server bytes are exact,
 ``2 * activation_bytes * (remote token-choices)`` with remote meaning ``route[n, l, e] != n``.
@@ -41,12 +41,11 @@ import numpy as np
 from moe_edge.core.errors import MoeEdgeError
 from moe_edge.core.problem import Placement
 from moe_edge.core.routing_stats import RoutingStats
-from moe_edge.core.trace import ActivationTrace
+from moe_edge.cost.attention import step_attention_work
 from moe_edge.cost.model import CostModel
 from moe_edge.serving import scheduler as sched
 from moe_edge.serving.metrics import RequestRecord, StepRecord
 from moe_edge.workload.requests import Requests
-from moe_edge.workload.sampling import gumbel_top_k
 from moe_edge.workload.stats_traces import sampling_log_weights
 
 MAX_LOOKAHEAD = 256  # steps planned and costed at once
@@ -61,12 +60,18 @@ class Window:
   """Routing counts of the served tokens in bins of ``bin_s`` simulated seconds.
 
   ``counts[b]``: ``[N, L, E]`` token-choices per server, layer and expert of the steps that
-  started in bin ``b``; ``tokens[b]``: ``[N]`` tokens fed.
+  started in bin ``b``; ``tokens[b]``: ``[N]`` tokens fed; ``steps[b]``: steps started.
   """
   bin_s: float
   shape: tuple[int, int, int]
   counts: dict = dataclasses.field(default_factory=dict)
   tokens: dict = dataclasses.field(default_factory=dict)
+  steps: dict = dataclasses.field(default_factory=dict)
+
+  def add_steps(self, start_s: np.ndarray) -> None:
+    for b, c in zip(*np.unique(np.floor(start_s / self.bin_s).astype(np.int64),
+                               return_counts=True)):
+      self.steps[int(b)] = self.steps.get(int(b), 0) + int(c)
 
   def add(self, start_s: np.ndarray, step_of_token: np.ndarray, server: np.ndarray,
           ids: np.ndarray) -> None:
@@ -82,17 +87,18 @@ class Window:
       self.tokens[int(b)] = self.tokens.get(int(b), 0) + t
 
   def totals(self, t0: float, t1: float, parity: int | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """``(counts [N, L, E], tokens [N])`` of the bins inside ``[t0, t1)`` (only bins of the
-    given ``parity`` when set: two disjoint halves of a window)."""
+             ) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(counts [N, L, E], tokens [N], steps)`` of the bins inside ``[t0, t1)`` (only bins
+    of the given ``parity`` when set: two disjoint halves of a window)."""
     n, l, e = self.shape
-    c, t = np.zeros((n, l, e)), np.zeros(n)
-    for b in self.counts:
+    c, t, s = np.zeros((n, l, e)), np.zeros(n), 0
+    for b in self.steps:
       if t0 <= b * self.bin_s and (b + 1) * self.bin_s <= t1 + 1e-9 and (
           parity is None or b % 2 == parity):
-        c += self.counts[b]
-        t += self.tokens[b]
-    return c, t
+        c += self.counts.get(b, 0)
+        t += self.tokens.get(b, 0)
+        s += self.steps[b]
+    return c, t, s
 
 
 Controller = Callable[[float, Window, Placement], tuple[Placement | None, float]]
@@ -172,6 +178,74 @@ def _tokens(plans: Sequence) -> tuple[np.ndarray, ...]:
   return tuple(np.concatenate(a).astype(np.int32) for a in (step, server, request, position))
 
 
+def top_k_sample(log_w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+  """``[..., k]`` distinct experts per row of ``log_w [..., E]`` (float32, consumed): the set
+  of the ``k`` largest Gumbel-perturbed keys, as :func:`moe_edge.workload.sampling.gumbel_top_k`
+  draws it, without ordering the set (the cost of a step does not depend on the ranks)."""
+  noise = rng.standard_exponential(size=log_w.shape, dtype=np.float32)
+  np.maximum(noise, np.finfo(np.float32).tiny, out=noise)
+  np.log(noise, out=noise)
+  log_w -= noise
+  e = log_w.shape[-1]
+  return np.argpartition(log_w, e - k, axis=-1)[..., e - k:].astype(np.int32)
+
+
+_FLOW_CHUNK = 1 << 22  # entries of the dense [S_c, L, N, N] flow counts per chunk of steps
+
+
+def step_costs(cost: CostModel, placement: Placement, step: np.ndarray, server: np.ndarray,
+               request: np.ndarray, position: np.ndarray, ids: np.ndarray,
+               num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(seconds [S], remote [S])``: every step's time and remote token-choices.
+
+  The formulas of :meth:`CostModel.evaluate` with ``attention=True``, all through the cost
+  model's :class:`~moe_edge.core.hardware.Hardware`: expert time per used (server, layer,
+  expert) from sparse counts (any number of servers), exchange times on dense ``[L, N, N]``
+  flows in chunks of steps, the dense part with the steps' attention work. Equal to
+  ``CostModel.evaluate(trace, placement, attention=True).step_latency`` (a test checks it);
+  no ``[N, L, E, N]`` table is built, so 256 servers fit.
+
+  Args:
+    step, server, request, position: ``[T]`` each fed token's step (``0..S-1``), server,
+      request and cache position.
+    ids: ``[T, L, k]`` its experts.
+  """
+  hw, model = cost.hardware, cost.model
+  n, n_lay = cost.cluster.num_servers, model.n_moe_layers
+  t, _, k = ids.shape
+  lay = np.broadcast_to(np.arange(n_lay)[None, :, None], ids.shape)
+  src = np.broadcast_to(server[:, None, None], ids.shape)
+  stp = np.broadcast_to(step[:, None, None], ids.shape)
+  dest = placement.route[src, lay, ids].astype(np.int64)               # [T, L, k]
+  remote = dest != src
+  n_remote = np.bincount(step, weights=remote.sum(axis=(1, 2)), minlength=num_steps)
+  # expert compute: token-choices per (step, computing server, layer, expert)
+  key = ((stp * n + dest) * n_lay + lay) * model.n_experts + ids
+  uk, count = np.unique(key.ravel(), return_counts=True)
+  cell = uk // model.n_experts                                          # (step, m, l)
+  m_of = (cell // n_lay) % n
+  per = np.bincount(cell, weights=hw.expert_time(count.astype(np.float64), servers=m_of),
+                    minlength=num_steps * n * n_lay).reshape(num_steps, n, n_lay)
+  compute = per.max(axis=1)                                             # [S, L]
+  # exchange: remote token-choices n -> m per (step, layer), dense per chunk of steps
+  exchange = np.zeros((num_steps, n_lay))
+  flow_key = ((stp * n_lay + lay) * n + src) * n + dest
+  flow_key = flow_key[remote]
+  span = max(1, _FLOW_CHUNK // (n_lay * n * n))
+  for s0 in range(0, num_steps, span):
+    s1 = min(num_steps, s0 + span)
+    lo, hi = s0 * n_lay * n * n, s1 * n_lay * n * n
+    sel = flow_key[(flow_key >= lo) & (flow_key < hi)] - lo
+    flows = np.bincount(sel, minlength=hi - lo).reshape(s1 - s0, n_lay, n, n).astype(float)
+    dispatch, combine = hw.exchange_times(flows)
+    exchange[s0:s1] = dispatch + combine
+  # dense part with attention
+  tokens = np.bincount(step * n + server, minlength=num_steps * n).reshape(num_steps, n)
+  ab, af = step_attention_work(model, step, server, request, position, num_steps, n)
+  dense = hw.dense_time(tokens, ab, af)
+  return dense + (compute + exchange).sum(axis=1), n_remote.astype(np.int64)
+
+
 class _Costing:
   """Samples the planned tokens' routing and costs them on the current placement."""
 
@@ -184,15 +258,9 @@ class _Costing:
 
   def __call__(self, plans, placement: Placement):
     step, server, request, position = _tokens(plans)
-    ids = gumbel_top_k(self.log_w[self.row[request]], self.k, self.rng)   # [T, L, k]
-    trace = ActivationTrace(
-        expert_ids=ids, gate_weights=np.ones(ids.shape, np.float32), server=server,
-        request=request, position=position, step=step, model=self.cost.model.name,
-        num_experts=self.cost.model.n_experts, num_servers=self.cost.cluster.num_servers)
-    seconds = self.cost.evaluate(trace, placement, attention=True).step_latency
-    dest = placement.route[server[:, None, None], np.arange(ids.shape[1])[None, :, None], ids]
-    remote = np.bincount(step, weights=(dest != server[:, None, None]).sum(axis=(1, 2)),
-                         minlength=len(plans)).astype(np.int64)
+    ids = top_k_sample(self.log_w[self.row[request]], self.k, self.rng)   # [T, L, k]
+    seconds, remote = step_costs(self.cost, placement, step, server, request, position, ids,
+                                 len(plans))
     return seconds, remote, (step, server, ids)
 
 
@@ -282,6 +350,7 @@ def simulate(requests: Requests, placement: Placement, cost: CostModel, stats: R
     step_of, server, ids = routed
     kept = step_of < keep
     window.add(start, step_of[kept], server[kept], ids[kept])
+    window.add_steps(start[:keep])
     k_choices = ids.shape[1] * ids.shape[2]
     total += int(kept.sum()) * k_choices
     local += int(kept.sum()) * k_choices - int(remote[:keep].sum())

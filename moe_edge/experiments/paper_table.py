@@ -1,0 +1,210 @@
+"""The paper's experiment: every method served on the testbed workloads, the workload shift
+under three migration policies, and the scaling sweep; request-level latency from the
+simulator (:mod:`moe_edge.experiments.request_sim`).
+
+Per (model, workload) setting (:func:`run_setting`):
+
+1. the testbed cluster and the routing statistics (:mod:`moe_edge.experiments.paper_workload`);
+2. a *pilot*: the profiling workload (another seed) served under ``pilot_method`` (``prism``)
+   measures what the
+   scheduler forms, the deployment's :class:`~moe_edge.placement.registry.WorkloadSummary`
+   (mean decode batch and prefill tokens per server and step) and the tokens per step every
+   method's problem is scaled by;
+3. every method places experts on the expected problem (with the cost model and the summary in
+   its :class:`~moe_edge.placement.registry.PlacementContext`) and serves the same evaluation
+   requests; a method whose queue diverges gets ``inf`` latency and a note.
+
+The shift (:func:`run_shift`) serves ``shift_from`` then ``shift_to`` from one initial
+placement (``shift_method`` planned on ``shift_from``) under the policies ``none``, ``paper``
+and ``ours`` (:mod:`moe_edge.experiments.paper_shift`). The scaling sweep
+(:func:`run_scaling`) repeats the 1-1-2 testbed up to 256 GPUs at several link speeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import numpy as np
+
+from moe_edge.config import ConfigError
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.cost.model import CostModel
+from moe_edge.experiments.calibration import edge_calibration
+from moe_edge.experiments.paper_config import PaperConfig
+from moe_edge.experiments.paper_workload import Setting, build_setting, workload_requests
+from moe_edge.experiments.request_sim import QueueDivergesError, SimResult, simulate
+from moe_edge.placement import registry
+from moe_edge.placement.registry import PlacementContext, WorkloadSummary
+from moe_edge.serving.scheduler import SchedulerOptions
+from moe_edge.workload.requests import Requests
+
+PROFILE_SEED_OFFSET = 1000
+
+
+def table_methods(cfg: PaperConfig) -> list[str]:
+  """The table's rows: ``cfg.methods`` plus every registered ``ours`` method (registry order).
+  ConfigError naming the registered methods when one is unknown."""
+  known = registry.names()
+  bad = [m for m in cfg.methods if m not in known]
+  if bad:
+    raise ConfigError(f"paper experiment {cfg.name!r}: methods {bad} are not registered; "
+                      f"registered: {', '.join(known)}.")
+  ours = registry.names("ours") if cfg.include_ours else []
+  return list(dict.fromkeys(list(cfg.methods) + ours))
+
+
+def scheduler_options(cfg: PaperConfig) -> SchedulerOptions:
+  s = cfg.scheduler
+  return SchedulerOptions(max_batch=s.max_batch, token_budget=s.token_budget,
+                          prefill_chunk=s.prefill_chunk, policy=s.policy)
+
+
+def cost_model(cfg: PaperConfig, setting: Setting) -> CostModel:
+  cal = edge_calibration(cfg.calibration, setting.cluster, setting.model.name)
+  return CostModel.build(setting.model, setting.cluster, cal)
+
+
+def serve(cfg: PaperConfig, setting: Setting, cost: CostModel, placement: Placement,
+          requests: Requests, seed: int, **kwargs) -> SimResult:
+  """Simulate ``requests`` on ``placement`` (the config's scheduler and divergence limit)."""
+  return simulate(requests, placement, cost, setting.stats, scheduler_options(cfg), seed=seed,
+                  max_waiting=cfg.max_waiting, **kwargs)
+
+
+def measured_summary(result: SimResult, cfg: PaperConfig, spec_rate: float,
+                     num_servers: int) -> tuple[WorkloadSummary, np.ndarray]:
+  """``(summary, tokens per step [N])`` of a served run: mean decode tokens over steps where a
+  server decodes, mean prefill tokens over steps where it prefills, mean tokens per step."""
+  pre = np.array([s.prefill_tokens for s in result.steps], dtype=np.float64)   # [S, N]
+  dec = np.array([s.decode_tokens for s in result.steps], dtype=np.float64)
+  def mean_pos(a):
+    return np.array([a[a[:, n] > 0, n].mean() if np.any(a[:, n] > 0) else 1.0
+                     for n in range(num_servers)])
+  prompt = 0.5 * (cfg.prompt_tokens[0] + cfg.prompt_tokens[1])
+  summary = WorkloadSummary(request_rate=np.full(num_servers, spec_rate),
+                            prompt_tokens=np.full(num_servers, prompt),
+                            output_tokens=np.full(num_servers, float(cfg.output_tokens)),
+                            decode_batch=mean_pos(dec), prefill_tokens=mean_pos(pre))
+  return summary, (pre + dec).mean(axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+  """A setting made ready to place on: its cost model, the pilot-scaled problem and the
+  context every method receives."""
+  setting: Setting
+  cost: CostModel
+  problem: PlacementProblem
+  context: PlacementContext
+
+
+def plan_setting(cfg: PaperConfig, model: str, workload: str, seed: int, num_gpus: int = 4,
+                 link_mbps: float | None = None) -> Planned:
+  """Steps 1-2 of the module docstring."""
+  setting = build_setting(cfg, model, workload, num_gpus, link_mbps)
+  cost = cost_model(cfg, setting)
+  n = setting.cluster.num_servers
+  problem = PlacementProblem.build(setting.model, setting.cluster, setting.problem.freq,
+                                   setting.problem.tokens, calibration=cost.calibration)
+  pilot_ctx = PlacementContext(seed=seed, cost=cost)
+  pilot_req = workload_requests(cfg, setting.workload, n, cfg.profile_duration_s,
+                                seed + PROFILE_SEED_OFFSET)
+  pilot = serve(cfg, setting, cost, registry.place(cfg.pilot_method, problem, context=pilot_ctx),
+                pilot_req, seed + PROFILE_SEED_OFFSET)
+  summary, per_step = measured_summary(pilot, cfg, 1.0 / setting.workload.interarrival_s, n)
+  problem = PlacementProblem.build(setting.model, setting.cluster, setting.problem.freq,
+                                   per_step, calibration=cost.calibration)
+  return Planned(setting, cost, problem, PlacementContext(seed=seed, cost=cost,
+                                                          workload=summary))
+
+
+def result_row(planned: Planned, method: str, result: SimResult | None,
+               error: str = "") -> dict:
+  """One row of ``table.csv`` (``gap_to_best_known`` is filled per setting afterwards)."""
+  s = planned.setting
+  row = dict(model=s.model.name, workload=s.workload.name, method=method,
+             role=registry.role(method),
+             note=error or (s.stats_note if "stand-in" in s.stats_note else ""))
+  if result is None:
+    return dict(row, mean_latency_s=math.inf, p50_latency_s=math.inf, p99_latency_s=math.inf,
+                ttft_s=math.inf, tpot_s=math.inf, cross_kb_per_token=math.nan,
+                coverage=math.nan, requests=0)
+  lat = result.latencies()
+  ttft = np.array([r.first_token_s - r.arrival_s for r in result.requests])
+  multi = [r for r in result.requests if r.output_tokens > 1]
+  tpot = np.array([(r.finish_s - r.first_token_s) / (r.output_tokens - 1) for r in multi])
+  return dict(row, mean_latency_s=float(lat.mean()), p50_latency_s=float(np.percentile(lat, 50)),
+              p99_latency_s=float(np.percentile(lat, 99)), ttft_s=float(ttft.mean()),
+              tpot_s=float(tpot.mean()) if tpot.size else math.nan,
+              cross_kb_per_token=result.cross_bytes / max(result.tokens_fed, 1) / 1e3,
+              coverage=result.coverage, requests=len(result.requests))
+
+
+def run_setting(cfg: PaperConfig, model: str, workload: str, methods: list[str], seed: int,
+                on_method: Callable[[str], None] | None = None
+                ) -> tuple[list[dict], dict[str, np.ndarray]]:
+  """Rows and per-request latencies ``{method: [R] s}`` of one setting (module docstring)."""
+  planned = plan_setting(cfg, model, workload, seed)
+  s = planned.setting
+  requests = workload_requests(cfg, s.workload, s.cluster.num_servers, cfg.duration_s, seed)
+  rows, lat = [], {}
+  for m in methods:
+    placement = registry.place(m, planned.problem, context=planned.context)
+    try:
+      res = serve(cfg, s, planned.cost, placement, requests, seed)
+    except QueueDivergesError as e:
+      rows.append(result_row(planned, m, None, f"queue diverges: {e}"))
+    else:
+      rows.append(result_row(planned, m, res))
+      lat[m] = res.latencies()
+    if on_method is not None:
+      on_method(m)
+  return rows, lat
+
+
+def run_table(cfg: PaperConfig, seed: int | None = None, log: Callable[[str], None] = print
+              ) -> tuple[list[dict], dict[tuple[str, str], dict[str, np.ndarray]]]:
+  """Every (model, workload) setting of the config: rows and latencies per setting."""
+  seed = cfg.seed if seed is None else seed
+  methods = table_methods(cfg)
+  rows, lat = [], {}
+  for model in cfg.models:
+    for workload in cfg.table_workloads:
+      t0 = time.perf_counter()
+      r, l = run_setting(cfg, model, workload, methods, seed)
+      rows += r
+      lat[(model, workload)] = l
+      log(f"  {model} {workload}: {len(methods)} methods ({time.perf_counter() - t0:.0f} s)")
+  return rows, lat
+
+
+def run_scaling(cfg: PaperConfig, seed: int | None = None,
+                log: Callable[[str], None] = print) -> list[dict]:
+  """Mean request latency of ``scaling_methods`` for every (GPUs, link) of the sweep."""
+  seed = cfg.seed if seed is None else seed
+  quick = dataclasses.replace(cfg, duration_s=cfg.scaling_duration_s,
+                              profile_duration_s=min(cfg.profile_duration_s,
+                                                     cfg.scaling_duration_s))
+  rows = []
+  for gpus in cfg.scaling_gpus:
+    for mbps in cfg.scaling_link_mbps:
+      t0 = time.perf_counter()
+      planned = plan_setting(quick, cfg.scaling_model, cfg.scaling_workload, seed, gpus, mbps)
+      s = planned.setting
+      requests = workload_requests(quick, s.workload, s.cluster.num_servers,
+                                   quick.duration_s, seed)
+      for m in cfg.scaling_methods:
+        placement = registry.place(m, planned.problem, context=planned.context)
+        try:
+          res = serve(quick, s, planned.cost, placement, requests, seed)
+          row = result_row(planned, m, res)
+        except QueueDivergesError as e:
+          row = result_row(planned, m, None, f"queue diverges: {e}")
+        rows.append(dict(gpus=gpus, servers=s.cluster.num_servers, link_mbps=mbps, **{
+            k: row[k] for k in ("method", "mean_latency_s", "p99_latency_s", "ttft_s",
+                                "tpot_s", "cross_kb_per_token", "coverage", "requests")}))
+      log(f"  scaling {gpus} GPUs ({s.cluster.num_servers} servers) at {mbps:g} Mbps "
+          f"({time.perf_counter() - t0:.0f} s)")
+  return rows
