@@ -44,8 +44,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from moe_edge.config import ClusterConfig, ServerSpec, cluster_config, uniform_links
 from moe_edge.core.errors import MoeEdgeError
-from moe_edge.config import ClusterConfig, ServerSpec, uniform_links
 
 
 class CalibrationError(MoeEdgeError):
@@ -420,7 +420,6 @@ def _main(argv):
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from moe_edge.config import cluster_config  # noqa: PLC0415
   m = measure_local(f.d_model, f.d_ff, tuple(int(c) for c in f.token_counts), f.dtype,
                     repeats=f.repeats)
   bw, flops = m.fitted()

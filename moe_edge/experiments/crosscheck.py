@@ -35,12 +35,20 @@ import dataclasses
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ModelConfig, with_expert_memory
-from moe_edge.cost import Calibration, evaluate, prefill_batches
-from moe_edge.workload.traces import ActivationTrace
+from moe_edge.core.errors import MoeEdgeError
+from moe_edge.core.problem import PlacementProblem
+from moe_edge.core.trace import ActivationTrace
+from moe_edge.cost import Calibration, calibrate_local, evaluate, local_cluster, prefill_batches
+from moe_edge.parallel.dispatch import (bucket_capacity, layer_program, make_moe_dispatch,
+                                        required_capacity)
+from moe_edge.parallel.mesh import (AXIS, server_mesh, shard_layer_weights, shard_rows,
+                                    tables_from_placement, tables_on_mesh)
+from moe_edge.placement import place
 
 
 class CrosscheckError(MoeEdgeError, RuntimeError):
@@ -80,10 +88,7 @@ def measure_links(mesh, d_model: int, rows: Sequence[int] = (1, 64, 512, 2048),
   (increasing, at least two sizes)."""
   if len(rows) < 2 or list(rows) != sorted(set(rows)):
     raise CrosscheckError(f"rows must be at least two increasing sizes, got {tuple(rows)}.")
-  import jax  # noqa: PLC0415
-  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
-  from moe_edge.parallel.mesh import AXIS, shard_rows  # noqa: PLC0415
   n = mesh.shape[AXIS]
   fn = jax.jit(jax.shard_map(lambda x: jax.lax.all_to_all(x, AXIS, 0, 0, tiled=True), mesh=mesh,
                              in_specs=P(AXIS), out_specs=P(AXIS), check_vma=False))
@@ -145,15 +150,7 @@ def crosscheck(profile: ActivationTrace, trace: ActivationTrace, model: ModelCon
   Returns:
     ``(rows, note)``: one row per method and a paragraph saying what was measured.
   """
-  import jax  # noqa: PLC0415
 
-  from moe_edge.cost import calibrate_local, local_cluster  # noqa: PLC0415
-  from moe_edge.parallel.dispatch import (bucket_capacity, layer_program,  # noqa: PLC0415
-                                          make_moe_dispatch, required_capacity)
-  from moe_edge.parallel.mesh import (server_mesh, shard_layer_weights,  # noqa: PLC0415
-                                      shard_rows, tables_from_placement, tables_on_mesh)
-  from moe_edge.placement import place  # noqa: PLC0415
-  from moe_edge.placement.problem import PlacementProblem  # noqa: PLC0415
 
   n = trace.num_servers
   if profile.num_servers != n:

@@ -25,7 +25,10 @@ from pathlib import Path
 from moe_edge.config import ConfigError, ModelConfig, model_config
 from moe_edge.experiments.config import ExperimentConfig
 from moe_edge.experiments.trace_mapping import map_trace
+from moe_edge.model.checkpoint import restore_checkpoint
+from moe_edge.workload.record import record_trace
 from moe_edge.workload.stats_traces import STATS_MODELS, sample_stats_trace
+from moe_edge.workload.streams import make_streams
 from moe_edge.workload.traces import ActivationTrace, TraceError
 
 SMALL_MODEL = "small_moe"
@@ -74,7 +77,6 @@ class Workload:
 # --------------------------------------------------------------------------------------------
 @lru_cache(maxsize=2)
 def _small_model(checkpoint: str):
-  from moe_edge.model.checkpoint import restore_checkpoint  # noqa: PLC0415  (JAX only here)
   path = repo_path(checkpoint)
   if not path.is_dir():
     raise ConfigError(f"no small-model checkpoint at {path}; train one with "
@@ -92,8 +94,6 @@ def _trace_params(cfg: ExperimentConfig, num_servers: int, seed: int) -> dict:
 
 def record_small_trace(cfg: ExperimentConfig, num_servers: int, seed: int) -> ActivationTrace:
   """Run the small checkpoint over ``num_servers`` streams of real held-out text; record it."""
-  from moe_edge.workload.record import record_trace  # noqa: PLC0415
-  from moe_edge.workload.streams import make_streams  # noqa: PLC0415
   model, step = _small_model(cfg.checkpoint)
   params = _trace_params(cfg, num_servers, seed)
   requests = make_streams(num_servers, cfg.small_requests_per_server, cfg.small_seq_len,

@@ -31,10 +31,14 @@ from flax import nnx
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
 from moe_edge.cost import decode_batches, evaluate
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.core.trace import ActivationTrace
+from moe_edge.extensions.similarity import capture_moe_inputs
 from moe_edge.extensions.transform import TransformedMoE, identity_transform
-from moe_edge.placement.problem import Placement, PlacementProblem
+from moe_edge.model.checkpoint import restore_checkpoint
+from moe_edge.model.transformer import MoETransformer
+from moe_edge.placement import place
 from moe_edge.workload.streams import make_streams
-from moe_edge.workload.traces import ActivationTrace
 
 
 def define_workload_flags() -> None:
@@ -92,8 +96,6 @@ def make_workload(num_servers: int, requests_per_server: int, seq_len: int, alph
 
 def load_model(cfg: ModelConfig, checkpoint: str, seed: int = 0):
   """``(model, description)`` from a checkpoint directory, or random init for ``"none"``."""
-  from moe_edge.model.checkpoint import restore_checkpoint  # noqa: PLC0415 (pulls in orbax)
-  from moe_edge.model.transformer import MoETransformer  # noqa: PLC0415
   if checkpoint.lower() == "none":
     return MoETransformer(cfg, nnx.Rngs(seed)), f"random init (seed {seed})"
   path = Path(checkpoint)
@@ -166,7 +168,6 @@ def plain_runner(batch_rows: int = 16) -> Runner:
 def calibrate(model, workload: Workload, cfg: ModelConfig, batch_rows: int = 16
               ) -> tuple[np.ndarray, ActivationTrace]:
   """MoE inputs ``x [L, M*S, d]`` of the plain model on ``workload`` and its routing trace."""
-  from moe_edge.extensions.similarity import capture_moe_inputs  # noqa: PLC0415
   xs = [capture_moe_inputs(model, workload.tokens[lo:lo + batch_rows, :-1])[0]
         for lo in range(0, workload.tokens.shape[0], batch_rows)]
   res = plain_runner(batch_rows)(model, workload, {}, 0.0)
@@ -193,7 +194,6 @@ def prepare(model_name: str, checkpoint: str, cluster_name: str, link_gbps: floa
             batch_rows: int = 16) -> Setup:
   """Model, cluster (expert memory for ``copies`` copies), calibration (train split, seed + 1),
   the ``method`` placement fitted on the calibration routing, and the held-out workload."""
-  from moe_edge.placement import place  # noqa: PLC0415  (registry of another module)
   cfg = model_config(model_name)
   model, origin = load_model(cfg, checkpoint, seed)
   cluster = with_expert_memory(cluster_config(cluster_name, link_gbps=link_gbps), cfg, copies)

@@ -37,6 +37,7 @@ from scipy import stats
 
 from moe_edge.core.errors import MoeEdgeError
 from moe_edge.extensions.transform import TransformedMoE, identity_transform
+from moe_edge.model.transformer import expert_weights
 
 WEIGHT_KINDS = ("response", "flat")
 _EPS = 1e-12
@@ -176,7 +177,6 @@ def capture_moe_inputs(model, tokens) -> tuple[np.ndarray, np.ndarray]:
 def calibration_similarity(model, tokens, routed: bool = True, chunk: int = 2048) -> np.ndarray:
   """``[L, E, E]`` output similarity of every MoE layer on the MoE inputs of ``tokens [B, S]``;
   ``routed`` weights each row by the tokens routed to that expert (module docstring)."""
-  from moe_edge.model.transformer import expert_weights  # noqa: PLC0415
   x, ids = capture_moe_inputs(model, tokens)
   w = expert_weights(model)
   e = w["w_gate"].shape[1]

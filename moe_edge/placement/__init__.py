@@ -11,6 +11,12 @@
   eplb              baseline: DeepSeek EPLB (load-balanced replication, no locality)
   topology_aware    baseline: each expert once where its traffic's link time is least
   ilp               oracle: the exact optimum of the objective (small instances)
+  prism             paper: the paper's algorithm as published (entropy budgets, greedy, repair)
+  redundance        baseline: uniform_ep plus replicas of the most-loaded experts
+  smartmoe          baseline: SmartMoE's load-balanced placement, one copy per expert
+  eplb_hetero       baseline: EPLB with memory-sized slots and speed-weighted packing
+  latency_search    ours: search on the expected request latency (search.py; about a second)
+  best_known        oracle: the same search, long, from every start (the reference)
 
 A new method is one file with ``@register(name, role, OptionsType)`` and one import line here
 (docs/DESIGN.md, "Adding a placement method"). ``registry.place(name, problem, options,
@@ -25,6 +31,11 @@ from moe_edge.placement import baselines  # noqa: F401  (uniform_ep, random, gre
 from moe_edge.placement import eplb  # noqa: F401
 from moe_edge.placement import topology  # noqa: F401  (topology_aware)
 from moe_edge.placement import ilp  # noqa: F401
+from moe_edge.placement import prism  # noqa: F401
+from moe_edge.placement import redundance  # noqa: F401
+from moe_edge.placement import smartmoe  # noqa: F401
+from moe_edge.placement import eplb_hetero  # noqa: F401
+from moe_edge.placement import search  # noqa: F401  (latency_search, best_known)
 from moe_edge.core.errors import PlacementError
 from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.placement import registry

@@ -1,0 +1,432 @@
+"""Latency search: a placement that minimises the expected request latency on the cost model.
+
+Objective: ``moe_edge.cost.request_latency`` -- the workload's mean request latency (each
+server's request rate, prompt and output lengths, prefill and decode steps at the batch sizes
+the scheduler forms, M/D/1 queueing) as a function of the expected decode and prefill step times
+``(T_d, T_p)`` of ``CostModel.expected``. Both are ``dense + sum_l time[l]``, and a layer's time
+depends only on that layer's copies and routes (``layer_state.py``), so the search works layer by
+layer on exact per-layer times and combines them through the objective.
+
+1. **Start**: the fast methods of ``options.starts`` (dancemoe, prism and the baselines, each in
+   milliseconds) are placed and scored; the best is the start (its own route table kept).
+2. **Rounds**: each round draws candidate changes in every layer (seeded, ``options.candidates``
+   of each kind per layer): *drop* a copy whose expert has another; *add* a copy (hottest
+   experts of the server first, Gumbel-perturbed); *move* a copy to a server with room; *swap*
+   inside a server (drop a duplicate, add an expert it lacks); *exchange* two copies between two
+   servers. Each candidate's new layer times are computed exactly
+   (``LayerState.evaluate``; the changed columns re-routed to their nearest copy), and scored by
+   the objective's gradient ``g_d dtime_d + g_p dtime_p`` (exact for one layer up to the
+   objective's curvature). Every layer takes its best improving candidate, best gains first,
+   within each server's memory; a *chain* then pairs, per full server, its best drop in one
+   layer with its best add in another (memory moves between layers). The round's changes are
+   kept when the exact objective falls; otherwise only its single best change is tried.
+3. **Stop** after ``options.patience`` rounds without improvement or ``options.max_rounds``.
+
+Deterministic for ``context.seed``; never worse than its start. ``best_known`` (role oracle) is
+the same search, longer (more candidates and rounds), from every start method's placement, the
+best result kept: the reference the fast search's gap is measured against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.cost.request_latency import (latency_gradient, request_latency,
+                                           workload_batches)
+from moe_edge.placement import registry
+from moe_edge.placement.common import finish
+from moe_edge.placement.layer_state import LayerState
+from moe_edge.placement.registry import PlacementContext, WorkloadSummary, register
+
+FAST_STARTS = ("dancemoe", "prism", "eplb_hetero", "eplb", "uniform_ep", "redundance",
+               "smartmoe", "greedy_local", "topology_aware")
+_TOL = 1e-12
+_UNSTABLE = 1e6  # score offset of a workload whose queues diverge (seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+  """Options of :func:`latency_search`.
+
+  Attributes:
+    starts: registered fast methods whose best placement (under the objective) is the start.
+    candidates: candidates of each kind per layer and round.
+    max_rounds: at most this many rounds.
+    patience: stop after this many rounds without improvement.
+    verify: candidates per layer and round whose screened gain is verified exactly (the
+      screening prices the exchange's bytes, not its latency terms; ``layer_state.py``).
+    per_layer: changes per layer and round (on distinct experts).
+    restarts: also search from the next-best ``restarts`` starts and keep the best result.
+  """
+  starts: tuple[str, ...] = FAST_STARTS
+  candidates: int = 24
+  max_rounds: int = 60
+  patience: int = 3
+  verify: int = 6
+  per_layer: int = 3
+  restarts: int = 0
+
+  def __post_init__(self):
+    if not self.starts:
+      raise PlacementError("latency_search: starts must name at least one method.")
+    for name, v, lo in (("candidates", self.candidates, 1), ("max_rounds", self.max_rounds, 0),
+                        ("patience", self.patience, 1), ("verify", self.verify, 1),
+                        ("per_layer", self.per_layer, 1),
+                        ("restarts", self.restarts, 0)):
+      if int(v) != v or v < lo:
+        raise PlacementError(f"latency_search: {name}={v!r} must be an integer >= {lo}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BestKnownOptions(SearchOptions):
+  """Options of :func:`best_known`: the search's, long (four times the candidates, more
+  verified per layer, up to 400 rounds, patience 8) and from every start."""
+  candidates: int = 96
+  max_rounds: int = 400
+  patience: int = 8
+  verify: int = 12
+  restarts: int = len(FAST_STARTS) - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Objective
+# --------------------------------------------------------------------------------------------
+def objective_score(step: np.ndarray, workload) -> float:
+  """Mean request latency of step times ``step = [T_d, T_p]``; a diverging workload scores
+  ``_UNSTABLE`` plus its no-wait latency (so placements that serve it faster still rank)."""
+  lat = request_latency(float(step[0]), float(step[1]), workload)
+  if lat.stable:
+    return lat.mean
+  w = np.asarray(workload.request_rate, dtype=np.float64)
+  w = w / w.sum()
+  return _UNSTABLE + float(np.sum(w * (lat.prefill + lat.decode)))
+
+
+def objective_weights(step: np.ndarray, workload) -> np.ndarray:
+  """``[2]`` weights of a layer's decode and prefill time in the score (its gradient)."""
+  g = latency_gradient(float(step[0]), float(step[1]), workload)
+  if np.isfinite(g[0]):
+    return np.asarray(g)
+  lat = request_latency(float(step[0]), float(step[1]), workload)
+  w = np.asarray(workload.request_rate, dtype=np.float64)
+  w = w / w.sum()
+  return np.array([np.sum(w * lat.decode) / max(step[0], 1e-30),
+                   np.sum(w * lat.prefill) / max(step[1], 1e-30)])
+
+
+def search_setup(problem: PlacementProblem, context):
+  """``(hardware, workload)`` of a context: its cost model's hardware (else the datasheet) and
+  its workload summary (else :func:`default_workload`)."""
+  hw = context.cost.hardware if context.cost is not None else problem.hardware
+  workload = context.workload
+  if workload is None:
+    workload = default_workload(problem)
+  n = problem.shape[0]
+  if np.shape(workload.request_rate) != (n,):
+    raise PlacementError(f"the workload summary describes {np.shape(workload.request_rate)} "
+                         f"servers but the problem has {n}; build it for this cluster.")
+  return hw, workload
+
+
+def default_workload(problem: PlacementProblem):
+  """The paper's specialised workload shape when none is given: one request per 10 s per
+  server on average (scaled by ``problem.tokens``), 320-token prompts (the middle of 128-512),
+  128 output tokens, 8 concurrent decoding requests and one prompt per prefill step."""
+  n = problem.shape[0]
+  share = problem.tokens / problem.tokens.mean() if problem.tokens.mean() > 0 else np.ones(n)
+  return WorkloadSummary(request_rate=0.1 * share, prompt_tokens=np.full(n, 320.0),
+                         output_tokens=np.full(n, 128.0), decode_batch=np.full(n, 8.0),
+                         prefill_tokens=np.full(n, 320.0))
+
+
+def placement_score(problem: PlacementProblem, placement: Placement, hw, workload) -> float:
+  """The objective of ``placement`` (its own route table)."""
+  st = LayerState.build(hw, problem.freq, np.stack(workload_batches(workload)),
+                        placement.hosts, placement.route)
+  return objective_score(st.step_times(), workload)
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Cands:
+  """Candidate changes: layer, one or two (expert, host column), and the memory they move."""
+  lk: np.ndarray
+  ek: np.ndarray
+  hk: np.ndarray
+  e2: np.ndarray
+  h2: np.ndarray
+  take: np.ndarray   # server whose room falls by one (-1 none)
+  give: np.ndarray   # server whose room grows by one (-1 none)
+
+
+def _pick(rng: np.random.Generator, mask: np.ndarray, size: int) -> np.ndarray:
+  """``[size, mask.ndim]`` indices of random True entries of ``mask`` (with replacement)."""
+  idx = np.flatnonzero(mask.ravel())
+  if idx.size == 0 or size <= 0:
+    return np.zeros((0, mask.ndim), dtype=np.int64)
+  return np.stack(np.unravel_index(rng.choice(idx, size=size), mask.shape), axis=1)
+
+
+def _choose(rng: np.random.Generator, score: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+  """Per row, the argmax of ``score`` randomly scaled by 0.25..1.25, among ``allowed`` (-1
+  where a row allows nothing): hot entries are likely, not certain."""
+  key = np.where(allowed, score * (0.25 + rng.random(score.shape)), -1.0)
+  best = np.argmax(key, axis=-1)
+  return np.where(allowed.any(axis=-1), best, -1)
+
+
+def candidates(st: LayerState, room: np.ndarray, heat: np.ndarray, rng: np.random.Generator,
+               k: int) -> _Cands:
+  """Draw the round's candidates (module docstring, step 2); ``heat [N, L, E]`` ranks adds."""
+  hosts = st.hosts
+  n, l, e = hosts.shape
+  count = hosts.sum(axis=0)
+  spare = hosts & (count >= 2)[None]
+  m = k * l
+  parts = []
+
+  def col(li, ei):
+    return hosts[:, li, ei].T.copy()
+
+  # drop
+  d = np.argwhere(spare)
+  if len(d) > m:
+    d = d[np.sort(rng.choice(len(d), size=m, replace=False))]
+  h = col(d[:, 1], d[:, 2])
+  h[np.arange(len(d)), d[:, 0]] = False
+  parts.append((d[:, 1], d[:, 2], h, None, None, np.full(len(d), -1), d[:, 0]))
+  # add (any server; a full server's adds only serve chains)
+  srv = rng.integers(0, n, size=m)
+  lay = np.repeat(np.arange(l), k)
+  ex = _choose(rng, heat[srv, lay], ~hosts[srv, lay])
+  ok = ex >= 0
+  srv, lay, ex = srv[ok], lay[ok], ex[ok]
+  h = col(lay, ex)
+  h[np.arange(len(ex)), srv] = True
+  parts.append((lay, ex, h, None, None, srv, np.full(len(ex), -1)))
+  # move a copy to a server with room
+  src = _pick(rng, hosts, m)
+  if len(src) and (room > 0).any():
+    dst = rng.choice(np.flatnonzero(room > 0), size=len(src))
+    ok = ~hosts[dst, src[:, 1], src[:, 2]]
+    src, dst = src[ok], dst[ok]
+    h = col(src[:, 1], src[:, 2])
+    h[np.arange(len(src)), src[:, 0]] = False
+    h[np.arange(len(src)), dst] = True
+    parts.append((src[:, 1], src[:, 2], h, None, None, dst, src[:, 0]))
+  # swap inside a server: drop a duplicate, add an expert it lacks
+  s = _pick(rng, spare, m)
+  if len(s):
+    e2 = _choose(rng, heat[s[:, 0], s[:, 1]], ~hosts[s[:, 0], s[:, 1]])
+    ok = e2 >= 0
+    s, e2 = s[ok], e2[ok]
+    h = col(s[:, 1], s[:, 2])
+    h[np.arange(len(s)), s[:, 0]] = False
+    g = col(s[:, 1], e2)
+    g[np.arange(len(s)), s[:, 0]] = True
+    parts.append((s[:, 1], s[:, 2], h, e2, g, np.full(len(s), -1), np.full(len(s), -1)))
+  # exchange: n's copy of e1 goes to m, m's copy of e2 goes to n
+  c = _pick(rng, hosts, m)
+  if len(c) and n > 1:
+    other = (c[:, 0] + rng.integers(1, n, size=len(c))) % n
+    ok = ~hosts[other, c[:, 1], c[:, 2]]
+    c, other = c[ok], other[ok]
+    allowed = hosts[other, c[:, 1]] & ~hosts[c[:, 0], c[:, 1]]
+    e2 = _choose(rng, np.ones(allowed.shape), allowed)
+    ok = e2 >= 0
+    c, other, e2 = c[ok], other[ok], e2[ok]
+    h = col(c[:, 1], c[:, 2])
+    h[np.arange(len(c)), c[:, 0]] = False
+    h[np.arange(len(c)), other] = True
+    g = col(c[:, 1], e2)
+    g[np.arange(len(c)), other] = False
+    g[np.arange(len(c)), c[:, 0]] = True
+    parts.append((c[:, 1], c[:, 2], h, e2, g, np.full(len(c), -1), np.full(len(c), -1)))
+  cat = lambda i, fill: np.concatenate([p[i] if p[i] is not None else fill(p) for p in parts])  # noqa
+  return _Cands(cat(0, None).astype(np.int64), cat(1, None).astype(np.int64), cat(2, None),
+                cat(3, lambda p: np.full(len(p[0]), -1)).astype(np.int64),
+                cat(4, lambda p: np.zeros((len(p[0]), n), dtype=bool)),
+                cat(5, None).astype(np.int64), cat(6, None).astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# Rounds
+# --------------------------------------------------------------------------------------------
+def _select(c: _Cands, gain: np.ndarray, room: np.ndarray, n_layers: int,
+            per_layer: int) -> list[list[int]]:
+  """The round's changes (module docstring): up to ``per_layer`` candidates of each layer on
+  distinct experts, best gains first, within memory, then chains; each change is a list of
+  candidate indices (one, or a drop and an add)."""
+  room = room.copy()
+  count = np.zeros(n_layers, dtype=np.int64)
+  touched = set()
+  chosen = []
+  live = np.flatnonzero(gain > 0)
+  for i in live[np.argsort(-gain[live], kind="stable")]:
+    li, cols = int(c.lk[i]), {(int(c.lk[i]), int(c.ek[i])), (int(c.lk[i]), int(c.e2[i]))}
+    if count[li] >= per_layer or cols & touched or (
+        c.take[i] >= 0 and room[c.take[i]] <= 0 and c.take[i] != c.give[i]):
+      continue
+    touched |= cols
+    if c.take[i] >= 0:
+      room[c.take[i]] -= 1
+    if c.give[i] >= 0:
+      room[c.give[i]] += 1
+    chosen.append([int(i)])
+    count[li] += 1
+  used = count > 0
+  # chains: a full server's best add in one layer paid by its best drop in another
+  drops = np.flatnonzero((c.give >= 0) & (c.take < 0))
+  adds = np.flatnonzero((c.take >= 0) & (c.give < 0))
+  for s in np.flatnonzero(room <= 0):
+    a = adds[(c.take[adds] == s) & ~used[c.lk[adds]]]
+    d = drops[(c.give[drops] == s) & ~used[c.lk[drops]]]
+    if a.size == 0 or d.size == 0:
+      continue
+    a = a[np.argsort(-gain[a], kind="stable")]
+    d = d[np.argsort(-gain[d], kind="stable")]
+    best = None
+    for ai in a[:4]:
+      for di in d[:4]:
+        if c.lk[ai] != c.lk[di] and gain[ai] + gain[di] > 0 and (
+            best is None or gain[ai] + gain[di] > gain[best[0]] + gain[best[1]]):
+          best = (int(ai), int(di))
+    if best is not None:
+      used[c.lk[list(best)]] = True
+      chosen.append(list(best))
+  return chosen
+
+
+def _top_per_layer(lk: np.ndarray, score: np.ndarray, t: int) -> np.ndarray:
+  """Indices of the ``t`` highest ``score`` of each layer (ties to the lower index)."""
+  order = np.lexsort((-score, lk))
+  start = np.searchsorted(lk[order], lk[order], side="left")
+  keep = order[np.arange(order.size) - start < t]
+  return np.sort(keep)
+
+
+def _apply(st: LayerState, c: _Cands, change: list[int]) -> None:
+  for i in change:
+    experts, cols = [int(c.ek[i])], [c.hk[i]]
+    if c.e2[i] >= 0:
+      experts.append(int(c.e2[i]))
+      cols.append(c.h2[i])
+    st.apply(int(c.lk[i]), experts, cols, refresh=False)
+
+
+def _try(st: LayerState, c: _Cands, changes: list[list[int]], workload, score: float):
+  """Apply ``changes``; keep them when the exact score falls. Returns the new score or None."""
+  layers = np.unique(np.concatenate([c.lk[ch] for ch in changes]))
+  saved = st.hosts[:, layers].copy(), st.route[:, layers].copy()
+  for ch in changes:
+    _apply(st, c, ch)
+  st.refresh(layers)
+  new = objective_score(st.step_times(), workload)
+  if new < score * (1.0 - _TOL):
+    return new
+  st.hosts[:, layers], st.route[:, layers] = saved
+  st.refresh(layers)
+  return None
+
+
+def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptions,
+            rng: np.random.Generator) -> dict:
+  """Run the rounds on ``st`` in place (module docstring, steps 2-3); returns statistics."""
+  room = np.asarray(capacity, dtype=np.int64) - st.hosts.sum(axis=(1, 2))
+  heat = st.x.sum(axis=0)                       # [N, L, E]: a server's own traffic per expert
+  score = objective_score(st.step_times(), workload)
+  stats = dict(start_score=score, rounds=0, accepted=0, evaluated=0, verified=0)
+  stall = 0
+  for _ in range(options.max_rounds):
+    g = objective_weights(st.step_times(), workload)
+    c = candidates(st, room, heat, rng, options.candidates)
+    stats["rounds"] += 1
+    stats["evaluated"] += int(c.lk.size)
+    if c.lk.size == 0:
+      break
+    approx = -np.einsum("p,pk->k", g, st.screen(c.lk, c.ek, c.hk, c.e2, c.h2)
+                        - st.time[:, c.lk])
+    top = _top_per_layer(c.lk, approx, options.verify)
+    gain = np.zeros(c.lk.size)
+    gain[top] = -np.einsum("p,pk->k", g, st.evaluate(c.lk[top], c.ek[top], c.hk[top],
+                                                      c.e2[top], c.h2[top])
+                           - st.time[:, c.lk[top]])
+    stats["verified"] += int(top.size)
+    gain[gain <= _TOL * score] = 0.0
+    changes = _select(c, gain, room, st.shape[1], options.per_layer)
+    new = _try(st, c, changes, workload, score) if changes else None
+    if new is None and options.per_layer > 1 and len(changes) > 1:
+      changes = _select(c, gain, room, st.shape[1], 1)       # one per layer
+      new = _try(st, c, changes, workload, score)
+    if new is None and len(changes) > 1:
+      best = int(np.argmax([gain[ch].sum() for ch in changes]))
+      changes = changes[best:best + 1]
+      new = _try(st, c, changes, workload, score)
+    if new is None:
+      stall += 1
+      if stall >= options.patience:
+        break
+      continue
+    stall = 0
+    score = new
+    stats["accepted"] += len(changes)
+    room = np.asarray(capacity, dtype=np.int64) - st.hosts.sum(axis=(1, 2))
+  stats["score"] = score
+  return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------
+def ranked_starts(problem: PlacementProblem, options: SearchOptions, context, hw,
+                  workload) -> list[tuple[float, str, Placement]]:
+  """``(score, name, placement)`` of every start method, best first (ties by name order)."""
+  out = []
+  for i, name in enumerate(options.starts):
+    p = registry.place(name, problem, context=context)
+    out.append((placement_score(problem, p, hw, workload), i, name, p))
+  out.sort(key=lambda t: (t[0], t[1]))
+  return [(s, name, p) for s, _, name, p in out]
+
+
+def run_search(problem: PlacementProblem, options: SearchOptions, context,
+               method: str) -> Placement:
+  """Steps 1-3 from the best start (and ``options.restarts`` more); the best result wins."""
+  t0 = time.perf_counter()
+  hw, workload = search_setup(problem, context)
+  seed = int(context.seed)
+  starts = ranked_starts(problem, options, context, hw, workload)
+  batches = np.stack(workload_batches(workload))
+  best = None
+  runs = []
+  for j, (s0, name, p) in enumerate(starts[:1 + options.restarts]):
+    st = LayerState.build(hw, problem.freq, batches, p.hosts, p.route)
+    stats = improve(st, problem.capacity, workload, options,
+                    np.random.default_rng([seed, j]))
+    runs.append(dict(start=name, start_score=s0, **{k: v for k, v in stats.items()
+                                                   if k != "start_score"}))
+    if best is None or stats["score"] < best[0]:
+      best = (stats["score"], st.hosts.copy(), st.route.copy(), name)
+  info = dict(seed=seed, start=best[3], score=best[0], start_score=starts[0][0], runs=runs,
+              starts={name: s for s, name, _ in starts})
+  return finish(problem, best[1], method, t0, info, route=best[2])
+
+
+@register("latency_search", "ours", SearchOptions, label="LatencySearch")
+def latency_search(problem: PlacementProblem, options: SearchOptions = SearchOptions(),
+                   context: PlacementContext = PlacementContext()) -> Placement:
+  """The fast latency search (module docstring)."""
+  return run_search(problem, options, context, "latency_search")
+
+
+@register("best_known", "oracle", BestKnownOptions)
+def best_known(problem: PlacementProblem, options: BestKnownOptions = BestKnownOptions(),
+               context: PlacementContext = PlacementContext()) -> Placement:
+  """The long search from every start: the best latency this project knows per instance."""
+  return run_search(problem, options, context, "best_known")
