@@ -1,10 +1,13 @@
 """Place experts with every method on one workload and compare them with the cost model.
 
 The workload is a recorded trace (``--trace``, an ActivationTrace ``.npz`` from
-``experiments/collect_traces.py``) or a trace sampled from the real routing statistics of
-OLMoE-1B-7B / Mixtral-8x7B (``--stats``, with locality ``--alpha``). From it the script builds
-the :class:`~moe_edge.placement.problem.PlacementProblem`, runs each method of
-``moe_edge.placement.METHODS`` (``--methods``; default all but ``ilp``, ``all`` includes it),
+``experiments/collect_traces.py``) or a trace sampled from routing statistics (``--stats``: a
+shipped name, ``olmoe_1b_7b`` or ``mixtral_8x7b``, or the path of any RoutingStats ``.npz`` of
+docs/DESIGN.md: another model, any domains), with locality ``--alpha`` and one home domain per
+server (``--home_domains a,b,...`` by name; default: the file's domains round robin). From it
+the script builds the :class:`~moe_edge.core.problem.PlacementProblem`, runs each registered
+method (``--methods``: names or roles; default every method but the oracles, ``all`` includes
+them),
 saves every placement as ``<out>/<method>.json`` and prints, per method: local coverage,
 cross-server MB per decode step and kB per token, decode latency per token, prefill latency per
 request and the time the method took. Latencies come from ``moe_edge.cost.evaluate`` on the
@@ -15,6 +18,7 @@ prefill batches (``--prefill_requests`` requests per server per batch). The rows
   python experiments/place.py --stats olmoe_1b_7b --alpha 0.8 --cluster edge_hetero_4
   python experiments/place.py --stats mixtral_8x7b --cluster edge_hetero_8 --copies 1.5
   python experiments/place.py --trace traces/small_moe_4srv.npz --model small_moe --methods all
+  python experiments/place.py --stats my_stats.npz --model small_moe --home_domains a,b,c,d
 """
 from __future__ import annotations
 
@@ -26,9 +30,12 @@ from absl import app, flags
 
 from moe_edge.config import (ClusterConfig, ModelConfig, cluster_config, model_config,
                              with_expert_memory)
+from moe_edge.core.errors import MoeEdgeError
+from moe_edge.core.trace import ActivationTrace
 from moe_edge.cost import Calibration
+from moe_edge.experiments.costing import cost_methods
 from moe_edge.placement import registry
-from moe_edge.workload.traces import ActivationTrace
+from moe_edge.workload.stats_traces import resolve_stats, sample_stats_trace
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model config name (default: the trace's or --stats model).")
@@ -37,11 +44,14 @@ flags.DEFINE_float("link_gbps", 1.0, "Link bandwidth of the cluster preset, Gbit
 flags.DEFINE_float("copies", None, "Expert memory as copies of all experts (default: the "
                    "cluster's real memory).")
 flags.DEFINE_string("trace", None, "ActivationTrace .npz to place for.")
-flags.DEFINE_enum("stats", None, ["olmoe_1b_7b", "mixtral_8x7b"],
-                  "Sample a trace from these real routing statistics instead of --trace.")
+flags.DEFINE_string("stats", None, "Sample a trace from routing statistics instead of --trace: "
+                    "a shipped name (olmoe_1b_7b, mixtral_8x7b) or a RoutingStats .npz path.")
+flags.DEFINE_list("home_domains", None, "--stats: one home domain per server, by name "
+                  "(default: the file's domains round robin).")
 flags.DEFINE_float("alpha", 0.8, "--stats: share of a server's requests from its home domain.")
 flags.DEFINE_integer("tokens_per_server", 4096, "--stats: tokens in each server's stream.")
-flags.DEFINE_string("methods", "", "Comma-separated methods; empty: all but ilp; 'all': all.")
+flags.DEFINE_string("methods", "", "Comma-separated methods or roles (ours, paper, baseline, "
+                    "oracle); empty: all but the oracles; 'all': all.")
 flags.DEFINE_string("out", "results/placements", "Folder for the placement JSONs and summary.")
 flags.DEFINE_enum("phase", "both", ["both", "decode", "prefill"], "Which latencies to report.")
 flags.DEFINE_integer("decode_batch", 8, "Concurrent requests per server in a decode step.")
@@ -51,35 +61,58 @@ flags.DEFINE_integer("seed", 0, "Seed of the sampled trace and of the methods.")
 
 
 def method_names(spec: str) -> list[str]:
-  """Methods named by ``spec`` (see --methods), checked against the registry."""
+  """Methods named by ``spec`` (see --methods: names, roles or ``all``), from the registry."""
   known = registry.names()
   if spec.strip() == "all":
     return known
   if not spec.strip():
     return [m for m in known if registry.role(m) != "oracle"]
-  names = [m.strip() for m in spec.split(",") if m.strip()]
-  unknown = [m for m in names if m not in known]
-  if unknown:
-    raise ValueError(f"unknown placement method(s) {unknown}; known: {', '.join(known)}.")
+  names: list[str] = []
+  for entry in (m.strip() for m in spec.split(",") if m.strip()):
+    if entry in registry.ROLES:
+      names += [m for m in registry.names(entry) if m not in names]
+    elif entry in known:
+      names += [entry] if entry not in names else []
+    else:
+      raise ValueError(f"unknown placement method {entry!r}; known: {', '.join(known)} (or a "
+                       f"role: {', '.join(registry.ROLES)}).")
   return names
 
 
 def load_workload(trace_path: str | None, stats: str | None, model: str | None,
                   cluster: ClusterConfig, tokens_per_server: int, alpha: float,
-                  seed: int) -> tuple[ActivationTrace, ModelConfig]:
-  """The trace (recorded or sampled for ``cluster``) and the model it belongs to."""
+                  seed: int, home_domains: Sequence[str] | None = None
+                  ) -> tuple[ActivationTrace, ModelConfig]:
+  """The trace (recorded or sampled for ``cluster``) and the model it belongs to.
+
+  ``stats``: a shipped name or a RoutingStats path; the model is ``model`` (default the
+  statistics' name) and must have the statistics' shape. ``home_domains``: one domain of the
+  file per server (default round robin over them).
+  """
   if (trace_path is None) == (stats is None):
-    raise ValueError("give exactly one of --trace (a recorded .npz) or --stats (olmoe_1b_7b or "
-                     "mixtral_8x7b).")
-  if stats is not None:
-    from moe_edge.workload.stats_traces import sample_stats_trace  # noqa: PLC0415
-    if model is not None and model != stats:
-      raise ValueError(f"--model {model} differs from --stats {stats}; a statistics-driven "
-                       f"trace is at the shape of its own model (drop --model).")
-    trace = sample_stats_trace(stats, cluster.num_servers, tokens_per_server, alpha, seed)
-    return trace, model_config(stats)
-  trace = ActivationTrace.load(trace_path)
-  return trace, model_config(model or trace.model)
+    raise ValueError("give exactly one of --trace (a recorded .npz) or --stats (a shipped name "
+                     "such as olmoe_1b_7b, or a RoutingStats .npz path).")
+  if stats is None:
+    if home_domains:
+      raise ValueError("--home_domains applies to --stats (a recorded trace has its servers).")
+    trace = ActivationTrace.load(trace_path)
+    return trace, model_config(model or trace.model)
+  st = resolve_stats(stats)
+  cfg = model_config(model or st.name)
+  if (cfg.n_moe_layers, cfg.n_experts, cfg.top_k) != (st.num_layers, st.num_experts, st.top_k):
+    want = (cfg.n_moe_layers, cfg.n_experts, cfg.top_k)
+    raise ValueError(f"model {cfg.name!r} has (L, E, k) = {want} but the statistics "
+                     f"{st.name!r} are for {(st.num_layers, st.num_experts, st.top_k)}; give "
+                     f"--model with that shape.")
+  homes = None
+  if home_domains:
+    if len(home_domains) != cluster.num_servers:
+      raise ValueError(f"--home_domains names {len(home_domains)} domains for the "
+                       f"{cluster.num_servers} servers of {cluster.name}; give one per server "
+                       f"(or none for round robin over {', '.join(st.domains)}).")
+    homes = [st.domains[st.domain_index(d)] for d in home_domains]
+  trace = sample_stats_trace(st, cluster.num_servers, tokens_per_server, alpha, seed, homes)
+  return trace, cfg
 
 
 def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
@@ -91,7 +124,6 @@ def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConf
   Placing and costing is :func:`moe_edge.experiments.tables.cost_methods` (shared with the
   tables); this adds the files and the flat rows printed here.
   """
-  from moe_edge.experiments.tables import cost_methods  # noqa: PLC0415
   _, results = cost_methods(trace, model, cluster, methods, phase, decode_batch,
                             prefill_requests, seed, calibration)
   rows = []
@@ -137,12 +169,13 @@ def format_table(rows: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  cluster = cluster_config(FLAGS.cluster, link_gbps=FLAGS.link_gbps)
   try:
+    cluster = cluster_config(FLAGS.cluster, link_gbps=FLAGS.link_gbps)
     trace, model = load_workload(FLAGS.trace, FLAGS.stats, FLAGS.model, cluster,
-                                 FLAGS.tokens_per_server, FLAGS.alpha, FLAGS.seed)
+                                 FLAGS.tokens_per_server, FLAGS.alpha, FLAGS.seed,
+                                 FLAGS.home_domains)
     methods = method_names(FLAGS.methods)
-  except ValueError as e:
+  except (MoeEdgeError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   if FLAGS.copies is not None:
     cluster = with_expert_memory(cluster, model, FLAGS.copies)

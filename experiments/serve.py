@@ -139,6 +139,7 @@ def serve(f) -> dict:
   from moe_edge.placement.problem import Placement, PlacementProblem  # noqa: PLC0415
   from moe_edge.serving import metrics, report  # noqa: PLC0415
   from moe_edge.serving.engine import Engine  # noqa: PLC0415
+  from moe_edge.serving.loop import check_requests  # noqa: PLC0415
   from moe_edge.serving.scheduler import SchedulerOptions  # noqa: PLC0415
   from moe_edge.serving.step_cost import StepCost  # noqa: PLC0415
   from moe_edge.workload.record import record_trace  # noqa: PLC0415
@@ -153,6 +154,17 @@ def serve(f) -> dict:
   cluster = _cluster(f.cluster, f.num_servers)
   if f.copies:
     cluster = with_expert_memory(cluster, cfg, f.copies)
+  if f.requests:
+    requests = Requests.load(f.requests)
+  else:
+    requests = make_requests(n, _length(f.prompt_len, "prompt_len"),
+                             _length(f.max_new_tokens, "max_new_tokens"), f.seed, rate=f.rate,
+                             requests_per_server=f.requests_per_server, alpha=f.alpha)
+  options = SchedulerOptions(max_batch=f.max_batch, token_budget=f.token_budget,
+                             prefill_chunk=f.prefill_chunk,
+                             kv_tokens=f.kv_tokens or f.max_batch * cfg.max_seq_len,
+                             policy=f.policy)
+  check_requests(requests, n, options, cfg.max_seq_len)  # bad input: before any model work
   try:
     mesh = server_mesh(n)
   except MeshError as e:
@@ -174,16 +186,6 @@ def serve(f) -> dict:
   slots = max(placement.num_slots, target.num_slots if target is not None else 0)
   rt = ServingRuntime(mesh, model, placement, f.transport, problem=problem, num_slots=slots)
 
-  if f.requests:
-    requests = Requests.load(f.requests)
-  else:
-    requests = make_requests(n, _length(f.prompt_len, "prompt_len"),
-                             _length(f.max_new_tokens, "max_new_tokens"), f.seed, rate=f.rate,
-                             requests_per_server=f.requests_per_server, alpha=f.alpha)
-  options = SchedulerOptions(max_batch=f.max_batch, token_budget=f.token_budget,
-                             prefill_chunk=f.prefill_chunk,
-                             kv_tokens=f.kv_tokens or f.max_batch * cfg.max_seq_len,
-                             policy=f.policy)
   engine = Engine(rt, model, options, cost=StepCost(cfg, cluster))
   if f.clock == "wall":
     engine.compile()  # measured times without compilation

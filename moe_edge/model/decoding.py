@@ -1,8 +1,10 @@
 """Generation with the KV cache on one device (the reference the serving engine must equal).
 
 :func:`generate_cached` prefills every prompt (ragged lengths allowed, in chunks of
-``prefill_chunk`` positions), then decodes one token per step. Its jitted step is
-:func:`cached_step`: compiled once per ``(B, C)`` (batch rows, chunk width), never per position.
+``prefill_chunk`` positions) with :func:`cached_step`, compiled once per ``(B, C)`` (batch rows,
+chunk width), then runs every decode step inside one compiled loop (:func:`_decode_program`,
+``jax.lax.fori_loop`` with a traced trip count: compiled once per batch size, for any number of
+new tokens), so no host round trip is paid per token.
 """
 from __future__ import annotations
 
@@ -14,8 +16,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_edge.model import experts as experts_lib
 from moe_edge.model.kv_cache import KVCache
 from moe_edge.model.transformer import ModelError, MoeFn, MoETransformer
+
+
+def sparse_moe_fn(layer: int, x: jax.Array, expert_ids: jax.Array, gates: jax.Array,
+                  w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """Single-device routed experts that read only the chosen experts' weights when that is less
+  work: for ``T * k < E`` token-choices (decode of a few rows) every choice gathers its
+  expert's ``[d, f]`` matrices; otherwise :func:`moe_edge.model.experts.moe_dense_reference`.
+  Same sum ``sum_r gates[t, r] FFN_{e_r}(x_t)``; the rounding order differs from the dense
+  reference's in the last bits. ``x [B, S, d]``, ``expert_ids, gates [B, S, k]``,
+  ``w_gate, w_up [E, d, f]``, ``w_down [E, f, d]`` -> ``[B, S, d]``."""
+  del layer
+  b, s, d = x.shape
+  k = expert_ids.shape[-1]
+  xt, ids, g = x.reshape(b * s, d), expert_ids.reshape(b * s, k), gates.reshape(b * s, k)
+  if b * s * k >= w_gate.shape[0]:
+    return experts_lib.moe_dense_reference(xt, ids, g, w_gate, w_up, w_down).reshape(b, s, d)
+  h = (jax.nn.silu(jnp.einsum("td,tkdf->tkf", xt, w_gate[ids])) *
+       jnp.einsum("td,tkdf->tkf", xt, w_up[ids]))
+  y = jnp.einsum("tkf,tkfd->tkd", h, w_down[ids])
+  return jnp.einsum("tk,tkd->td", g.astype(y.dtype), y).reshape(b, s, d)
 
 
 def last_logits(logits: jax.Array, num_new: jax.Array) -> jax.Array:
@@ -45,6 +68,30 @@ def cached_step(moe_fn: MoeFn | None, temperature: float):
   return step
 
 
+@functools.lru_cache(maxsize=32)
+def _decode_program(graphdef, moe_fn: MoeFn | None, temperature: float):
+  """Jitted ``(state, first [B], cache, steps, key) -> tokens [B, T]``: token 0 is ``first``,
+  tokens ``1 .. steps-1`` are decoded one position per loop iteration (the rest stay 0)."""
+
+  def run(state, first, cache, steps, key):
+    model = nnx.merge(graphdef, state)
+    b, t = first.shape[0], cache.capacity
+    buf = jnp.zeros((b, t), jnp.int32).at[:, 0].set(first)
+
+    def body(j, carry):
+      buf, cache, key = carry
+      key, sub = jax.random.split(key)
+      tok = jax.lax.dynamic_slice_in_dim(buf, j - 1, 1, axis=1)
+      logits, _, cache = model.step(tok, cache, None, moe_fn=moe_fn)
+      nxt = pick_token(logits[:, 0], temperature, sub)
+      return jax.lax.dynamic_update_slice_in_dim(buf, nxt[:, None], j, axis=1), cache, key
+
+    buf, _, _ = jax.lax.fori_loop(1, steps, body, (buf, cache, key))
+    return buf
+
+  return jax.jit(run)
+
+
 def _rows(prompts) -> list[np.ndarray]:
   if isinstance(prompts, (np.ndarray, jax.Array)):
     arr = np.asarray(prompts)
@@ -67,13 +114,15 @@ def generate_cached(model: MoETransformer, prompts: Sequence | np.ndarray, max_n
     max_new: new tokens per prompt (``>= 1``); prompt length + ``max_new`` must fit
       ``cfg.max_seq_len``.
     temperature: 0 is greedy; otherwise sampled with ``rng`` (required).
-    moe_fn: optional routed-expert compute (see :mod:`moe_edge.model.transformer`).
+    moe_fn: routed-expert compute (see :mod:`moe_edge.model.transformer`); default
+      :func:`sparse_moe_fn` (reads only the chosen experts in decode steps).
     prefill_chunk: positions per prefill step (default: the longest prompt, one step).
 
   Returns:
     ``[B, max_new] int32``: the generated tokens (prompts not included).
   """
   cfg = model.cfg
+  moe_fn = sparse_moe_fn if moe_fn is None else moe_fn
   rows = _rows(prompts)
   if not rows:
     raise ModelError("generate_cached needs at least one prompt.")
@@ -108,9 +157,10 @@ def generate_cached(model: MoETransformer, prompts: Sequence | np.ndarray, max_n
                       cache, key)
     done = (lens > start) & (lens <= start + chunk)  # prompts whose last chunk this was
     out[done, 0] = np.asarray(nxt)[done]
-  ones = jnp.ones((b,), jnp.int32)
-  for j in range(1, max_new):
+  if max_new > 1:
+    graphdef, state = nnx.split(model)
     rng, key = jax.random.split(rng)
-    nxt, cache = step(model, jnp.asarray(out[:, j - 1:j]), ones, cache, key)
-    out[:, j] = np.asarray(nxt)
+    buf = _decode_program(graphdef, moe_fn, float(temperature))(
+        state, jnp.asarray(out[:, 0]), cache, jnp.int32(max_new), key)
+    out = np.asarray(buf[:, :max_new])
   return out

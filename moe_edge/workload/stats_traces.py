@@ -1,9 +1,12 @@
-"""Statistics-driven activation traces from the real routing counts of OLMoE and Mixtral.
+"""Statistics-driven activation traces from routing counts of any model over any domains.
 
-The counts (``data_dir()/routing_stats/<model>_domain_counts.npz``, see
-``third_party/olmoe_routing_and_corpus/README.md``) give, per domain, how often each expert was
-chosen at three recorded layers (0, 7, 15) of OLMoE-1B-7B (16 layers, 64 experts, top-8) and
-Mixtral-8x7B (32 layers, 8 experts, top-2). From them this module builds an
+A :class:`~moe_edge.core.routing_stats.RoutingStats` file (format in docs/DESIGN.md) gives, per
+domain, how often each expert was chosen at some recorded layers. Two real instances ship with
+the data (``data_dir()/routing_stats/<model>_domain_counts.npz``, see
+``third_party/olmoe_routing_and_corpus/README.md``, found by name): OLMoE-1B-7B (16 layers, 64
+experts, top-8) and Mixtral-8x7B (32 layers, 8 experts, top-2), five domains each, layers 0, 7
+and 15; a user's own file (another model, other or more domains) is given by path
+(:func:`resolve_stats`). From them this module builds an
 :class:`~moe_edge.workload.traces.ActivationTrace` at the real model's shape for any number of
 servers, locality ``alpha`` and drift, so placement can be studied on real routing skew without
 the real weights.
@@ -14,9 +17,10 @@ Construction (each step documented where it happens):
    layers are the measured ones; an unrecorded layer copies the nearest recorded layer with its
    experts relabelled by a fixed seeded permutation (no interpolation: expert identities are not
    aligned across layers, so mixing two layers' vectors would blend unrelated experts).
-2. Domains: request ``i`` of server ``n`` (``request_len`` tokens, at step ``i``) draws its domain
-   with :func:`moe_edge.workload.streams.draw_domains` (home domain with probability ``alpha``,
-   the others uniformly; drift changes the homes), the same rule as the corpus streams.
+2. Domains: request ``i`` of server ``n`` (``request_len`` tokens, at step ``i``) draws one of the
+   file's domains with :func:`moe_edge.workload.streams.draw_domains` (home domain with
+   probability ``alpha``, the others uniformly; drift changes the homes), the same rule as the
+   corpus streams; server ``i``'s home defaults to the file's domain ``i % D`` (round robin).
 3. Experts: every token draws ``top_k`` distinct experts per layer, independently across tokens
    and layers given its domain, with the Gumbel-top-k trick on weights *calibrated* so that each
    expert's inclusion frequency equals the real one (:mod:`moe_edge.workload.sampling`).
@@ -27,7 +31,7 @@ Construction (each step documented where it happens):
 Not used: ``cross`` / ``cross_top1`` (co-activation between layer pairs). They are rank-aligned
 sums over two layer pairs only, not a joint distribution of the k-sets, so layers are sampled
 independently given the domain; cross-layer correlation in these traces comes only from the
-shared domain of a request. ``counts_top1`` is used only to validate the file.
+shared domain of a request. ``counts_top1`` is used only to validate the file; both are optional.
 """
 from __future__ import annotations
 
@@ -39,12 +43,12 @@ from typing import Sequence
 import numpy as np
 
 from moe_edge.core.routing_stats import RoutingStats, StatsError
-from moe_edge.workload.corpus import DOMAINS, data_dir
+from moe_edge.workload.corpus import data_dir
 from moe_edge.workload.sampling import calibrate_inclusion, gumbel_top_k
 from moe_edge.workload.streams import DriftSchedule, default_homes, draw_domains, normalize_home
 from moe_edge.workload.traces import ActivationTrace
 
-STATS_MODELS = ("olmoe_1b_7b", "mixtral_8x7b")
+STATS_MODELS = ("olmoe_1b_7b", "mixtral_8x7b")  # the shipped instances (found by name)
 _CHUNK_ELEMENTS = 1 << 22  # token chunk size of the sampler: about 16 MB of float32 keys
 
 
@@ -55,6 +59,29 @@ def stats_path(name: str) -> Path:
 @functools.lru_cache(maxsize=None)
 def _load(name: str, path: str) -> RoutingStats:
   return RoutingStats.load(path, name)
+
+
+def available_stats() -> list[str]:
+  """Names of the routing-statistics files in ``<data_dir>/routing_stats/``."""
+  folder = data_dir() / "routing_stats"
+  return sorted(f.name.replace("_domain_counts.npz", "")
+                for f in folder.glob("*_domain_counts.npz")) if folder.is_dir() else []
+
+
+def resolve_stats(spec: "str | Path | RoutingStats") -> RoutingStats:
+  """Routing statistics by name (a file of ``<data_dir>/routing_stats/``), by path (any
+  ``.npz`` in the RoutingStats format; its name is the file's stem without
+  ``_domain_counts``), or as given."""
+  if isinstance(spec, RoutingStats):
+    return spec
+  p = Path(spec)
+  if p.suffix == ".npz" or p.is_file() or len(p.parts) > 1:
+    if not p.is_file():
+      raise StatsError(f"no routing statistics file at {p}; give a RoutingStats .npz "
+                       f"(docs/DESIGN.md) or one of the shipped names "
+                       f"({', '.join(available_stats()) or 'none found'}).")
+    return _load(p.stem.replace("_domain_counts", ""), str(p.resolve()))
+  return load_routing_stats(str(spec))
 
 
 def load_routing_stats(name: str, path: str | Path | None = None) -> RoutingStats:
@@ -168,21 +195,23 @@ def format_domain_tv(stats: RoutingStats) -> str:
 # --------------------------------------------------------------------------------------------
 # Sampling a trace
 # --------------------------------------------------------------------------------------------
-def sample_stats_trace(name: str, num_servers: int, tokens_per_server: int, alpha: float,
-                       seed: int, home_domains: Sequence | None = None,
+def sample_stats_trace(name: "str | Path | RoutingStats", num_servers: int,
+                       tokens_per_server: int, alpha: float, seed: int,
+                       home_domains: Sequence | None = None,
                        drift: DriftSchedule | None = None, request_len: int = 128,
                        layer_seed: int = 0) -> ActivationTrace:
-  """A trace of the real model ``name`` (``olmoe_1b_7b`` or ``mixtral_8x7b``) for a cluster.
+  """A trace at the shape of the statistics' model for a cluster.
 
   Args:
-    name: routing-statistics / model config name.
+    name: routing statistics (a shipped name such as ``olmoe_1b_7b``, a path, or a loaded
+      :class:`RoutingStats`, see :func:`resolve_stats`); the trace's model is its name.
     num_servers: ``N``.
     tokens_per_server: tokens in each server's stream; split into requests of ``request_len``
       (the last one shorter when it does not divide).
     alpha: locality in [0, 1] (:mod:`moe_edge.workload.streams`).
     seed: randomness of domains and expert draws.
-    home_domains: ``N`` homes (default server ``i`` -> ``DOMAINS[i % 5]``).
-    drift: home changes at request steps.
+    home_domains: ``N`` homes among the file's domains (default: round robin over them).
+    drift: home changes at request steps (its homes among the file's domains).
     request_len: tokens per request.
     layer_seed: seed of the expert relabelling of unrecorded layers (:func:`layer_plan`).
 
@@ -194,7 +223,8 @@ def sample_stats_trace(name: str, num_servers: int, tokens_per_server: int, alph
   if num_servers <= 0 or tokens_per_server <= 0 or request_len <= 0:
     raise StatsError(f"num_servers, tokens_per_server and request_len must be positive, got "
                      f"{num_servers}, {tokens_per_server}, {request_len}.")
-  stats = load_routing_stats(name)
+  stats = resolve_stats(name)
+  names = stats.domains
   log_w = sampling_log_weights(stats, layer_seed).astype(np.float32)  # [D, L, E]
   dist = layer_distributions(stats, layer_seed)  # [D, L, E]
   rng = np.random.default_rng(seed)
@@ -204,7 +234,7 @@ def sample_stats_trace(name: str, num_servers: int, tokens_per_server: int, alph
   lengths[-1] = tokens_per_server - (n_req - 1) * request_len
   rows = np.stack(np.meshgrid(np.arange(num_servers), np.arange(n_req), indexing="xy"),
                   -1).reshape(-1, 2)  # [M, 2] (server, step), sorted by step then server
-  req_domain = draw_domains(num_servers, rows, alpha, rng, home_domains, drift)  # [M]
+  req_domain = draw_domains(num_servers, rows, alpha, rng, home_domains, drift, names)  # [M]
   req_len = lengths[rows[:, 1]]
   server = np.repeat(rows[:, 0], req_len).astype(np.int32)
   step = np.repeat(rows[:, 1], req_len).astype(np.int32)
@@ -226,15 +256,17 @@ def sample_stats_trace(name: str, num_servers: int, tokens_per_server: int, alph
     p = np.take_along_axis(p, order, axis=-1)
     gates[lo:lo + chunk] = p / p.sum(-1, keepdims=True)
 
-  homes = default_homes(num_servers) if home_domains is None else tuple(
-      normalize_home(h) for h in home_domains)
+  homes = default_homes(num_servers, names) if home_domains is None else tuple(
+      normalize_home(h, names) for h in home_domains)
   note = dict(generator="moe_edge.workload.stats_traces.sample_stats_trace", alpha=alpha,
               seed=seed, homes=[h if isinstance(h, str) else list(h) for h in homes],
               drift=drift.describe() if drift is not None else "", request_len=request_len,
               layer_seed=layer_seed,
               layer_source=[stats.layers[s] for s in layer_plan(stats, layer_seed)[0]])
-  source = f"routing_stats/{Path(stats.path).name} (real counts, allenai/OLMoE 357454f)"
+  shipped = Path(stats.path).parent == (data_dir() / "routing_stats").resolve()
+  source = (f"routing_stats/{Path(stats.path).name} (real counts, allenai/OLMoE 357454f)"
+            if shipped else f"{stats.path} (routing statistics)")
   return ActivationTrace(expert_ids=ids, gate_weights=gates, server=server, request=request,
-                         position=position, step=step, model=name,
+                         position=position, step=step, model=stats.name,
                          num_experts=stats.num_experts, num_servers=num_servers, source=source,
                          note=json.dumps(note))

@@ -45,10 +45,11 @@ def _bump(a):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(cross=None), "lacks arrays"),
+    (dict(counts=None), "lacks arrays"),
+    (dict(cross=None), "come together"),
     (dict(counts=_bump), "sum to top_k"),
     (dict(cross=lambda a: np.roll(a, 1, axis=-1)), "marginals"),
-    (dict(domains=lambda a: a[::-1]), "domains"),
+    (dict(domains=lambda a: np.array([a[0]] * len(a))), "distinct"),
     (dict(num_layers=lambda a: np.array(20)), "configs/models/olmoe_1b_7b.py"),
     (dict(counts=lambda a: a[:, :, :32]), "shape"),
     (dict(layers=lambda a: np.array([0, 7, 16])), "recorded layers"),
