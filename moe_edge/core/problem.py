@@ -1,6 +1,7 @@
 """The placement problem and its solution.
 
-Vocabulary (``DESIGN.md``): ``N`` servers, ``L`` MoE layers, ``E`` routed experts per layer.
+Vocabulary (docs/DESIGN.md, "The problem in one page"): ``N`` servers, ``L`` MoE layers, ``E``
+routed experts per layer.
 
 * :class:`PlacementProblem` bundles the model, the cluster, each server's expert capacity and the
   per-server activation frequencies ``F [N, L, E]`` (token-choices per token) and request rates.

@@ -69,32 +69,7 @@ def route_table(hosts: np.ndarray, hardware: Hardware, traffic: np.ndarray | Non
   f_t = traffic[f_srv, f_lay, f_exp]
 
   # Near sets: single-replica experts have one; replicated columns get a mask per source.
-  n_rep = hosts.sum(axis=0)  # [L, E]
-  dest = np.argmax(hosts, axis=0)[f_lay, f_exp].astype(np.int64)  # right when one replica
-  multi = n_rep[f_lay, f_exp] > 1
-  cols = np.argwhere(n_rep > 1)  # [C, 2]
-  col_id = np.full((n_lay, n_exp), -1, dtype=np.int64)
-  col_id[cols[:, 0], cols[:, 1]] = np.arange(len(cols))
-  near = np.zeros((len(cols), n_srv, n_srv), dtype=bool)  # [C, source, replica]
-  by_count = np.argsort(n_rep[cols[:, 0], cols[:, 1]], kind="stable")  # blocks of similar R
-  for a in range(0, len(cols), _CHUNK):
-    ci = by_count[a:a + _CHUNK]
-    h = hosts[:, cols[ci, 0], cols[ci, 1]].T  # [c, N]
-    r = int(h.sum(axis=1).max())
-    reps = np.argsort(~h, axis=1, kind="stable")[:, :r]  # [c, R] replicas first, in id order
-    real = np.take_along_axis(h, reps, axis=1)
-    cm = np.where(real[:, None, :], cost[:, reps].transpose(1, 0, 2), np.inf)  # [c, N, R]
-    ok = cm <= cm.min(axis=2, keepdims=True) * (1.0 + slack)
-    c_idx = np.broadcast_to(ci[:, None, None], ok.shape)
-    s_idx = np.broadcast_to(np.arange(n_srv)[None, :, None], ok.shape)
-    near[c_idx[ok], s_idx[ok], np.broadcast_to(reps[:, None, :], ok.shape)[ok]] = True
-  f_col = col_id[f_lay, f_exp]
-  mi = np.flatnonzero(multi)
-  n_near = near.sum(axis=2)[f_col[mi], f_srv[mi]]  # [M]
-  one = n_near == 1
-  dest[mi[one]] = np.argmax(near, axis=2)[f_col[mi[one]], f_srv[mi[one]]]
-  contested = np.zeros(len(f_t), dtype=bool)
-  contested[mi[~one]] = True
+  dest, near, f_col, contested = _near_sets(hosts, cost, slack, f_lay, f_exp, f_srv)
   busy = contested & (f_t > 0)
 
   # Step of each flow: how many busy contested flows of its layer come before it.
@@ -148,9 +123,10 @@ def route_table_reference(hosts: np.ndarray, hardware: Hardware, traffic: np.nda
   over layers and is what :meth:`~moe_edge.core.problem.Placement.from_hosts` uses.
 
   A token on ``n`` choosing a non-local expert (l, e) goes to the replica ``m`` with the least
-  ``hardware.route_cost()[n, m]`` (link time plus expert compute per token on m); replicas within ``slack`` (relative)
-  of the cheapest are treated as ties and the one with the least traffic assigned so far in that
-  layer wins, so hot replicated experts share their load. Flows are assigned heaviest first.
+  ``hardware.route_cost()[n, m]`` (link time plus expert compute per token on m); replicas within
+  ``slack`` (relative) of the cheapest are treated as ties and the one with the least traffic
+  assigned so far in that layer wins, so hot replicated experts share their load. Flows are assigned
+  heaviest first.
 
   Args:
     hosts: ``[N, L, E]`` bool.
@@ -180,3 +156,39 @@ def route_table_reference(hosts: np.ndarray, hardware: Hardware, traffic: np.nda
       route[n, l, e] = m
       load[m] += traffic[n, l, e]
   return route
+
+def _near_sets(hosts: np.ndarray, cost: np.ndarray, slack: float, f_lay: np.ndarray,
+               f_exp: np.ndarray, f_srv: np.ndarray):
+  """The replicas within ``slack`` of the cheapest for every remote flow ``(f_srv, f_lay,
+  f_exp)``: ``(dest [F]`` (right where one replica is near), ``near [C, N, N]`` (per replicated
+  column, source, replica), ``f_col [F]`` (each flow's column, -1 if unreplicated),
+  ``contested [F]`` (two or more near replicas)).
+  """
+  n_srv, n_lay, n_exp = hosts.shape
+  n_rep = hosts.sum(axis=0)  # [L, E]
+  dest = np.argmax(hosts, axis=0)[f_lay, f_exp].astype(np.int64)  # right when one replica
+  multi = n_rep[f_lay, f_exp] > 1
+  cols = np.argwhere(n_rep > 1)  # [C, 2]
+  col_id = np.full((n_lay, n_exp), -1, dtype=np.int64)
+  col_id[cols[:, 0], cols[:, 1]] = np.arange(len(cols))
+  near = np.zeros((len(cols), n_srv, n_srv), dtype=bool)  # [C, source, replica]
+  by_count = np.argsort(n_rep[cols[:, 0], cols[:, 1]], kind="stable")  # blocks of similar R
+  for a in range(0, len(cols), _CHUNK):
+    ci = by_count[a:a + _CHUNK]
+    h = hosts[:, cols[ci, 0], cols[ci, 1]].T  # [c, N]
+    r = int(h.sum(axis=1).max())
+    reps = np.argsort(~h, axis=1, kind="stable")[:, :r]  # [c, R] replicas first, in id order
+    real = np.take_along_axis(h, reps, axis=1)
+    cm = np.where(real[:, None, :], cost[:, reps].transpose(1, 0, 2), np.inf)  # [c, N, R]
+    ok = cm <= cm.min(axis=2, keepdims=True) * (1.0 + slack)
+    c_idx = np.broadcast_to(ci[:, None, None], ok.shape)
+    s_idx = np.broadcast_to(np.arange(n_srv)[None, :, None], ok.shape)
+    near[c_idx[ok], s_idx[ok], np.broadcast_to(reps[:, None, :], ok.shape)[ok]] = True
+  f_col = col_id[f_lay, f_exp]
+  mi = np.flatnonzero(multi)
+  n_near = near.sum(axis=2)[f_col[mi], f_srv[mi]]  # [M]
+  one = n_near == 1
+  dest[mi[one]] = np.argmax(near, axis=2)[f_col[mi[one]], f_srv[mi[one]]]
+  contested = np.zeros(len(f_lay), dtype=bool)
+  contested[mi[~one]] = True
+  return dest, near, f_col, contested

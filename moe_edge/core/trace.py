@@ -1,6 +1,6 @@
 """ActivationTrace: which experts each token picked, in every MoE layer, on which server.
 
-The on-disk format is an ``.npz`` (see ``DESIGN.md``):
+The on-disk format is an ``.npz`` (docs/DESIGN.md, "Data formats"):
 
   expert_ids   [T, L, k] int32    expert chosen by token t at MoE layer l, rank r (best first)
   gate_weights [T, L, k] float32  the gate weight the model gave that choice

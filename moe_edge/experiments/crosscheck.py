@@ -150,8 +150,6 @@ def crosscheck(profile: ActivationTrace, trace: ActivationTrace, model: ModelCon
   Returns:
     ``(rows, note)``: one row per method and a paragraph saying what was measured.
   """
-
-
   n = trace.num_servers
   if profile.num_servers != n:
     raise CrosscheckError(f"profile trace has {profile.num_servers} servers, trace {n}.")
@@ -171,7 +169,7 @@ def crosscheck(profile: ActivationTrace, trace: ActivationTrace, model: ModelCon
   cluster = with_expert_memory(base, m32, copies)
   cal = Calibration(np.full(n, cal1.flops_efficiency[0]), np.full(n, cal1.bw_efficiency[0]),
                     cal1.source, tuple(s.name for s in cluster.servers))
-  problem = PlacementProblem.from_trace(profile, m32, cluster)
+  problem = PlacementProblem.from_trace(profile, m32, cluster, calibration=cal)
   placements = {m: place(m, problem, seed=seed) for m in methods}
   batches = _step_batches(trace, steps)
   rows_per = max(int(np.bincount(b.server, minlength=n).max()) for b in batches)
@@ -201,28 +199,9 @@ def crosscheck(profile: ActivationTrace, trace: ActivationTrace, model: ModelCon
     route = [on["route"][:, l] for l in range(n_lay)]
     dest = [on["dest_slot"][:, l] for l in range(n_lay)]
     checked = make_moe_dispatch(mesh, tab, transport="padded", capacity=cap)
-    moved = np.zeros((n_lay, n, n), np.int64)
-    step_ms, masked_ms = [], []
-    for (ids_h, gates_h, mask_h), (ids, gates, mask) in zip(packed, dev_steps):
-      total = idle = 0.0
-      for l in range(n_lay):
-        _, stats = checked(x, ids_h[:, l], gates_h[:, l], mask=mask_h, layer=l, **weights[l])
-        moved[l] += stats.dispatch_bytes(act)
-        args = [x, ids[:, l], gates[:, l], mask, route[l], dest[l], weights[l]["w_gate"],
-                weights[l]["w_up"], weights[l]["w_down"]]
-        total += _median_time(lambda a=args: jax.block_until_ready(program(*a)), repeats)
-        args[3] = no_tokens  # the same program with every token masked: its fixed cost
-        idle += _median_time(lambda a=args: jax.block_until_ready(program(*a)), repeats)
-      step_ms.append(1e3 * total)
-      masked_ms.append(1e3 * idle)
-    timed = ActivationTrace(
-        expert_ids=np.concatenate([b.expert_ids for b in batches]),
-        gate_weights=np.concatenate([b.gate_weights for b in batches]),
-        server=np.concatenate([b.server for b in batches]),
-        request=np.concatenate([b.request for b in batches]),
-        position=np.concatenate([b.position for b in batches]),
-        step=np.concatenate([b.step for b in batches]), model=trace.model,
-        num_experts=trace.num_experts, num_servers=n, source=trace.source)
+    moved, step_ms, masked_ms = _time_layers(program, checked, x, packed, dev_steps, no_tokens,
+                                             route, dest, weights, act, repeats)
+    timed = _concat_steps(batches, trace)
     rep = evaluate(timed, m32, cluster, p, "prefill", cal, activation_bytes=act)
     pred = 1e3 * float(rep.layer_time.sum())
     serial = 1e3 * float(rep.dispatch_time.sum() + rep.combine_time.sum() +
@@ -254,3 +233,36 @@ def crosscheck(profile: ActivationTrace, trace: ActivationTrace, model: ModelCon
           f"Bytes: the bytes the "
           f"dispatch reports moving equal the cost model's, per layer and link.")
   return out, note
+
+
+def _time_layers(program, checked, x, packed, dev_steps, no_tokens, route, dest, weights,
+                 act: int, repeats: int):
+  """Run and time every MoE layer of every step: ``(moved [L, N, N]`` dispatch bytes the
+  checked dispatch reports, ``step_ms [S]``, ``masked_ms [S]`` (every token masked))."""
+  n_lay = len(route)
+  moved = None
+  step_ms, masked_ms = [], []
+  for (ids_h, gates_h, mask_h), (ids, gates, mask) in zip(packed, dev_steps):
+    total = idle = 0.0
+    for l in range(n_lay):
+      _, stats = checked(x, ids_h[:, l], gates_h[:, l], mask=mask_h, layer=l, **weights[l])
+      b = stats.dispatch_bytes(act)
+      moved = np.zeros((n_lay,) + b.shape, np.int64) if moved is None else moved
+      moved[l] += b
+      args = [x, ids[:, l], gates[:, l], mask, route[l], dest[l], weights[l]["w_gate"],
+              weights[l]["w_up"], weights[l]["w_down"]]
+      total += _median_time(lambda a=args: jax.block_until_ready(program(*a)), repeats)
+      args[3] = no_tokens  # the same program with every token masked: its fixed cost
+      idle += _median_time(lambda a=args: jax.block_until_ready(program(*a)), repeats)
+    step_ms.append(1e3 * total)
+    masked_ms.append(1e3 * idle)
+  return moved, step_ms, masked_ms
+
+
+def _concat_steps(batches: Sequence[ActivationTrace], trace: ActivationTrace) -> ActivationTrace:
+  """The timed steps as one trace (for the cost model)."""
+  cat = lambda key: np.concatenate([getattr(b, key) for b in batches])  # noqa: E731
+  return ActivationTrace(
+      expert_ids=cat("expert_ids"), gate_weights=cat("gate_weights"), server=cat("server"),
+      request=cat("request"), position=cat("position"), step=cat("step"), model=trace.model,
+      num_experts=trace.num_experts, num_servers=trace.num_servers, source=trace.source)

@@ -37,10 +37,11 @@ hosted expert the token has not chosen (gate 0): it computes nothing that counts
 dispatch moves no bytes for it. Without a free local expert it keeps its id (gate 0).
 
 **Costs.** ``kind="latency"`` in seconds, ``Hardware.route_cost()``: ``C[n, m] = F_e / (peak[m]
-eta_f[m]) + [n != m] 2 (lat[n, m] + a / bw[n, m])`` (expert FLOP time plus the link time of
-dispatch and combine, as in the route tables and ``moe_edge.placement.objective``); summed over choices this is the time of running them one after
-another, an upper bound of their parallel time. ``kind="energy"`` in joules: ``C[n, m] = F_e
-J_flop[m] + [n != m] 2 a J_byte`` with :class:`EnergyModel`.
+eta_f[m]) + [n != m] 2 (lat[n, m] + a / bw[n, m])`` (expert FLOP time plus the link time of dispatch
+and combine, as in the route tables and ``moe_edge.placement.objective``); summed over choices this
+is the time of running them one after another, an upper bound of their parallel time.
+``kind="energy"`` in joules: ``C[n, m] = F_e J_flop[m] + [n != m] 2 a J_byte`` with
+:class:`EnergyModel`.
 """
 from __future__ import annotations
 

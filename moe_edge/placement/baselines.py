@@ -1,10 +1,11 @@
 """Baseline placements: ``uniform_ep``, ``random`` and ``greedy_local`` (``topology_aware``
 is in ``topology.py``).
 
-Each is a registered method ``method(problem, options, context) -> Placement`` (role
-``baseline``, no options; ``context.seed`` seeds ``random``); routing is the default
-nearest-replica route (``moe_edge.core.routing.route_table`` on ``problem.hardware``). Capacities are respected and every expert is hosted at
-least once; ``info`` records the wall time and the objective numbers (``objective.py``).
+Each is a registered method ``method(problem, options, context) -> Placement`` (role ``baseline``,
+no options; ``context.seed`` seeds ``random``); routing is the default nearest-replica route
+(``moe_edge.core.routing.route_table`` on ``problem.hardware``). Capacities are respected and every
+expert is hosted at least once; ``info`` records the wall time and the objective numbers
+(``objective.py``).
 """
 from __future__ import annotations
 

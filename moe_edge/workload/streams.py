@@ -1,10 +1,10 @@
 """Per-server request streams with a locality knob and drift.
 
-Server ``n`` has a *home*: one domain, or a mix (a probability vector ``p`` over the domains).
-The domains are a parameter (``domains``) of every function here: the corpus's own
+Server ``n`` has a *home*: one domain, or a mix (a probability vector ``p`` over the domains). The
+domains are a parameter (``domains``) of every function here: the corpus's own
 (:data:`moe_edge.workload.corpus.DOMAINS`, read when called) by default, or those of a
-routing-statistics file (:mod:`moe_edge.workload.stats_traces`: any number, any names). A request of server ``n`` comes from domain ``d`` with
-probability
+routing-statistics file (:mod:`moe_edge.workload.stats_traces`: any number, any names). A request of
+server ``n`` comes from domain ``d`` with probability
 
   ``q[n, d] = alpha * p[d] + (1 - alpha) * (1 - p[d]) / (D - 1)``
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from _placement_cases import make_problem
-from moe_edge.placement.eplb import (EplbOptions, balanced_packing, eplb, layer_slots, rebalance_experts,
+from moe_edge.placement.eplb import (EplbOptions, balanced_packing, eplb, layer_slots,
+                                     rebalance_experts,
                                      rebalance_experts_uneven, replicate_experts)
 from moe_edge.placement.problem import PlacementError, PlacementProblem
 
