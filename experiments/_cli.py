@@ -15,6 +15,7 @@ invalid value (the frozen config's validation).
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -107,11 +108,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _unknown_key(argv: list[str], e: Exception) -> None:
   path = _config_file(argv)
-  key = str(e).strip("\"'")
+  text = str(e)
+  found = re.search(r"'([A-Za-z0-9_]+)", text)
+  key = found.group(1) if found else text
+  hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
   bad = next((a.partition("=")[0] for a in argv if a.startswith("--config.")
               and key in a.partition("=")[0].split(".")), f"--config.{key}")
-  sys.exit(f"FATAL Flags parsing error: {bad}: no such setting ({key!r}) in {path}; known: "
-           f"{', '.join(_known_keys(path))}.")
+  sys.exit(f"FATAL Flags parsing error: {bad}: no such setting in {path}"
+           + (f" (did you mean {hint.group(1)}?)" if hint else "")
+           + f"; known: {', '.join(_known_keys(path))}.")
 
 
 def build(fn: Callable, *args):

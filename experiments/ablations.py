@@ -7,7 +7,11 @@ One CSV and one PNG per sweep into ``--out`` (``<sweep>.csv``, ``<sweep>.png``),
 method). Sweeps and their defaults: ``moe_edge/experiments/sweeps.py`` and the config.
 
   python experiments/ablations.py --config ablations --out results/ablations
-  python experiments/ablations.py --sweeps link_bandwidth,parts --out /tmp/abl
+  python experiments/ablations.py --config.sweeps=link_bandwidth --config.sweeps=parts --out /tmp/abl
+
+Settings: the preset (``--config``, a file or a name under ``configs/experiments/``) with
+``--config.KEY=VALUE`` overrides of any :class:`~moe_edge.experiments.config.ExperimentConfig`
+field (``sweeps``, ``sweep_models``, ``seed``, ...).
 """
 from __future__ import annotations
 
@@ -17,38 +21,30 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "ablations", "Experiment preset (configs/experiments/).")
-flags.DEFINE_string("out", "results/ablations", "Output folder.")
-flags.DEFINE_integer("seed", None, "Seed (default: the config's).")
-flags.DEFINE_list("sweeps", None, "Override the config's sweeps.")
-flags.DEFINE_list("models", None, "Override the sweeps' models (statistics-driven ones).")
-flags.DEFINE_bool("progress", True, "Show a progress display on stderr.")
+import _cli
+from moe_edge.experiments import plots
+from moe_edge.experiments.config import build_experiment
+from moe_edge.experiments.progress import Progress
+from moe_edge.experiments.sweeps import (X_LABELS, format_sweep, migration_summary, run_sweep,
+                                         sweep_units)
+from moe_edge.experiments.tables import write_csv
+
+CONFIG = _cli.define_config("ablations")
+OUT = flags.DEFINE_string("out", "results/ablations", "Output folder.")
+PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress display on stderr.")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's INFO lines out of the progress display
-  from moe_edge.config import ConfigError
-  from moe_edge.experiments import plots
-  from moe_edge.experiments.config import load_experiment, with_overrides
-  from moe_edge.experiments.progress import Progress
-  from moe_edge.experiments.sweeps import (X_LABELS, format_sweep, migration_summary,
-                                           run_sweep, sweep_units)
-  from moe_edge.experiments.tables import write_csv
   t0 = time.perf_counter()
-  try:
-    cfg = with_overrides(load_experiment(FLAGS.config), seed=FLAGS.seed,
-                         sweeps=tuple(FLAGS.sweeps) if FLAGS.sweeps else None,
-                         sweep_models=tuple(FLAGS.models) if FLAGS.models else None)
-  except ConfigError as e:
-    raise app.UsageError(str(e)) from None
+  cfg = _cli.build(build_experiment, CONFIG.value)
   if not cfg.sweeps:
-    raise app.UsageError(f"config {cfg.name!r} names no sweeps; pass --sweeps.")
-  out = Path(FLAGS.out)
+    raise SystemExit(f"config {cfg.name!r} names no sweeps; pass --config.sweeps=NAME.")
+  out = Path(OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   summary = [f"# Ablations", "", f"Made by `{command}` (config `{cfg.name}`, seed {cfg.seed}; "
@@ -57,7 +53,7 @@ def main(argv):
              ""]
   extra = {}
   with Progress(sum(sweep_units(cfg, s) for s in cfg.sweeps), "ablations",
-                enabled=FLAGS.progress) as progress:
+                enabled=PROGRESS.value) as progress:
     for name in cfg.sweeps:
       t1 = time.perf_counter()
       rows = run_sweep(cfg, name, progress)
@@ -101,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

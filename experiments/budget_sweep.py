@@ -2,12 +2,12 @@ r"""Budgeted expert selection on real text: kept gate mass and next-token loss v
 
 Same set-up as ``experiments/substitution_sweep.py`` (trained ``small_moe`` on ``edge_hetero_4``,
 DanceMoE placement fitted on a train-split calibration workload, held-out evaluation workload).
-Every token, at every MoE layer, gets a budget (``--kinds``: ``latency`` in seconds or ``energy``
+Every token, at every MoE layer, gets a budget (``kinds``: ``latency`` in seconds or ``energy``
 in joules, per token and layer) and :func:`moe_edge.extensions.budgeted.budgeted_selection`
 decides which of its top-k choices run, each on its cheapest replica (local compute vs link plus
 remote compute, from the cluster and :class:`~moe_edge.extensions.budgeted.EnergyModel`).
-Budgets are given in units of the mean cost of one remote token-choice (``--budget_units``; the
-per-kind unit is printed); ``inf`` keeps everything. Variants (``--variants``): ``force`` /
+Budgets are given in units of the mean cost of one remote token-choice (``budget_units``; the
+per-kind unit is printed); ``inf`` keeps everything. Variants (``variants``): ``force`` /
 ``free`` (top-1 always runs, or may be dropped too) crossed with ``renorm`` / ``raw`` (kept
 gates rescaled to the original mass, or not).
 
@@ -15,14 +15,17 @@ Per run: mean next-token NLL (nats/byte), kept share of the router's gate mass, 
 choices dropped, cost actually spent per token and layer, cross-server kB per token (dropped
 choices are parked on local experts, so they move nothing), and whether the kept mass grew
 monotonically with the budget. Offline, on the routing each run saw, the exact solver is run
-next to the greedy to count where they differ; and on random instances (``--instances`` per
+next to the greedy to count where they differ; and on random instances (``instances`` per
 ``k``, costs from the cluster and synthetic uniform costs) the greedy's optimality rate and
 worst ratio are measured for ``k`` = 2..8.
 
 Outputs in ``--out``: ``budget_sweep.csv``, ``greedy_vs_exact.csv``, ``budget_summary.json`` and
 ``budget_sweep.png``.
 
+Settings: ``configs/experiments/budget_sweep.py`` (``--config.KEY=VALUE`` overrides)::
+
   python experiments/budget_sweep.py                  # about 3 minutes on two CPU cores
+  python experiments/budget_sweep.py --config.kinds=latency --config.solver=exact
 """
 from __future__ import annotations
 
@@ -35,28 +38,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+import _cli
+
+from moe_edge.experiments.extension_settings import BudgetSweepConfig
 from moe_edge.extensions import budgeted, harness
 
-FLAGS = flags.FLAGS
-harness.define_workload_flags()
-flags.DEFINE_list("kinds", ["latency", "energy"], "Budget kinds: latency, energy.")
-flags.DEFINE_list("budget_units", ["0", "0.1", "0.5", "1.05", "1.5", "2.1", "inf"],
-                  "Budgets per token and layer, in units of one remote choice's mean cost.")
-flags.DEFINE_list("variants", ["force+renorm", "force+raw", "free+renorm"],
-                  "force|free (top-1 forced or not) + renorm|raw (kept gates rescaled or not).")
-flags.DEFINE_enum("solver", "greedy", ["greedy", "exact"], "Solver inside the model.")
-flags.DEFINE_integer("instances", 20000, "Random instances per k for greedy vs exact.")
-flags.DEFINE_integer("decode_batch", 1, "Requests per server per decode step (cost model).")
-
-
-def parse_variant(v: str) -> tuple[bool, bool]:
-  """``"force+renorm"`` -> ``(force_top1=True, renormalize=True)``."""
-  parts = v.split("+")
-  if len(parts) != 2 or parts[0] not in ("force", "free") or parts[1] not in ("renorm", "raw"):
-    raise app.UsageError(f"bad variant {v!r}; write force|free + renorm|raw, e.g. force+renorm.")
-  return parts[0] == "force", parts[1] == "renorm"
+CONFIG = _cli.define_config("budget_sweep")
+OUT = flags.DEFINE_string("out", "results/extensions", "Output folder.")
 
 
 def unit_cost(cost_matrix: np.ndarray) -> float:
@@ -113,14 +103,14 @@ def greedy_vs_exact(cm: np.ndarray, hosts: np.ndarray, instances: int, seed: int
   return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, cfg: BudgetSweepConfig) -> None:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  kinds = sorted({r["kind"] for r in rows}, key=FLAGS.kinds.index)
+  kinds = sorted({r["kind"] for r in rows}, key=cfg.kinds.index)
   fig, ax = plt.subplots(len(kinds), 2, figsize=(11, 3.8 * len(kinds)), squeeze=False)
   for i, kind in enumerate(kinds):
-    for v in FLAGS.variants:
+    for v in cfg.variants:
       rs = sorted((r for r in rows if r["kind"] == kind and r["variant"] == v),
                   key=lambda r: r["budget_units"])
       finite = [r for r in rs if np.isfinite(r["budget_units"])]
@@ -154,21 +144,17 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
+  sw = _cli.build(BudgetSweepConfig.from_flat, CONFIG.value.to_dict())
+  h = sw.harness
   t0 = time.perf_counter()
-  variants = {v: parse_variant(v) for v in FLAGS.variants}
-  bad = set(FLAGS.kinds) - set(budgeted.COST_KINDS)
-  if bad:
-    raise app.UsageError(f"unknown budget kinds {sorted(bad)}; use {budgeted.COST_KINDS}.")
-  st = harness.prepare(FLAGS.model_config, FLAGS.checkpoint, FLAGS.cluster, FLAGS.link_gbps,
-                       FLAGS.copies, FLAGS.placement, FLAGS.alpha, FLAGS.requests_per_server,
-                       FLAGS.calib_requests_per_server, FLAGS.seq_len, FLAGS.seed,
-                       FLAGS.batch_rows)
+  variants = {v: sw.parse_variant(v) for v in sw.variants}
+  st = h.prepare()
   cfg, work, placement, hosts = st.cfg, st.heldout, st.placement, st.placement.hosts
-  energy = budgeted.EnergyModel(FLAGS.pj_per_flop, FLAGS.nj_per_byte)
+  energy = budgeted.EnergyModel(h.pj_per_flop, h.nj_per_byte)
   cms = {kind: budgeted.choice_cost_matrix(cfg, st.cluster, kind, energy)
          for kind in budgeted.COST_KINDS}
-  out = Path(FLAGS.out)
+  out = Path(OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   print(f"model {cfg.name} ({st.origin}) on {st.cluster.name}: {placement.method} placement; "
         f"held-out {work.tokens.shape[0]} requests x {work.seq_len} tokens")
@@ -181,21 +167,21 @@ def main(argv):
   for v, (force, renorm) in variants.items():
     runners[v] = harness.Runner(
         lambda server, t, knob, force=force, renorm=renorm: budgeted.budget_moe_fn(
-            t["hosts"], t["cm"], server, knob, FLAGS.solver, force, renorm, record=True),
-        FLAGS.batch_rows)
+            t["hosts"], t["cm"], server, knob, sw.solver, force, renorm, record=True),
+        h.batch_rows)
   rows = []
-  for kind in FLAGS.kinds:
+  for kind in sw.kinds:
     cm = cms[kind]
     unit = unit_cost(cm)
     for v, (force, renorm) in variants.items():
       prev_mass = -1.0
-      for bu in (float(x) for x in FLAGS.budget_units):
+      for bu in sw.budget_units:
         budget = bu * unit
         res = runners[v](st.model, work, dict(hosts=hosts, cm=cm), budget)
         keep = ~res.changed
         mass = float(np.where(keep, res.gates_in, 0.0).sum() / res.gates_in.sum())
         trace = harness.routing_trace(work, res.expert_ids, res.gates, cfg)
-        costs = harness.cost_summary(trace, cfg, st.cluster, placement, FLAGS.decode_batch,
+        costs = harness.cost_summary(trace, cfg, st.cluster, placement, sw.decode_batch,
                                      cms["energy"], run=keep.reshape(trace.expert_ids.shape))
         m, s, l, k = res.expert_ids_in.shape
         srv = np.repeat(work.server, s)
@@ -211,7 +197,7 @@ def main(argv):
                    spent_units_per_token_layer=spent / (m * s * l) / unit,
                    monotone=mass >= prev_mass - 1e-9,
                    greedy_exact_mismatch=offline_gap(res, work, hosts, cm, budget, force)
-                   if FLAGS.solver == "greedy" else 0,
+                   if sw.solver == "greedy" else 0,
                    **costs)
         prev_mass = mass
         rows.append(row)
@@ -222,7 +208,7 @@ def main(argv):
               f"{row['greedy_exact_mismatch']}")
   write_csv(rows, out / "budget_sweep.csv")
 
-  gve = greedy_vs_exact(cms["latency"], hosts, FLAGS.instances, FLAGS.seed)
+  gve = greedy_vs_exact(cms["latency"], hosts, sw.instances, h.seed)
   write_csv(gve, out / "greedy_vs_exact.csv")
   print("greedy vs exact on random instances (best_single on):")
   for r in gve:
@@ -233,14 +219,14 @@ def main(argv):
   summary = dict(
       command="python " + " ".join(sys.argv), model=cfg.name, weights=st.origin,
       cluster=st.cluster.name, placement=placement.method,
-      heldout_tokens=int(work.tokens.shape[0] * work.seq_len), solver=FLAGS.solver,
-      energy=dict(pj_per_flop=FLAGS.pj_per_flop, nj_per_byte=FLAGS.nj_per_byte),
-      units={kind: unit_cost(cms[kind]) for kind in FLAGS.kinds},
+      heldout_tokens=int(work.tokens.shape[0] * work.seq_len), solver=sw.solver,
+      energy=dict(pj_per_flop=h.pj_per_flop, nj_per_byte=h.nj_per_byte),
+      units={kind: unit_cost(cms[kind]) for kind in sw.kinds},
       kept_mass_monotone=all(r["monotone"] for r in rows),
       greedy_exact_mismatches_on_text=int(sum(r["greedy_exact_mismatch"] for r in rows)),
       greedy_vs_exact_random=gve)
   (out / "budget_summary.json").write_text(json.dumps(summary, indent=1))
-  plot(rows, out / "budget_sweep.png")
+  plot(rows, out / "budget_sweep.png", sw)
   print(f"kept mass monotone in the budget for every variant: {summary['kept_mass_monotone']}; "
         f"greedy != exact on {summary['greedy_exact_mismatches_on_text']} token-layers of text")
   print(f"wrote {out}/budget_sweep.csv, greedy_vs_exact.csv, budget_summary.json, "
@@ -248,4 +234,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

@@ -1,22 +1,22 @@
 r"""Importance-driven substitution on real text: next-token loss vs communication and latency.
 
 Setup (defaults): the trained ``small_moe`` (4 MoE layers, 16 experts, top-2) on ``edge_hetero_4``
-(4 servers, 1 Gbit/s) with expert memory for ``--copies 1.5`` full copies; server ``i`` serves
-mostly domain ``DOMAINS[i]`` (share ``--alpha``). The DanceMoE placement and the similarities are
+(4 servers, 1 Gbit/s) with expert memory for ``copies 1.5`` full copies; server ``i`` serves
+mostly domain ``DOMAINS[i]`` (share ``alpha``). The DanceMoE placement and the similarities are
 computed from a *calibration* workload on the corpus' train split; the sweep runs on a disjoint
 *held-out* workload.
 
-For each threshold ``tau`` in ``--thresholds`` and each similarity (``--similarities``: ``output``
+For each threshold ``tau`` in ``thresholds`` and each similarity (``similarities``: ``output``
 = routed mean cosine of expert outputs on the calibration hidden states, ``response`` = weight
 based quadratic-response cosine, ``random`` = a no-information control) the model runs with
 :func:`moe_edge.extensions.substitution.substitute` at every MoE layer (remote choices with gate
-< ``tau`` replaced by the most similar local expert; ``--scaled_similarities``: also with the
-substitute's gate multiplied by its similarity); with ``--drop`` it also runs the control that
-simply skips those choices (``--drop_renormalize``: rescale the kept gates); for each
-``--tolerances`` value it runs the local-preferring top-k. Every run reports the mean next-token NLL (nats/byte) overall and per
+< ``tau`` replaced by the most similar local expert; ``scaled_similarities``: also with the
+substitute's gate multiplied by its similarity); with ``drop`` it also runs the control that
+simply skips those choices (``drop_renormalize``: rescale the kept gates); for each
+``tolerances`` value it runs the local-preferring top-k. Every run reports the mean next-token NLL (nats/byte) overall and per
 domain, the share of token-choices changed, and -- from the cost model on the transformed routing
 -- local coverage, cross-server kB per token, expert energy per token and the decode latency per
-step with the requests regrouped into decode steps of each ``--decode_batches`` size (requests
+step with the requests regrouped into decode steps of each ``decode_batches`` size (requests
 per server per step; 1 = single-stream decoding as on an edge device).
 
 Outputs in ``--out``: ``substitution_sweep.csv`` (one row per run), ``similarity_rank.csv``
@@ -24,7 +24,11 @@ Outputs in ``--out``: ``substitution_sweep.csv`` (one row per run), ``similarity
 threshold that halves communication, by interpolation, and the loss change there) and
 ``substitution_sweep.png``.
 
-  python experiments/substitution_sweep.py            # about 3 minutes on two CPU cores
+Settings: ``configs/experiments/substitution_sweep.py`` (``--config.KEY=VALUE`` overrides)::
+
+  python experiments/substitution_sweep.py            # about 4 minutes on two CPU cores
+  python experiments/substitution_sweep.py --config.thresholds=0,0.2 --config.tolerances=0
+  python experiments/substitution_sweep.py --replot   # redraw the PNG from the CSV in --out
 """
 from __future__ import annotations
 
@@ -35,39 +39,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+import _cli
+
+from moe_edge.experiments.extension_settings import HarnessSettings, SubstitutionSweepConfig
 from moe_edge.extensions import budgeted, harness, similarity, substitution
 from moe_edge.extensions.transform import TransformedMoE
 from moe_edge.model.transformer import expert_weights
 from moe_edge.workload.corpus import DOMAINS
 
-FLAGS = flags.FLAGS
-harness.define_workload_flags()
-flags.DEFINE_list("thresholds", ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3", "0.35",
-                                  "0.4", "0.45", "0.5", "0.6", "0.8", "1"],
-                  "Gate thresholds to sweep (with top-2 renormalised gates the second choice "
-                  "always has gate <= 0.5, so above 0.5 top-1 choices get substituted too).")
-flags.DEFINE_list("similarities", ["output", "response", "random"],
-                  "Similarities to substitute by: output, response, flat, random.")
-flags.DEFINE_list("scaled_similarities", ["output"],
-                  "Similarities to also run with scale_gates=True (substitute's gate times "
-                  "its similarity).")
-flags.DEFINE_list("tolerances", ["0", "0.1", "0.25", "0.5", "0.75", "1"],
-                  "Tolerances of the local-preferring top-k (empty: skip it).")
-flags.DEFINE_bool("drop", True, "Also sweep the control that drops remote low-gate choices.")
-flags.DEFINE_bool("drop_renormalize", False, "Rescale the kept gates of the drop control to the "
-                  "original mass (budget_sweep.py finds raw gates better for small_moe).")
-flags.DEFINE_list("decode_batches", ["1", "8"], "Concurrent requests per server in a decode "
-                  "step (one latency column each; the first is the one summarised).")
-flags.DEFINE_bool("replot", False, "Only redraw substitution_sweep.png from the CSV in --out.")
+CONFIG = _cli.define_config("substitution_sweep")
+OUT = flags.DEFINE_string("out", "results/extensions", "Output folder.")
+REPLOT = flags.DEFINE_bool("replot", False, "Only redraw substitution_sweep.png from the CSV in "
+                           "--out.")
 
 
-def setup(f):
-  """Model, cluster, placement, held-out workload and similarity matrices the flags describe."""
-  st = harness.prepare(f.model_config, f.checkpoint, f.cluster, f.link_gbps, f.copies,
-                       f.placement, f.alpha, f.requests_per_server, f.calib_requests_per_server,
-                       f.seq_len, f.seed, f.batch_rows)
+def setup(h: HarnessSettings):
+  """Model, cluster, placement, held-out workload and similarity matrices of the settings."""
+  st = h.prepare()
   cfg = st.cfg
   w = expert_weights(st.model)
   ids = st.calib_trace.expert_ids.transpose(1, 0, 2)  # [L, T, k]
@@ -77,7 +67,7 @@ def setup(f):
           similarity.routed_weights(ids[l], cfg.n_experts)) for l in range(cfg.n_moe_layers)]),
       "response": similarity.layer_weight_similarity(w, "response"),
       "flat": similarity.layer_weight_similarity(w, "flat"),
-      "random": similarity.random_similarity(cfg.n_moe_layers, cfg.n_experts, f.seed),
+      "random": similarity.random_similarity(cfg.n_moe_layers, cfg.n_experts, h.seed),
   }
   return cfg, st.model, st.origin, st.cluster, st.placement, st.heldout, sims
 
@@ -95,7 +85,7 @@ def rank_rows(sims: dict) -> list[dict]:
 
 
 def run_row(cfg, cluster, placement, work, res, energy_cost, policy, sim_name, knob,
-            out_sim) -> dict:
+            out_sim, decode_batches) -> dict:
   """One CSV row: loss overall and per domain, substitution share, the mean output similarity
   (``out_sim [L, E, E]``) of the experts substituted for the originals, costs."""
   trace = harness.routing_trace(work, res.expert_ids, res.gates, cfg)
@@ -106,7 +96,7 @@ def run_row(cfg, cluster, placement, work, res, energy_cost, policy, sim_name, k
              substitute_output_sim=float(out_sim[layer[ch], res.expert_ids_in[ch],
                                                  res.expert_ids[ch]].mean())
              if policy.startswith("substitute") and ch.any() else float("nan"))
-  for i, db in enumerate(int(x) for x in FLAGS.decode_batches):
+  for i, db in enumerate(decode_batches):
     c = harness.cost_summary(trace, cfg, cluster, placement, db, energy_cost,
                              run=~res.changed.reshape(trace.expert_ids.shape)
                              if policy == "drop" else None)
@@ -143,7 +133,7 @@ COLORS = {("substitute", "output"): "C0", ("substitute", "response"): "C1",
           ("substitute_scaled", "output"): "C3", ("drop", ""): "C4", ("prefer_local", ""): "C5"}
 
 
-def plot(rows: list[dict], base: dict, path: Path) -> None:
+def plot(rows: list[dict], base: dict, path: Path, drop_renormalize: bool) -> None:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -159,7 +149,7 @@ def plot(rows: list[dict], base: dict, path: Path) -> None:
     lat = np.array([r["decode_ms"] for r in rs]) / base["decode_ms"]
     label = {"substitute": f"substitute ({sim} sim.)",
              "substitute_scaled": f"substitute ({sim} sim., gate x sim.)",
-             "drop": "drop" + (" (renormalised)" if FLAGS.drop_renormalize else " (raw gates)"),
+             "drop": "drop" + (" (renormalised)" if drop_renormalize else " (raw gates)"),
              "prefer_local": "local-preferring top-k (x: 1 - comm)"}[policy]
     style = {"substitute": "-o", "substitute_scaled": "-v", "drop": "-.^",
              "prefer_local": "--s"}[policy]
@@ -207,25 +197,22 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
+  s = _cli.build(SubstitutionSweepConfig.from_flat, CONFIG.value.to_dict())
+  h = s.harness
   t0 = time.perf_counter()
-  if FLAGS.replot:
-    rows = read_csv(Path(FLAGS.out) / "substitution_sweep.csv")
+  out = Path(OUT.value)
+  if REPLOT.value:
+    rows = read_csv(out / "substitution_sweep.csv")
     for r in rows:
       r["similarity"] = "" if r["similarity"] in ("", None) else r["similarity"]
     base = next(r for r in rows if r["policy"] == "substitute" and r["knob"] == 0.0)
-    plot(rows, base, Path(FLAGS.out) / "substitution_sweep.png")
-    print(f"redrew {FLAGS.out}/substitution_sweep.png")
+    plot(rows, base, out / "substitution_sweep.png", s.drop_renormalize)
+    print(f"redrew {out}/substitution_sweep.png")
     return
-  unknown = set(FLAGS.similarities + FLAGS.scaled_similarities) - {"output", "response", "flat",
-                                                                   "random"}
-  if unknown:
-    raise app.UsageError(f"unknown similarities {sorted(unknown)}; use output, response, flat, "
-                         f"random.")
-  cfg, model, origin, cluster, placement, work, sims = setup(FLAGS)
-  out = Path(FLAGS.out)
+  cfg, model, origin, cluster, placement, work, sims = setup(h)
   out.mkdir(parents=True, exist_ok=True)
-  energy = budgeted.EnergyModel(FLAGS.pj_per_flop, FLAGS.nj_per_byte)
+  energy = budgeted.EnergyModel(h.pj_per_flop, h.nj_per_byte)
   energy_cost = budgeted.choice_cost_matrix(cfg, cluster, "energy", energy)
   hosts = placement.hosts
   print(f"model {cfg.name} ({origin}) on {cluster.name}: {placement.method} placement, "
@@ -242,48 +229,48 @@ def main(argv):
   sub_runner = harness.Runner(
       lambda server, t, knob: substitution.substitution_moe_fn(t["hosts"], t["sim"], server,
                                                                knob, record=True),
-      FLAGS.batch_rows)
+      h.batch_rows)
   scaled_runner = harness.Runner(
       lambda server, t, knob: substitution.substitution_moe_fn(t["hosts"], t["sim"], server,
                                                                knob, record=True,
                                                                scale_gates=True),
-      FLAGS.batch_rows)
+      h.batch_rows)
   rows = []
-  runs = ([(s, sub_runner, "substitute") for s in FLAGS.similarities] +
-          [(s, scaled_runner, "substitute_scaled") for s in FLAGS.scaled_similarities])
+  runs = ([(x, sub_runner, "substitute") for x in s.similarities] +
+          [(x, scaled_runner, "substitute_scaled") for x in s.scaled_similarities])
   for sim_name, runner, policy in runs:
     tables = dict(hosts=hosts, sim=sims[sim_name])
-    for tau in (float(x) for x in FLAGS.thresholds):
+    for tau in s.thresholds:
       res = runner(model, work, tables, tau)
       rows.append(run_row(cfg, cluster, placement, work, res, energy_cost, policy,
-                          sim_name, tau, sims["output"]))
+                          sim_name, tau, sims["output"], s.decode_batches))
       print(f"  {sim_name:8s} tau={tau:.2f}: nll {rows[-1]['nll']:.4f}, "
             f"{policy}: substituted {rows[-1]['substituted_frac']:.3f} (output sim. "
             f"{rows[-1]['substitute_output_sim']:.2f}), coverage "
             f"{rows[-1]['coverage']:.3f}, {rows[-1]['cross_kb_per_token']:.3f} kB/token, "
             f"decode {rows[-1]['decode_ms']:.3f} ms/step")
-  if FLAGS.drop:
+  if s.drop:
     drop_runner = harness.Runner(
         lambda server, t, knob: TransformedMoE(
-            substitution.drop_remote_transform(t["hosts"], server, knob, FLAGS.drop_renormalize),
+            substitution.drop_remote_transform(t["hosts"], server, knob, s.drop_renormalize),
             record=True),
-        FLAGS.batch_rows)
-    for tau in (float(x) for x in FLAGS.thresholds):
+        h.batch_rows)
+    for tau in s.thresholds:
       res = drop_runner(model, work, dict(hosts=hosts), tau)
       rows.append(run_row(cfg, cluster, placement, work, res, energy_cost, "drop", "", tau,
-                          sims["output"]))
+                          sims["output"], s.decode_batches))
       print(f"  drop              tau={tau:.2f}: nll {rows[-1]['nll']:.4f}, dropped "
             f"{rows[-1]['substituted_frac']:.3f}, {rows[-1]['cross_kb_per_token']:.3f} kB/token")
-  if FLAGS.tolerances:
+  if s.tolerances:
     pref_runner = harness.Runner(
         lambda server, t, knob: substitution.local_preference_moe_fn(
             t["router"], t["hosts"], server, cfg.top_k, knob, cfg.norm_topk_prob, record=True),
-        FLAGS.batch_rows)
+        h.batch_rows)
     tables = dict(hosts=hosts, router=substitution.router_weights(model))
-    for tol in (float(x) for x in FLAGS.tolerances):
+    for tol in s.tolerances:
       res = pref_runner(model, work, tables, tol)
       rows.append(run_row(cfg, cluster, placement, work, res, energy_cost, "prefer_local", "",
-                          tol, sims["output"]))
+                          tol, sims["output"], s.decode_batches))
       print(f"  prefer_local tol={tol:.2f}: nll {rows[-1]['nll']:.4f}, changed "
             f"{rows[-1]['substituted_frac']:.3f}, coverage {rows[-1]['coverage']:.3f}, "
             f"{rows[-1]['cross_kb_per_token']:.3f} kB/token")
@@ -294,16 +281,16 @@ def main(argv):
       command="python " + " ".join(sys.argv),
       model=cfg.name, weights=origin, cluster=cluster.name, placement=placement.method,
       heldout_tokens=int(work.tokens.shape[0] * work.seq_len), baseline=base,
-      energy=dict(pj_per_flop=FLAGS.pj_per_flop, nj_per_byte=FLAGS.nj_per_byte),
+      energy=dict(pj_per_flop=h.pj_per_flop, nj_per_byte=h.nj_per_byte),
       mean_rank_correlation={k: float(np.mean([r[k] for r in ranks])) for k in ranks[0]
                              if k != "layer"},
       halving={})
   print(f"baseline (no substitution): nll {base['nll']:.4f} nats/byte, coverage "
         f"{base['coverage']:.3f}, {base['cross_kb_per_token']:.3f} kB/token, decode "
         f"{base['decode_ms']:.3f} ms/step")
-  curves = ([("substitute", s) for s in FLAGS.similarities] +
-            [("substitute_scaled", s) for s in FLAGS.scaled_similarities] +
-            ([("drop", "")] if FLAGS.drop else []))
+  curves = ([("substitute", x) for x in s.similarities] +
+            [("substitute_scaled", x) for x in s.scaled_similarities] +
+            ([("drop", "")] if s.drop else []))
   for policy, sim_name in curves:
     h = halving_point([r for r in rows if r["policy"] == policy
                        and r["similarity"] == sim_name], base)
@@ -318,10 +305,10 @@ def main(argv):
   clean = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v
   summary["baseline"] = {k: clean(v) for k, v in base.items()}
   (out / "substitution_summary.json").write_text(json.dumps(summary, indent=1))
-  plot(rows, base, out / "substitution_sweep.png")
+  plot(rows, base, out / "substitution_sweep.png", s.drop_renormalize)
   print(f"wrote {out}/substitution_sweep.csv, similarity_rank.csv, substitution_summary.json, "
         f"substitution_sweep.png ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

@@ -5,11 +5,13 @@ threshold) on the trained small model. A few minutes on two CPU cores.
 """
 import math
 
-from moe_edge.experiments.config import ExperimentConfig
+from ml_collections import config_dict
+
+from moe_edge.experiments.config import experiment_preset
 
 
-def get_config() -> ExperimentConfig:
-  return ExperimentConfig(
+def get_config() -> config_dict.ConfigDict:
+  return experiment_preset(
       name="ablations", description=__doc__.splitlines()[0], seed=0,
       models=("olmoe_1b_7b", "mixtral_8x7b"), clusters=("edge_hetero_4", "edge_hetero_8"),
       link_gbps=1.0, copies=1.5, bytes_per_param=(("mixtral_8x7b", 0.5),), alpha=0.8,

@@ -4,11 +4,13 @@ OLMoE-1B-7B and Mixtral-8x7B (4-bit) statistics on edge_hetero_4, every method b
 1,024 tokens per server; no small-model recording unless the demo passes its own trace; no
 cross-check.
 """
-from moe_edge.experiments.config import ExperimentConfig
+from ml_collections import config_dict
+
+from moe_edge.experiments.config import experiment_preset
 
 
-def get_config() -> ExperimentConfig:
-  return ExperimentConfig(
+def get_config() -> config_dict.ConfigDict:
+  return experiment_preset(
       name="demo", description=__doc__.splitlines()[0], seed=0,
       models=("olmoe_1b_7b", "mixtral_8x7b"), clusters=("edge_hetero_4",),
       methods=("ours", "paper", "baseline"),

@@ -7,11 +7,13 @@ expert memory, Mixtral at 4-bit; the ILP where it solves; the cost-model cross-c
 CPU devices; the routing extensions as extra rows (substitution and budgeted selection with their
 loss change on small_moe, the weight-free drop on the others). About 2-3 minutes on two CPU cores once the small-model traces are cached.
 """
-from moe_edge.experiments.config import ExperimentConfig
+from ml_collections import config_dict
+
+from moe_edge.experiments.config import experiment_preset
 
 
-def get_config() -> ExperimentConfig:
-  return ExperimentConfig(
+def get_config() -> config_dict.ConfigDict:
+  return experiment_preset(
       name="paper_tables", description=__doc__.splitlines()[0], seed=0,
       models=("olmoe_1b_7b", "mixtral_8x7b", "small_moe", "deepseek_v2_lite",
               "qwen1_5_moe_a2_7b"),

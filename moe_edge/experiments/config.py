@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
+
+from ml_collections import config_dict
 
 from moe_edge.config import ConfigError, available, load_preset
 from moe_edge.placement import registry
@@ -248,12 +250,39 @@ class ExperimentConfig:
     return out
 
 
+def experiment_preset(**values) -> config_dict.ConfigDict:
+  """What a preset's ``get_config()`` returns: every :class:`ExperimentConfig` field (its
+  default, or ``values``) in a ConfigDict, so ``--config.KEY=VALUE`` can override any of them."""
+  out = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)
+         if f.default is not dataclasses.MISSING}
+  unknown = sorted(set(values) - {f.name for f in dataclasses.fields(ExperimentConfig)})
+  if unknown:
+    raise ConfigError(f"unknown ExperimentConfig fields {unknown}.")
+  out.update(values)
+  return config_dict.ConfigDict(out)
+
+
+def build_experiment(values: Mapping[str, Any] | config_dict.ConfigDict) -> ExperimentConfig:
+  """The validated frozen :class:`ExperimentConfig` of a preset's ConfigDict (or mapping)."""
+  if isinstance(values, config_dict.ConfigDict):
+    values = values.to_dict()
+  unknown = sorted(set(values) - {f.name for f in dataclasses.fields(ExperimentConfig)})
+  if unknown:
+    raise ConfigError(f"unknown ExperimentConfig fields {unknown}.")
+  if "name" not in values:
+    raise ConfigError("an experiment config needs a name.")
+  return ExperimentConfig(**values)
+
+
 def load_experiment(name: str) -> ExperimentConfig:
-  """``configs/experiments/<name>.py:get_config()``; unknown names list the known ones."""
+  """``configs/experiments/<name>.py:get_config()`` built into an :class:`ExperimentConfig`;
+  unknown names list the known ones."""
   cfg = load_preset("experiments", name)
+  if isinstance(cfg, config_dict.ConfigDict):
+    return build_experiment(cfg)
   if not isinstance(cfg, ExperimentConfig):
-    raise ConfigError(f"configs/experiments/{name}.py must return an ExperimentConfig, got "
-                      f"{type(cfg).__name__}.")
+    raise ConfigError(f"configs/experiments/{name}.py must return a ConfigDict of "
+                      f"ExperimentConfig fields, got {type(cfg).__name__}.")
   return cfg
 
 

@@ -15,7 +15,8 @@ Used by ``experiments/substitution_sweep.py`` and ``experiments/budget_sweep.py`
 
 :func:`prepare` does the common set-up of both sweeps: model, cluster with expert memory for a
 number of copies, a calibration workload on the train split (placement and similarities are
-fitted on it) and a disjoint held-out workload (what the sweeps measure).
+fitted on it) and a disjoint held-out workload (what the sweeps measure). The sweeps' settings
+(ml_collections presets, validated) are :mod:`moe_edge.experiments.extension_settings`.
 """
 from __future__ import annotations
 
@@ -39,30 +40,6 @@ from moe_edge.model.checkpoint import restore_checkpoint
 from moe_edge.model.transformer import MoETransformer
 from moe_edge.placement import place
 from moe_edge.workload.streams import make_streams
-
-
-def define_workload_flags() -> None:
-  """The absl flags both extension sweeps share: model, cluster, placement, workload, energy
-  model and output folder (``experiments/substitution_sweep.py``, ``budget_sweep.py``)."""
-  from absl import flags  # noqa: PLC0415  (library users need no absl flags)
-  flags.DEFINE_string("model_config", "small_moe", "Model preset (configs/models/).")
-  flags.DEFINE_string("checkpoint", "checkpoints/small_moe/final",
-                      "Checkpoint directory; 'none' = random-init model.")
-  flags.DEFINE_string("cluster", "edge_hetero_4", "Cluster preset (configs/clusters/).")
-  flags.DEFINE_float("link_gbps", 1.0, "Link bandwidth of the cluster preset, Gbit/s.")
-  flags.DEFINE_float("copies", 1.5, "Expert memory as copies of all experts.")
-  flags.DEFINE_string("placement", "dancemoe", "Placement method (moe_edge.placement.METHODS).")
-  flags.DEFINE_float("alpha", 0.8, "Share of a server's requests from its home domain.")
-  flags.DEFINE_integer("requests_per_server", 16, "Held-out requests per server.")
-  flags.DEFINE_integer("calib_requests_per_server", 8, "Calibration (train split) requests per "
-                       "server, for the placement and the output similarity.")
-  flags.DEFINE_integer("seq_len", 256, "Tokens per request (model input length).")
-  flags.DEFINE_integer("seed", 0, "Seed of the held-out streams (calibration uses seed + 1).")
-  flags.DEFINE_integer("batch_rows", 16, "Requests per forward pass.")
-  flags.DEFINE_float("pj_per_flop", 3.0, "Energy model: picojoules per FLOP (EnergyModel).")
-  flags.DEFINE_float("nj_per_byte", 20.0,
-                     "Energy model: nanojoules per byte sent (EnergyModel).")
-  flags.DEFINE_string("out", "results/extensions", "Output folder.")
 
 
 @dataclasses.dataclass(frozen=True)

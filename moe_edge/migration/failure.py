@@ -15,8 +15,8 @@ import numpy as np
 
 from moe_edge.migration.incremental import replica_values
 from moe_edge.migration.slots import MigrationError, placement_with_slots
-from moe_edge.placement.problem import Placement, PlacementProblem, link_time_per_token
-from moe_edge.placement.routing import nearest_replica_route_fast as nearest_replica_route
+from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.core.routing import route_table
 
 DEFAULT_STORAGE_BANDWIDTH = 2e9  # bytes/s: an NVMe SSD read (documented assumption; override)
 
@@ -55,7 +55,8 @@ def failed_problem(problem: PlacementProblem, server: int) -> PlacementProblem:
   """``problem`` without ``server``: no tokens and no room there."""
   tokens, cap = problem.tokens.copy(), problem.capacity.copy()
   tokens[server], cap[server] = 0.0, 0
-  return PlacementProblem(problem.model, problem.cluster, problem.freq, tokens, cap)
+  return PlacementProblem(problem.model, problem.cluster, problem.freq, tokens, cap,
+                          problem.hardware)
 
 
 def fail_server(placement: Placement, server: int, problem: PlacementProblem,
@@ -88,7 +89,7 @@ def fail_server(placement: Placement, server: int, problem: PlacementProblem,
                          f"{n_lay * n_exp}; losing server {server} cannot be survived without "
                          f"{short:,.0f} more bytes of expert memory.")
   after = failed_problem(problem, server)
-  model, cluster = problem.model, problem.cluster
+  model = problem.model
   traffic = after.traffic
   hosts = placement.hosts.copy()
   lost = int(hosts[server].sum())
@@ -102,13 +103,13 @@ def fail_server(placement: Placement, server: int, problem: PlacementProblem,
   live[server] = False
   interim = hosts.copy()
   interim[server] = orphan_mask
-  immediate = nearest_replica_route(interim, model, cluster, traffic)
+  immediate = route_table(interim, after.hardware, traffic)
   survivors = traffic[live].sum()
   changed = (immediate != placement.route)[live] & ~orphan_mask[None]
   rerouted = float((traffic[live] * changed).sum() / survivors) if survivors > 0 else 0.0
 
   # Re-load orphans, hottest first, onto the surviving server that wants them most.
-  link = link_time_per_token(model, cluster)
+  link = after.hardware.link_time_per_token()
   np.fill_diagonal(link, 0.0)
   loads = np.zeros(n_srv, dtype=np.int64)
   reloads, evicted = [], []
@@ -135,7 +136,7 @@ def fail_server(placement: Placement, server: int, problem: PlacementProblem,
     loads[m] += 1
     reloads.append((m, l, e))
   recovery = float(np.max(loads * model.expert_bytes / sbw)) if reloads else 0.0
-  new = placement_with_slots(hosts, placement, model, cluster, traffic,
+  new = placement_with_slots(hosts, placement, after.hardware, traffic,
                              method=f"{placement.method}-failover",
                              info=dict(failed_server=server))
   new.validate(after)

@@ -8,7 +8,7 @@ first, until the move or byte budget is spent or nothing gains. Candidates are r
 *proxy*, the change of the traffic-weighted link time to the nearest replica,
 
   ``R = sum_{n,l,e} x[n,l,e] * min_{m : hosts[m,l,e]} link[n, m]``,  ``x = tokens * freq``,
-  ``link`` = :func:`~moe_edge.placement.problem.link_time_per_token`
+  ``link`` = :meth:`problem.hardware.link_time_per_token <moe_edge.core.hardware.Hardware.link_time_per_token>`
 
 (adding a replica lowers it for every server that gets closer; evicting raises it for every
 server that loses its nearest replica), and each accepted move must lower the exact *score*:
@@ -27,14 +27,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from moe_edge.config import ClusterConfig, ModelConfig
+from moe_edge.core.hardware import Hardware
+from moe_edge.core.problem import Placement, PlacementProblem, slot_table
+from moe_edge.core.routing import route_table
 from moe_edge.migration.schedule import Move
 from moe_edge.migration.slots import MigrationError, assign_slots_stable, changed_experts
 from moe_edge.placement import place
 from moe_edge.placement.objective import objective
-from moe_edge.placement.problem import (Placement, PlacementProblem, link_time_per_token,
-                                        slot_table)
-from moe_edge.placement.routing import nearest_replica_route_fast as nearest_replica_route
 
 Score = Callable[[PlacementProblem, Placement], float]
 
@@ -118,14 +117,57 @@ def _relocations(hosts: np.ndarray, traffic: np.ndarray, link: np.ndarray, add: 
 
 
 def _layer_route(hosts: np.ndarray, route: np.ndarray, layers: Sequence[int],
-                 model: ModelConfig, cluster: ClusterConfig,
-                 traffic: np.ndarray) -> np.ndarray:
+                 hardware: Hardware, traffic: np.ndarray) -> np.ndarray:
   """``route`` with the given layers recomputed (routing is independent per layer)."""
   out = route.copy()
   for l in sorted(set(layers)):
-    out[:, l:l + 1] = nearest_replica_route(hosts[:, l:l + 1], model, cluster,
-                                            traffic[:, l:l + 1])
+    out[:, l:l + 1] = route_table(hosts[:, l:l + 1], hardware, traffic[:, l:l + 1])
   return out
+
+
+def _candidates(problem: PlacementProblem, hosts: np.ndarray, link: np.ndarray,
+                keep: np.ndarray, gone: np.ndarray, candidates: int,
+                relocate: bool) -> list[tuple[float, list[Move]]]:
+  """Proxy-ranked moves on ``hosts``, best first: ``(gain per copy, [(added, evicted or
+  None), ...])``; the ``candidates`` best single adds, plus relocations when ``relocate``.
+  Replicas in ``keep`` are never evicted, ones in ``gone`` never re-added."""
+  traffic, n_srv = problem.traffic, hosts.shape[0]
+  add, drop = replica_values(hosts, traffic, link)
+  add = np.where(gone, 0.0, add)
+  drop = np.where(keep, np.inf, drop)
+  room = problem.capacity - hosts.sum(axis=(1, 2))
+  # Cheapest eviction per server (inf when every replica there is a last copy).
+  flat_drop = np.where(hosts, drop, np.inf).reshape(n_srv, -1)
+  victim = flat_drop.argmin(axis=1)
+  evict = flat_drop[np.arange(n_srv), victim]
+  loss = np.where(room > 0, 0.0, evict)
+  gain = add - loss[:, None, None]
+  cands = []
+  for idx in np.argsort(-gain, axis=None, kind="stable")[:candidates]:
+    if not gain.flat[idx] > 0:
+      break
+    n, l, e = (int(x) for x in np.unravel_index(idx, hosts.shape))
+    v = None if room[n] > 0 else (n, *(int(x) for x in np.unravel_index(victim[n],
+                                                                        hosts.shape[1:])))
+    cands.append((float(gain.flat[idx]), [((n, l, e), v)]))
+  if relocate:
+    cands += _relocations(hosts, traffic, link, add, room, evict, victim, keep, gone)
+  cands.sort(key=lambda c: -c[0])
+  return cands
+
+
+def _with_moves(hosts: np.ndarray, route: np.ndarray, moves: list[Move], hardware: Hardware,
+                traffic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(hosts, route)`` after ``moves`` (routes of the touched layers recomputed)."""
+  h2 = hosts.copy()
+  layers = []
+  for a, v in moves:
+    h2[a] = True
+    layers.append(a[1])
+    if v is not None:
+      h2[v] = False
+      layers.append(v[1])
+  return h2, _layer_route(h2, route, layers, hardware, traffic)
 
 
 def plan_incremental(problem: PlacementProblem, current: Placement,
@@ -167,12 +209,11 @@ def plan_incremental(problem: PlacementProblem, current: Placement,
   elif objective_opts:
     raise MigrationError(f"pass either score or objective options, not both "
                          f"({sorted(objective_opts)}).")
-  model, cluster = problem.model, problem.cluster
   budget = np.inf if max_moves is None else int(max_moves)
   if max_bytes is not None:
-    budget = min(budget, int(max_bytes // model.expert_bytes))
-  traffic = problem.traffic
-  link = link_time_per_token(model, cluster)
+    budget = min(budget, int(max_bytes // problem.model.expert_bytes))
+  traffic, hw = problem.traffic, problem.hardware
+  link = hw.link_time_per_token()
   np.fill_diagonal(link, 0.0)
   guard = np.zeros(problem.shape, bool) if protect is None else np.asarray(protect, bool)
 
@@ -184,29 +225,9 @@ def plan_incremental(problem: PlacementProblem, current: Placement,
   fresh = np.zeros(problem.shape, dtype=bool)  # replicas added by this plan: never evicted
   gone = np.zeros(problem.shape, dtype=bool)   # replicas evicted by this plan: never re-added
   rejected: set[tuple] = set()
-  n_srv = hosts.shape[0]
   while len(added) < budget:
-    add, drop = replica_values(hosts, traffic, link)
-    add = np.where(gone, 0.0, add)
-    drop = np.where(fresh | guard, np.inf, drop)
-    room = problem.capacity - hosts.sum(axis=(1, 2))
-    # Cheapest eviction per server (inf when every replica there is a last copy).
-    flat_drop = np.where(hosts, drop, np.inf).reshape(n_srv, -1)
-    victim = flat_drop.argmin(axis=1)
-    evict = flat_drop[np.arange(n_srv), victim]
-    loss = np.where(room > 0, 0.0, evict)
-    gain = add - loss[:, None, None]
-    cands = []  # (proxy gain per copy, [(added, evicted or None), ...])
-    for idx in np.argsort(-gain, axis=None, kind="stable")[:candidates]:
-      if not gain.flat[idx] > 0:
-        break
-      n, l, e = (int(x) for x in np.unravel_index(idx, hosts.shape))
-      v = None if room[n] > 0 else (n, *(int(x) for x in np.unravel_index(victim[n],
-                                                                          hosts.shape[1:])))
-      cands.append((float(gain.flat[idx]), [((n, l, e), v)]))
-    if relocate and budget - len(added) >= 2:
-      cands += _relocations(hosts, traffic, link, add, room, evict, victim, fresh | guard, gone)
-    cands.sort(key=lambda c: -c[0])
+    cands = _candidates(problem, hosts, link, fresh | guard, gone, candidates,
+                        relocate and budget - len(added) >= 2)
     tried, accepted = 0, False
     for _, moves in cands:
       if tried >= candidates:
@@ -215,15 +236,7 @@ def plan_incremental(problem: PlacementProblem, current: Placement,
       if key in rejected:
         continue
       tried += 1
-      h2 = hosts.copy()
-      layers = []
-      for a, v in moves:
-        h2[a] = True
-        layers.append(a[1])
-        if v is not None:
-          h2[v] = False
-          layers.append(v[1])
-      r2 = _layer_route(h2, route, layers, model, cluster, traffic)
+      h2, r2 = _with_moves(hosts, route, moves, hw, traffic)
       s2 = score(problem, Placement(h2, r2, slot_table(h2), "incremental"))
       if s2 < best - min_improvement * abs(best):
         hosts, route, best, accepted = h2, r2, s2, True

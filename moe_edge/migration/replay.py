@@ -37,7 +37,7 @@ from moe_edge.migration.schedule import hosted_at_every_moment, move_cost, move_
 from moe_edge.migration.slots import MigrationError, changed_experts
 from moe_edge.migration.trigger import choose_prefix, cross_validated_savings, plan_prefix
 from moe_edge.placement import place
-from moe_edge.placement.problem import Placement, PlacementProblem
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.workload.online_stats import OnlineStats
 from moe_edge.workload.traces import ActivationTrace
 

@@ -15,6 +15,9 @@ on its NIC)::
   receive[n] = max_{links m->n used} lat[m, n] + sum_{copies m->n} W_e / bw[m, n]
   round      = max( max_m send[m], max_n receive[n] ),   transfer time = sum of rounds.
 
+(one copy alone: :meth:`~moe_edge.core.hardware.Hardware.copy_time`; a round:
+:meth:`~moe_edge.core.hardware.Hardware.round_time`, the formulas' one home.)
+
 A plan of :func:`plan_incremental` comes with its move sequence (:func:`move_sequence`): each
 move adds one replica, possibly evicting one that is not the last copy of its expert at that
 point of the sequence. Evictions then happen in the sequence's order, each copy after its own
@@ -34,8 +37,9 @@ from typing import Sequence
 import numpy as np
 
 from moe_edge.config import ClusterConfig, ModelConfig
+from moe_edge.core.hardware import Hardware
+from moe_edge.core.problem import Placement
 from moe_edge.migration.slots import MigrationError
-from moe_edge.placement.problem import Placement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,20 +112,6 @@ def _check_pair(current: np.ndarray, target: np.ndarray) -> None:
       raise MigrationError(f"the {name} placement leaves an expert hosted nowhere.")
 
 
-def _round_time(copies: list[tuple[int, int]], expert_bytes: float, bw: np.ndarray,
-                lat: np.ndarray) -> float:
-  """Duration of one round of ``(source, destination)`` copies (module docstring)."""
-  n = bw.shape[0]
-  per_link = np.zeros((n, n))
-  for m, d in copies:
-    per_link[m, d] += 1
-  xfer = per_link * expert_bytes / bw  # bw diagonal is inf: no self-copies anyway
-  used = per_link > 0
-  send = xfer.sum(axis=1) + np.max(np.where(used, lat, 0.0), axis=1)
-  recv = xfer.sum(axis=0) + np.max(np.where(used, lat, 0.0), axis=0)
-  return float(max(send.max(), recv.max()))
-
-
 Triple = tuple[int, int, int]
 Move = tuple[Triple, "Triple | None"]  # (added replica, replica evicted to make room, or None)
 
@@ -161,10 +151,101 @@ def _assign_copies(adds: Sequence[Triple], h: np.ndarray, held: np.ndarray, cap:
   return chosen, rest
 
 
+class _Scheduler:
+  """The state of a schedule being built: hosts ``h`` (updated in place), replicas held per
+  server, the steps and the rounds' durations (:meth:`Hardware.round_time`)."""
+
+  def __init__(self, hosts: np.ndarray, cap: np.ndarray, per_link: int, hardware: Hardware):
+    self.h, self.cap, self.c, self.hw = hosts, cap, per_link, hardware
+    self.w = float(hardware.expert_bytes)
+    self.one = hardware.copy_time(self.w)  # [N, N] seconds of one copy alone
+    self.held = hosts.sum(axis=(1, 2))
+    self.steps: list[MoveStep] = []
+    self.rounds: list[float] = []
+
+  def assign(self, adds: Sequence[Triple]) -> tuple[list[tuple[int, Triple]], list[Triple]]:
+    return _assign_copies(adds, self.h, self.held, self.cap, self.c, self.one, self.w,
+                          self.hw.bw)
+
+  def drop(self, d: Triple) -> None:
+    self.h[d] = False
+    self.held[d[0]] -= 1
+    self.steps.append(MoveStep("drop", *d, round=len(self.rounds)))
+
+  def copy_round(self, chosen: list[tuple[int, Triple]]) -> None:
+    n_srv = self.h.shape[0]
+    per_link = np.zeros((n_srv, n_srv))
+    for m, (n, l, e) in chosen:
+      self.h[n, l, e] = True
+      self.steps.append(MoveStep("copy", n, l, e, source=m, round=len(self.rounds)))
+      per_link[m, n] += 1
+    self.rounds.append(self.hw.round_time(per_link * self.w))
+
+  def plan(self, staged: int = 0) -> MovePlan:
+    return MovePlan(tuple(self.steps), tuple(self.rounds), int(self.hw.expert_bytes), staged)
+
+  def follow(self, moves: list[Move]) -> MovePlan:
+    """Evictions strictly in the planner's order, each copy after its own eviction."""
+    h = self.h
+    done = np.zeros(len(moves), dtype=bool)
+    ptr = 0
+    while not done.all():
+      while ptr < len(moves):
+        v = moves[ptr][1]
+        if v is not None:
+          if h[:, v[1], v[2]].sum() < 2:
+            break
+          self.drop(v)
+        ptr += 1
+      ready = [i for i in np.flatnonzero(~done) if i < ptr or moves[i][1] is None]
+      chosen, _ = self.assign([moves[i][0] for i in ready])
+      if not chosen:
+        raise MigrationError("the move sequence cannot proceed (an eviction would drop a last "
+                             "copy); it did not come from plan_incremental on this placement.")
+      picked = {a for _, a in chosen}
+      done[[i for i in ready if moves[i][0] in picked]] = True
+      self.copy_round(chosen)
+    return self.plan()
+
+  def reach(self, goal: np.ndarray) -> MovePlan:
+    """Copies by (server, layer, expert); drops of replicas to lose when room is needed."""
+    h, n_srv = self.h, self.h.shape[0]
+    adds = [tuple(int(x) for x in a) for a in np.argwhere(goal & ~h)]
+    pending_drop = {tuple(int(x) for x in d) for d in np.argwhere(h & ~goal)}
+    staged = 0
+    while adds:
+      # Drops that make room for this round's copies (only replicas held elsewhere right now).
+      want = {}
+      for n, _, _ in adds:
+        want[n] = min(want.get(n, 0) + 1, (n_srv - 1) * self.c)
+      for n, k in want.items():
+        room = int(self.cap[n] - self.held[n])
+        for d in sorted(d for d in pending_drop if d[0] == n):
+          if room >= k:
+            break
+          if h[:, d[1], d[2]].sum() >= 2:
+            self.drop(d)
+            room += 1
+            pending_drop.discard(d)
+      chosen, rest = self.assign(adds)
+      if not chosen:
+        # Only cycles of sole copies between full servers remain: stage one copy over capacity.
+        n, l, e = a = rest.pop(0)
+        holders = np.flatnonzero(h[:, l, e])
+        chosen.append((int(holders[np.argmin(self.one[holders, n])]), a))
+        self.held[n] += 1
+        staged += 1
+      self.copy_round(chosen)
+      adds = rest
+    for d in sorted(pending_drop):
+      self.drop(d)
+    return self.plan(staged)
+
+
 def move_cost(current: Placement, target: Placement, model: ModelConfig,
               cluster: ClusterConfig, capacity: np.ndarray | None = None,
-              max_concurrent_per_link: int = 1,
-              sequence: Sequence[Move] | None = None) -> MovePlan:
+              max_concurrent_per_link: int = 1, sequence: Sequence[Move] | None = None,
+              hardware: Hardware | None = None) -> MovePlan:
   """Schedule the copies and drops that turn ``current`` into ``target`` (module docstring).
 
   Args:
@@ -177,6 +258,8 @@ def move_cost(current: Placement, target: Placement, model: ModelConfig,
       not the last copy), each copy after its own eviction, copies in parallel as links allow;
       this never needs a staging buffer. Without it, copies go by (server, layer, expert) and a
       server drops replicas it is to lose (held elsewhere at that moment) when it needs room.
+    hardware: the link and copy times (:meth:`Hardware.copy_time`, :meth:`Hardware.round_time`;
+      default ``Hardware.build(model, cluster)``).
   Returns:
     A :class:`MovePlan`; ``hosted_at_every_moment(current.hosts, plan.steps)`` holds, and with
     ``capacity`` too unless ``plan.staged > 0``.
@@ -193,83 +276,17 @@ def move_cost(current: Placement, target: Placement, model: ModelConfig,
     raise MigrationError(f"capacity must be [N] = [{n_srv}], got {cap.shape}.")
   if np.any(goal.sum(axis=(1, 2)) > cap):
     raise MigrationError("the target placement does not fit the servers' capacity.")
-  bw, lat = cluster.bandwidth_matrix, cluster.latency_matrix
-  w = float(model.expert_bytes)
-  one = w / bw + lat  # [N, N] seconds of one copy alone
-  c = max_concurrent_per_link
-  held = h.sum(axis=(1, 2))
-  steps: list[MoveStep] = []
-  rounds: list[float] = []
-
-  def copy_round(chosen):
-    for m, (n, l, e) in chosen:
-      h[n, l, e] = True
-      steps.append(MoveStep("copy", n, l, e, source=m, round=len(rounds)))
-    rounds.append(_round_time([(m, a[0]) for m, a in chosen], w, bw, lat))
-
-  if sequence is not None:
-    moves = [(tuple(a), None if v is None else tuple(v)) for a, v in sequence]
-    check = apply_steps(h, [MoveStep("copy", *a) for a, _ in moves] +
-                        [MoveStep("drop", *v) for _, v in moves if v is not None])
-    if not np.array_equal(check, goal):
-      raise MigrationError("the move sequence does not turn the current placement into the "
-                           "target; pass the sequence of the plan that made the target.")
-    done = np.zeros(len(moves), dtype=bool)
-    ptr = 0  # evictions happen strictly in the planner's order
-    while not done.all():
-      while ptr < len(moves):
-        v = moves[ptr][1]
-        if v is not None:
-          if h[:, v[1], v[2]].sum() < 2:
-            break
-          h[v] = False
-          held[v[0]] -= 1
-          steps.append(MoveStep("drop", *v, round=len(rounds)))
-        ptr += 1
-      ready = [i for i in np.flatnonzero(~done) if i < ptr or moves[i][1] is None]
-      chosen, _ = _assign_copies([moves[i][0] for i in ready], h, held, cap, c, one, w, bw)
-      if not chosen:
-        raise MigrationError("the move sequence cannot proceed (an eviction would drop a last "
-                             "copy); it did not come from plan_incremental on this placement.")
-      picked = {a for _, a in chosen}
-      done[[i for i in ready if moves[i][0] in picked]] = True
-      copy_round(chosen)
-    return MovePlan(tuple(steps), tuple(rounds), int(model.expert_bytes), 0)
-
-  adds = [tuple(int(x) for x in a) for a in np.argwhere(goal & ~h)]
-  pending_drop = {tuple(int(x) for x in d) for d in np.argwhere(h & ~goal)}
-  staged = 0
-  while adds:
-    # Drops that make room for this round's copies (only replicas held elsewhere right now).
-    want = {}
-    for n, _, _ in adds:
-      want[n] = min(want.get(n, 0) + 1, (n_srv - 1) * c)
-    for n, k in want.items():
-      room = int(cap[n] - held[n])
-      for d in sorted(d for d in pending_drop if d[0] == n):
-        if room >= k:
-          break
-        if h[:, d[1], d[2]].sum() >= 2:
-          h[d] = False
-          held[n] -= 1
-          room += 1
-          pending_drop.discard(d)
-          steps.append(MoveStep("drop", *d, round=len(rounds)))
-    chosen, rest = _assign_copies(adds, h, held, cap, c, one, w, bw)
-    if not chosen:
-      # Only cycles of sole copies between full servers remain: stage one copy over capacity.
-      n, l, e = a = rest.pop(0)
-      holders = np.flatnonzero(h[:, l, e])
-      chosen.append((int(holders[np.argmin(one[holders, n])]), a))
-      held[n] += 1
-      staged += 1
-    copy_round(chosen)
-    adds = rest
-  for d in sorted(pending_drop):
-    h[d] = False
-    held[d[0]] -= 1
-    steps.append(MoveStep("drop", *d, round=len(rounds)))
-  return MovePlan(tuple(steps), tuple(rounds), int(model.expert_bytes), staged)
+  hw = Hardware.build(model, cluster) if hardware is None else hardware
+  sched = _Scheduler(h, cap, max_concurrent_per_link, hw)
+  if sequence is None:
+    return sched.reach(goal)
+  moves = [(tuple(a), None if v is None else tuple(v)) for a, v in sequence]
+  check = apply_steps(h, [MoveStep("copy", *a) for a, _ in moves] +
+                      [MoveStep("drop", *v) for _, v in moves if v is not None])
+  if not np.array_equal(check, goal):
+    raise MigrationError("the move sequence does not turn the current placement into the "
+                         "target; pass the sequence of the plan that made the target.")
+  return sched.follow(moves)
 
 
 def hosted_at_every_moment(initial_hosts: np.ndarray, steps: Sequence[MoveStep],

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_edge.config import ClusterConfig, ModelConfig
-from moe_edge.placement.problem import Placement, PlacementError
-from moe_edge.placement.routing import nearest_replica_route_fast as nearest_replica_route
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.hardware import Hardware
+from moe_edge.core.problem import Placement
+from moe_edge.core.routing import route_table
 
 
 class MigrationError(PlacementError):
@@ -64,18 +65,18 @@ def assign_slots_stable(old_slot_expert: np.ndarray, new_hosts: np.ndarray,
   return out
 
 
-def placement_with_slots(hosts: np.ndarray, old: Placement, model: ModelConfig,
-                         cluster: ClusterConfig, traffic: np.ndarray | None = None,
-                         method: str = "", info: dict | None = None) -> Placement:
+def placement_with_slots(hosts: np.ndarray, old: Placement, hardware: Hardware,
+                         traffic: np.ndarray | None = None, method: str = "",
+                         info: dict | None = None) -> Placement:
   """A validated :class:`Placement` for ``hosts`` whose slot table keeps ``old``'s kept experts
-  in place (:func:`assign_slots_stable`) and whose route is the default nearest-replica route."""
+  in place (:func:`assign_slots_stable`) and whose route is the route table on ``hardware``
+  (:func:`moe_edge.core.routing.route_table`)."""
   hosts = np.asarray(hosts, dtype=bool)
-  route = nearest_replica_route(hosts, model, cluster, traffic)
+  route = route_table(hosts, hardware, traffic)
   p = Placement(hosts, route, assign_slots_stable(old.slot_expert, hosts), method,
                 dict(info or {}))
   p.validate()
   return p
-
 
 
 def changed_experts(current: Placement | np.ndarray, target: Placement | np.ndarray) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 from moe_edge.cost.model import expected_cost
 from moe_edge.migration.schedule import MovePlan, move_cost, move_sequence
 from moe_edge.migration.slots import MigrationError, placement_with_slots
-from moe_edge.placement.problem import Placement, PlacementProblem
+from moe_edge.core.problem import Placement, PlacementProblem
 
 Score = Callable[[PlacementProblem, Placement], float]
 
@@ -165,7 +165,7 @@ def plan_prefix(problem: PlacementProblem, current: Placement, plan: Placement,
   info = dict(plan.info, moves=[list(a) for a, _ in seq[:k]],
               evicted=[None if v is None else list(v) for _, v in seq[:k]], prefix_of=len(seq))
   info.pop("score_after", None)
-  return placement_with_slots(hosts, current, problem.model, problem.cluster, problem.traffic,
+  return placement_with_slots(hosts, current, problem.hardware, problem.traffic,
                               plan.method, info)
 
 

@@ -1,5 +1,9 @@
 """Serving runtime: a placed MoE model on a ``server`` mesh, live migration and failover.
 
+Three modules, one seam each: this one (the serving loop and the runtime object),
+:mod:`moe_edge.parallel.weights` (slot weights and the live-migration copy program) and
+:mod:`moe_edge.parallel.failover` (the fallback when a server is lost).
+
 :class:`ServingRuntime` keeps, per device (= server), the model's dense weights (replicated) and
 only that server's expert slots (one ``[N, S, ...]`` array per MoE layer, sharded over
 ``server``), plus the placement's route and slot tables on device. Requests of each server are
@@ -23,7 +27,7 @@ Migration (double buffered)
 ---------------------------
 :meth:`ServingRuntime.apply_placement` = :meth:`prepare_placement` + :meth:`commit`:
 
-1. *Slots.* Kept experts keep their slots (:func:`moe_edge.placement.migration.
+1. *Slots.* Kept experts keep their slots (:func:`moe_edge.migration.slots.
    assign_slots_stable` on the runtime's current slot table); new replicas take free slots.
    ``S`` never shrinks (it may grow; the serving programs then compile once more).
 2. *Copy* (``prepare_placement``). One jitted ``shard_map`` program builds the new slot arrays
@@ -32,7 +36,7 @@ Migration (double buffered)
    which every source sends to at most one target and every pair carries the same number of
    rows, so each collective carries exactly the moved experts (no padding on the wire): the
    bytes on the links are ``copies * expert_bytes``. Sources: the holder that finishes
-   earliest given the link times of ``problem.cluster`` and what it already sends (or the
+   earliest given ``problem.hardware.copy_time`` and what it already sends (or the
    least-busy holder when no problem is given). Replicas with no live holder (after a failure)
    are read from the checkpointed weights instead (host storage to device).
 3. *Swap* (``commit``). Until then the old tables and old slot arrays stay in use: requests
@@ -47,7 +51,7 @@ The copy program is compiled per migration (its pairs and row counts are static)
 Failure drill
 -------------
 :meth:`ServingRuntime.fail_server` (needs ``problem``) follows
-:func:`moe_edge.placement.migration.fail_server`: at once the route tables switch to the
+:func:`moe_edge.migration.failure.fail_server`: at once the route tables switch to the
 surviving replicas (no data moves); experts the failed server held alone are *unreachable*
 until they are re-loaded from the checkpointed weights onto surviving servers with room (with
 ``reload=True``, immediately; else by :meth:`recover`). While any expert is unreachable, a step
@@ -77,7 +81,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import threading
 import time
 from typing import Callable, Sequence
@@ -88,22 +91,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moe_edge import migration as mig
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.model.transformer import MoETransformer, expert_weights
 from moe_edge.parallel import dispatch as dispatch_lib
-from moe_edge.parallel.mesh import (AXIS, WEIGHT_NAMES, SlotTables, pack_rows, row_sharding,
-                                    shard_layer_weights, shard_rows, tables_from_placement,
-                                    tables_on_mesh)
-from moe_edge import migration as mig
-from moe_edge.placement.problem import Placement, PlacementError, PlacementProblem
-from moe_edge.placement.routing import nearest_replica_route_fast
-
-
-class ServingError(ValueError):
-  """A request, placement or migration does not fit the running cluster."""
-
-
-class UnreachableExpertError(ServingError):
-  """Tokens picked an expert that only a failed server held (until it is re-loaded)."""
+from moe_edge.parallel import weights
+from moe_edge.parallel.errors import ServingError, UnreachableExpertError
+from moe_edge.parallel.failover import FailoverResult, fallback_placement
+from moe_edge.parallel.mesh import (AXIS, WEIGHT_NAMES, SlotTables, pack_rows,
+                                    shard_layer_weights, shard_rows, tables_from_placement)
+from moe_edge.parallel.weights import (ActiveState, Copy, MigrationReport, PendingMigration,
+                                       collective_permute_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,147 +151,10 @@ class GenerateResult:
   forwards: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Copy:
-  """One added replica: ``server`` receives expert ``(layer, expert)`` into ``slot`` from
-  ``source`` (its slot ``source_slot``), or from checkpoint storage when ``source == -1``."""
-  server: int
-  layer: int
-  expert: int
-  slot: int
-  source: int
-  source_slot: int = -1
-
-
-@dataclasses.dataclass(frozen=True)
-class MigrationReport:
-  """What a migration moved.
-
-  Attributes:
-    copies: the added replicas, in schedule order.
-    kept: replicas that stayed in their slots (copied locally, nothing on the wire).
-    dropped: replicas freed.
-    expert_bytes: bytes of one expert (three matrices) in the runtime's dtype.
-    rounds: collective rounds (``ppermute`` calls) of the copy program.
-    wire_rows: expert rows the collectives carry (``= len(link_copies)``: no padding).
-    num_slots: ``(S before, S after)``.
-    seconds: wall time from launch until the new arrays were ready (``apply_placement`` only).
-  """
-  copies: tuple[Copy, ...]
-  kept: int
-  dropped: int
-  expert_bytes: int
-  rounds: int
-  wire_rows: int
-  num_slots: tuple[int, int]
-  seconds: float = float("nan")
-
-  @property
-  def moves(self) -> int:
-    return len(self.copies)
-
-  @property
-  def link_copies(self) -> tuple[Copy, ...]:
-    return tuple(c for c in self.copies if c.source >= 0)
-
-  @property
-  def storage_copies(self) -> tuple[Copy, ...]:
-    return tuple(c for c in self.copies if c.source < 0)
-
-  @property
-  def link_bytes(self) -> int:
-    """Expert bytes copied between devices."""
-    return len(self.link_copies) * self.expert_bytes
-
-  @property
-  def wire_bytes(self) -> int:
-    """Bytes the copy program's collectives carry (equals :attr:`link_bytes`)."""
-    return self.wire_rows * self.expert_bytes
-
-  @property
-  def storage_bytes(self) -> int:
-    """Expert bytes read from checkpoint storage (failure recovery)."""
-    return len(self.storage_copies) * self.expert_bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class FailoverResult:
-  """A failure drill. ``unreachable``: experts no token could reach until re-loaded (empty when
-  every expert of the failed server had a replica); ``report``: the planner's account
-  (:class:`moe_edge.placement.migration.FailureReport`: rerouted share, reloads, evictions,
-  estimated recovery time); ``reload``: what the runtime moved to recover (None if not yet)."""
-  server: int
-  unreachable: tuple[tuple[int, int], ...]
-  report: mig.FailureReport
-  reload: MigrationReport | None
-
 
 # --------------------------------------------------------------------------------------------
-# Device state
+# Programs and host transfers
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Active:
-  """What serving reads: one consistent placement, its tables and slot arrays."""
-  placement: Placement
-  tables: SlotTables
-  route: jax.Array
-  dest_slot: jax.Array
-  slots: tuple[dict[str, jax.Array], ...]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PendingMigration:
-  """New slot arrays being built (or built) for ``placement``; swap them in with
-  :meth:`ServingRuntime.commit`."""
-  placement: Placement
-  report: MigrationReport
-  _active: _Active
-  _base: _Active
-  _program: Callable
-  _args: tuple
-
-  def program_text(self) -> str:
-    """StableHLO of the copy program (to audit what crosses devices, see
-    :func:`collective_permute_bytes`)."""
-    return self._program.lower(*self._args).as_text()
-
-  def ready(self) -> bool:
-    """True when the copy program has finished on every local device."""
-    return all(a.is_ready() for a in jax.tree.leaves(self._active.slots))
-
-  def block(self) -> "PendingMigration":
-    """Wait until the new slot arrays are complete."""
-    jax.block_until_ready(self._active.slots)
-    return self
-
-
-@dataclasses.dataclass(frozen=True)
-class _Round:
-  """One ``ppermute`` of the copy program: ``rows`` experts per pair of layer ``layer``."""
-  layer: int
-  rows: int
-  pairs: tuple[tuple[int, int], ...]
-  send_slots: np.ndarray  # [N, rows] slot each source sends (0 on other devices)
-  recv_slots: np.ndarray  # [N, rows] slot each target writes (S_new = none)
-
-
-_PERMUTE = re.compile(r'"stablehlo\.collective_permute".*?source_target_pairs = dense<(.*?)> : '
-                      r'tensor<(\d+)x2xi64>.*?: \(tensor<([^>]*)>\)')
-_DTYPE_BYTES = dict(f64=8, f32=4, bf16=2, f16=2, i64=8, i32=4, i16=2, i8=1, ui8=1, i1=1)
-
-
-def collective_permute_bytes(stablehlo_text: str) -> int:
-  """Bytes all ``collective_permute`` ops of a lowered program send: for each op, its pairs
-  times its (per-device) operand size. Raises ServingError on an unknown element type."""
-  total = 0
-  for _, pairs, tensor in _PERMUTE.findall(stablehlo_text):
-    *dims, dtype = tensor.split("x")
-    if dtype not in _DTYPE_BYTES:
-      raise ServingError(f"collective_permute of element type {dtype!r} is not counted.")
-    total += int(pairs) * int(np.prod([int(x) for x in dims])) * _DTYPE_BYTES[dtype]
-  return total
-
-
 def _is_routed_expert(path, x) -> bool:
   """nnx filter: the ``[E, d, f]`` / ``[E, f, d]`` routed-expert weights of MoE blocks."""
   return bool(path) and path[-1] in WEIGHT_NAMES and len(x.shape) == 3
@@ -457,13 +319,13 @@ class ServingRuntime:
     """The current per-layer slot arrays ``{name: [N, S, ...]}`` (read-only use)."""
     return self._current().slots
 
-  def _current(self) -> _Active:
+  def _current(self) -> ActiveState:
     with self._lock:
       return self._active
 
-  def _make_active(self, placement: Placement, tables: SlotTables, slots) -> _Active:
-    dev = tables_on_mesh(tables, self.mesh)
-    return _Active(placement, tables, dev["route"], dev["dest_slot"], tuple(slots))
+  def _make_active(self, placement: Placement, tables: SlotTables, slots) -> ActiveState:
+    return weights.active_state(placement, tables, slots, self.mesh)
+
 
   # ---- serving -----------------------------------------------------------------------------
   def _pack(self, per_server: Sequence, rows: int | None, what: str):
@@ -580,215 +442,16 @@ class ServingRuntime:
     total_sent = sum(_replicated_host(s).astype(np.int64) for s in sent)
     return GenerateResult(tokens=tokens, send_rows=total_sent, forwards=len(sent))
 
-  # ---- migration ---------------------------------------------------------------------------
-  def _stable_target(self, base: _Active, new: Placement) -> Placement:
-    """``new`` with the runtime's stable slot assignment (kept experts keep their slots)."""
-    if new.hosts.shape != base.placement.hosts.shape:
-      raise ServingError(f"the new placement is {list(new.hosts.shape)} but the runtime serves "
-                         f"{list(base.placement.hosts.shape)} [N, L, E].")
-    dead = sorted(self._failed)
-    if dead and new.hosts[dead].any():
-      raise ServingError(f"server(s) {dead} failed; a new placement must hold nothing there "
-                         f"(plan it with migration.failed_problem).")
-    try:
-      new.validate(self.problem) if self.problem is not None else new.validate()
-      slots = mig.assign_slots_stable(base.tables.slot_expert, new.hosts)
-      target = Placement(new.hosts, new.route, slots, new.method, dict(new.info))
-      target.validate()
-    except PlacementError as e:
-      raise ServingError(f"cannot apply the placement: {e}") from e
-    return target
-
-  def _plan_copies(self, old: Placement, new: Placement) -> list[Copy]:
-    """Added replicas with their source: a live holder in ``old`` (least finishing time), or
-    checkpoint storage (``-1``) when no live server holds the expert."""
-    live = old.hosts.copy()
-    live[sorted(self._failed)] = False
-    old_slot, new_slot = old.expert_slot, new.expert_slot
-    n_srv = live.shape[0]
-    if self.problem is not None:
-      bw, lat = self.problem.cluster.bandwidth_matrix, self.problem.cluster.latency_matrix
-      one = self.expert_bytes / bw + lat  # [N, N] seconds for one copy alone
-    else:
-      one = np.ones((n_srv, n_srv))
-    busy = np.zeros(n_srv)  # seconds of copies each source already sends
-    out = []
-    for n, l, e in np.argwhere(new.hosts & ~old.hosts):
-      holders = np.flatnonzero(live[:, l, e])
-      if holders.size == 0:
-        out.append(Copy(int(n), int(l), int(e), int(new_slot[n, l, e]), -1))
-        continue
-      m = int(holders[np.argmin(busy[holders] + one[holders, n])])
-      busy[m] += one[m, n]
-      out.append(Copy(int(n), int(l), int(e), int(new_slot[n, l, e]), m,
-                      int(old_slot[m, l, e])))
-    return out
-
-  @staticmethod
-  def _rounds(copies: Sequence[Copy], n_srv: int, n_layers: int, s_new: int) -> list[_Round]:
-    """Group link copies into ``ppermute`` rounds: per layer, pairs of equal row counts with
-    distinct sources and distinct targets."""
-    rounds = []
-    for l in range(n_layers):
-      by_pair: dict[tuple[int, int], list[Copy]] = {}
-      for c in copies:
-        if c.layer == l and c.source >= 0:
-          by_pair.setdefault((c.source, c.server), []).append(c)
-      by_count: dict[int, list[tuple[int, int]]] = {}
-      for pair, cs in sorted(by_pair.items()):
-        by_count.setdefault(len(cs), []).append(pair)
-      for rows, pairs in sorted(by_count.items()):
-        left = list(pairs)
-        while left:
-          src, dst, this, rest = set(), set(), [], []
-          for m, n in left:
-            if m in src or n in dst:
-              rest.append((m, n))
-            else:
-              this.append((m, n))
-              src.add(m)
-              dst.add(n)
-          send = np.zeros((n_srv, rows), np.int32)
-          recv = np.full((n_srv, rows), s_new, np.int32)
-          for m, n in this:
-            send[m] = [c.source_slot for c in by_pair[(m, n)]]
-            recv[n] = [c.slot for c in by_pair[(m, n)]]
-          rounds.append(_Round(l, rows, tuple(this), send, recv))
-          left = rest
-    return rounds
-
-  def _storage_rows(self, copies: Sequence[Copy], n_layers: int, s_new: int):
-    """Per layer: ``({name: [N, R, ...]} rows read from the checkpoint, slots [N, R])`` or None."""
-    out = []
-    n_srv = self.num_servers
-    for l in range(n_layers):
-      mine = [[c for c in copies if c.layer == l and c.source < 0 and c.server == n]
-              for n in range(n_srv)]
-      r = max(len(m) for m in mine)
-      if r == 0:
-        out.append(None)
-        continue
-      experts = np.full((n_srv, r), -1, np.int64)
-      slots = np.full((n_srv, r), s_new, np.int32)
-      for n, cs in enumerate(mine):
-        experts[n, :len(cs)] = [c.expert for c in cs]
-        slots[n, :len(cs)] = [c.slot for c in cs]
-      rows = {}
-      for name, w in self._store.items():
-
-        def block(index, w=w, l=l, experts=experts):
-          ids = experts[index[0]]
-          got = w[l][np.maximum(ids, 0)]
-          keep = (ids >= 0).reshape(ids.shape + (1,) * (w.ndim - 2))
-          return np.where(keep, got, np.zeros((), w.dtype))[(slice(None),) + tuple(index[1:])]
-
-        rows[name] = jax.make_array_from_callback((n_srv, r) + w.shape[2:],
-                                                  row_sharding(self.mesh), block)
-      out.append((rows, slots))
-    return out
-
-  @staticmethod
-  def _check_rounds(rounds: Sequence[_Round], n_srv: int) -> None:
-    """Every collective of the copy program must be well formed on every backend: at least one
-    pair, at least one row, no self pair (``ppermute`` to oneself), distinct sources and
-    distinct targets, servers inside the mesh. A round breaking this is a planner bug; it is
-    refused here rather than handed to the compiler."""
-    for r in rounds:
-      srcs, dsts = [m for m, _ in r.pairs], [n for _, n in r.pairs]
-      bad = (not r.pairs or r.rows < 1 or any(m == n for m, n in r.pairs)
-             or len(set(srcs)) != len(srcs) or len(set(dsts)) != len(dsts)
-             or not all(0 <= v < n_srv for v in srcs + dsts))
-      if bad:
-        raise ServingError(f"internal: malformed copy round (layer {r.layer}, rows {r.rows}, "
-                           f"pairs {r.pairs}) for {n_srv} servers; please report it.")
-
-  def _copy_program(self, keep: np.ndarray, rounds: Sequence[_Round], store_slots: Sequence,
-                    s_new: int) -> Callable:
-    """The jitted ``shard_map`` that builds the new slot arrays (module docstring, step 2).
-
-    ``keep [N, L, S_old]`` bool: old slots copied locally; ``rounds``: the collectives (each
-    non-empty, see :meth:`_check_rounds`; layers without copies emit none); ``store_slots``:
-    per layer ``[N, R]`` target slots of checkpoint rows, or None.
-
-    Each round is one ``ppermute`` of one buffer ``[rows, P]``: the round's rows of the three
-    weight matrices, flattened and concatenated (when they share a dtype; else one buffer per
-    matrix), so the program has one collective per round and never a zero-size one.
-    """
-    n_layers = keep.shape[1]
-    self._check_rounds(rounds, self.num_servers)
-    by_layer = [[r for r in rounds if r.layer == l] for l in range(n_layers)]
-
-    def send(old: dict, src: jax.Array, pairs) -> dict:
-      """``{name: [rows, ...]}`` the rows ``src`` of ``old``, sent along ``pairs``."""
-      names = sorted(old)
-      rows = {k: old[k][src] for k in names}
-      if len({rows[k].dtype for k in names}) != 1:
-        return jax.lax.ppermute(rows, AXIS, pairs)
-      r = src.shape[0]
-      flat = jnp.concatenate([rows[k].reshape(r, -1) for k in names], axis=1)
-      got = jax.lax.ppermute(flat, AXIS, pairs)
-      out, at = {}, 0
-      for k in names:
-        size = int(np.prod(rows[k].shape[1:]))
-        out[k] = got[:, at:at + size].reshape(rows[k].shape)
-        at += size
-      return out
-
-    def _migration_copy(old_slots, stored):
-      me = jax.lax.axis_index(AXIS)
-      out = []
-      for l in range(n_layers):
-        old = {k: v[0] for k, v in old_slots[l].items()}  # [S_old, ...]
-        s_old = old["w_gate"].shape[0]
-        kmask = jnp.asarray(keep[:, l])[me]  # [S_old]
-        new = {}
-        for k, v in old.items():
-          kept = jnp.where(kmask.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
-          # jnp.pad, not zeros().at[:s_old].set(): the latter closes over zero-size index
-          # constants, and XLA:GPU (JAX 0.11.2, Shardy) segfaulted compiling them.
-          new[k] = jnp.pad(kept, [(0, s_new - s_old)] + [(0, 0)] * (v.ndim - 1))
-        for rnd in by_layer[l]:
-          got = send(old, jnp.asarray(rnd.send_slots)[me], [tuple(p) for p in rnd.pairs])
-          dst = jnp.asarray(rnd.recv_slots)[me]
-          new = {k: new[k].at[dst].set(got[k], mode="drop") for k in new}
-        if store_slots[l] is not None:
-          dst = jnp.asarray(store_slots[l])[me]
-          new = {k: new[k].at[dst].set(stored[l][k][0].astype(new[k].dtype), mode="drop")
-                 for k in new}
-        out.append({k: v[None] for k, v in new.items()})
-      return tuple(out)
-
-    fn = jax.shard_map(_migration_copy, mesh=self.mesh, in_specs=(P(AXIS), P(AXIS)),
-                       out_specs=P(AXIS), check_vma=False)
-    return jax.jit(fn)
-
-  def _prepare(self, base: _Active, target: Placement) -> PendingMigration:
-    old = base.placement
-    copies = self._plan_copies(old, target)
-    n_srv, n_layers, s_old = base.tables.slot_expert.shape
-    s_new = target.slot_expert.shape[2]
-    old_se, new_se = base.tables.slot_expert, target.slot_expert
-    keep = (old_se >= 0) & (old_se == new_se[:, :, :s_old])
-    dropped = int(((old_se >= 0) & ~keep).sum())
-    rounds = self._rounds(copies, n_srv, n_layers, s_new)
-    storage = self._storage_rows(copies, n_layers, s_new)
-    program = self._copy_program(keep, rounds, [None if s is None else s[1] for s in storage],
-                                 s_new)
-    args = (base.slots, tuple(None if s is None else s[0] for s in storage))
-    new_slots = program(*args)
-    tables = tables_from_placement(target, model=self.cfg)
-    report = MigrationReport(
-        copies=tuple(copies), kept=int(keep.sum()), dropped=dropped,
-        expert_bytes=self.expert_bytes, rounds=len(rounds),
-        wire_rows=sum(r.rows * len(r.pairs) for r in rounds), num_slots=(s_old, s_new))
-    return PendingMigration(target, report, self._make_active(target, tables, new_slots), base,
-                            program, args)
-
+  # ---- migration (moe_edge.parallel.weights) ------------------------------------------------
   def prepare_placement(self, new: Placement) -> PendingMigration:
     """Start building the slot arrays of ``new`` (kept experts keep their slots); serving
     continues on the current placement until :meth:`commit`."""
     base = self._current()
-    return self._prepare(base, self._stable_target(base, new))
+    target = weights.stable_target(base.placement, base.tables.slot_expert, new, self._failed,
+                                   self.problem)
+    hardware = None if self.problem is None else self.problem.hardware
+    return weights.prepare(base, target, self._failed, hardware, self._store,
+                           self.expert_bytes, self.mesh, self.cfg)
 
   def commit(self, pending: PendingMigration) -> MigrationReport:
     """Swap in a prepared placement (tables and slot arrays at once)."""
@@ -808,7 +471,7 @@ class ServingRuntime:
     self.commit(pending)
     return dataclasses.replace(pending.report, seconds=seconds)
 
-  # ---- failures ----------------------------------------------------------------------------
+  # ---- failures (moe_edge.parallel.failover) ------------------------------------------------
   def fail_server(self, server: int, reload: bool = True) -> FailoverResult:
     """Lose ``server`` (module docstring): reroute at once, then (``reload``) re-load the experts
     it held alone from the checkpoint onto surviving servers with room."""
@@ -823,20 +486,7 @@ class ServingRuntime:
     except PlacementError as e:
       raise ServingError(f"cannot survive losing server {server}: {e}") from e
     after = mig.failed_problem(self.problem, server)
-    # Immediate fallback: survivors' replicas take the tokens; orphans stay "on" the failed
-    # server (unreachable until re-loaded), so the interim tables are a valid placement.
-    hosts = base.placement.hosts.copy()
-    hosts[server] = False
-    orphan = ~hosts.any(axis=0)
-    hosts[server] = orphan
-    route = nearest_replica_route_fast(hosts, self.cfg, self.problem.cluster, after.traffic)
-    slot = base.tables.slot_expert.copy()
-    mine = slot[server]  # [L, S] view
-    held = mine >= 0
-    mine[held] = np.where(orphan[np.nonzero(held)[0], mine[held]], mine[held], -1)
-    interim = Placement(hosts, route, slot, f"{base.placement.method}-fallback",
-                        dict(failed_server=server))
-    interim.validate()
+    interim = fallback_placement(base.placement, base.tables.slot_expert, server, after)
     active = self._make_active(interim, tables_from_placement(interim, model=self.cfg),
                                base.slots)  # no weights move
     with self._lock:

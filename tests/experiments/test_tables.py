@@ -150,7 +150,8 @@ def test_command_lines(tmp_path, shared_data):
                                      env=env, cwd=repo, timeout=300)
   out = tmp_path / "tables"
   proc = run("experiments/reproduce_tables.py", "--config", "demo", "--out", str(out),
-             "--methods", "dancemoe,uniform_ep", "--models", "mixtral_8x7b", "--noprogress")
+             "--config.methods=dancemoe", "--config.methods=uniform_ep",
+             "--config.models=mixtral_8x7b", "--noprogress")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "Headline (dancemoe):" in proc.stdout and "uniform_ep" in proc.stdout
   rows = read_rows(out / "tables.csv")
@@ -161,4 +162,9 @@ def test_command_lines(tmp_path, shared_data):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert (out / "decode_latency.png").is_file() and (out / "cross_bytes.png").is_file()
   bad = run("experiments/reproduce_tables.py", "--config", "nonsense", "--out", str(out))
-  assert bad.returncode != 0 and "Known experiments: ablations, demo, paper_tables" in bad.stderr
+  assert bad.returncode != 0 and "Known experiments: ablations, budget_sweep, demo," in bad.stderr
+  bad = run("experiments/reproduce_tables.py", "--config", "demo", "--config.copies=0.5",
+            "--out", str(out))
+  assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+      f"FATAL config error: experiment 'demo': copies must be >= 1 (every expert held at least "
+      f"once), got 0.5."]
