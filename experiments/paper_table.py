@@ -39,10 +39,10 @@ PARTS = flags.DEFINE_list("parts", ["table", "shift", "scaling"],
 def run(cfg, out: Path, parts, command: str) -> str:
   """Run the parts, write the outputs; returns the comparison text printed at the end."""
   t0 = time.perf_counter()
-  rows, lat, shift, scaling = [], {}, None, None
+  rows, lat, light, shift, scaling = [], {}, {}, None, None
   if "table" in parts:
     print(f"table: {len(cfg.models)} models x {len(cfg.table_workloads)} workloads", flush=True)
-    rows, lat = run_table(cfg, log=lambda s: print(s, flush=True))
+    rows, lat, light = run_table(cfg, log=lambda s: print(s, flush=True))
   if "shift" in parts:
     print("shift:", flush=True)
     shift = run_shift(cfg, log=lambda s: print(s, flush=True))
@@ -50,7 +50,7 @@ def run(cfg, out: Path, parts, command: str) -> str:
     print("scaling:", flush=True)
     scaling = run_scaling(cfg, log=lambda s: print(s, flush=True))
   paths = write_outputs(cfg, out, rows, lat, shift, scaling, command,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, light)
   comps = rep.compare(rows)
   text = [rep.format_comparison(comps), "",
           rep.format_goals(rep.goals(comps, dict(shift.after) if shift else None))]

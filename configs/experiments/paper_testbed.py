@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.pool_efficiency = 0.9
   c.memory_fraction = ml_collections.ConfigDict(dict(mixtral_8x7b=0.7, deepseek_v2_lite=0.3))
   c.kv_reserve_requests = 8
+  c.light_load_factor = 4.0
   c.calibration = "h100_kernels"
   c.prompt_tokens = (128, 512)
   c.output_tokens = 128

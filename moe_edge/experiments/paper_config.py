@@ -19,6 +19,8 @@ here and said so):
   domains) and the mean Poisson inter-arrival time per server; prompts ``prompt_tokens``
   (uniform integers, inclusive) cut from held-out documents of the request's domain, a fixed
   ``output_tokens``; ``duration_s`` of arrivals per run (every request then runs to the end).
+* ``light_load_factor``: a diagnostic, prism and eplb_hetero also serve arrivals this many
+  times sparser (same placements), to show how much of a ratio is queueing.
 * ``max_waiting``: a server with more requests waiting means the queue diverges (the offered
   load exceeds what the cluster serves with that placement): the row reports ``inf``.
 * methods: the table's rows: ``methods`` plus, with ``include_ours``, every registered method of
@@ -98,6 +100,7 @@ class PaperConfig:
   pool_efficiency: float
   memory_fraction: tuple[tuple[str, float], ...]
   kv_reserve_requests: int
+  light_load_factor: float
   calibration: str
   prompt_tokens: tuple[int, int]
   output_tokens: int
@@ -161,7 +164,7 @@ class PaperConfig:
                         f"output_tokens >= 1, got {self.prompt_tokens}, {self.output_tokens}.")
     for key in ("link_mbps", "duration_s", "profile_duration_s", "shift_at_s",
                 "shift_duration_s", "paper_replan_s", "ours_check_s", "stats_window_s",
-                "shift_bin_s", "scaling_duration_s", "pool_efficiency"):
+                "shift_bin_s", "scaling_duration_s", "pool_efficiency", "light_load_factor"):
       v = getattr(self, key)
       if not (v > 0 and math.isfinite(v)):
         raise ConfigError(f"{where}: {key} must be a positive finite number, got {v!r}.")

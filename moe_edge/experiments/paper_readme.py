@@ -62,8 +62,9 @@ def setup_lines(cfg: PaperConfig) -> list[str]:
   return lines
 
 
-def differences(cfg: PaperConfig, rows: Sequence[dict], comps) -> list[str]:
-  """Where our ratios differ from the paper's, with the numbers that say why."""
+def differences(cfg: PaperConfig, rows: Sequence[dict], comps, light: dict) -> list[str]:
+  """Where our ratios differ from the paper's, with the numbers that say why: coverage,
+  traffic, TTFT/TPOT, how busy the cluster was, and the ratio at a lighter load."""
   out = []
   for c in comps:
     if c.prism_vs_eplb is None or c.paper_prism_vs_eplb is None:
@@ -77,12 +78,22 @@ def differences(cfg: PaperConfig, rows: Sequence[dict], comps) -> list[str]:
         f"{p['coverage']:.3f} vs {e['coverage']:.3f}, cross-server traffic "
         f"{p['cross_kb_per_token']:.0f} vs {e['cross_kb_per_token']:.0f} kB per token, TTFT "
         f"{p['ttft_s']:.2f} vs {e['ttft_s']:.2f} s, TPOT {1e3 * p['tpot_s']:.0f} vs "
-        f"{1e3 * e['tpot_s']:.0f} ms.")
+        f"{1e3 * e['tpot_s']:.0f} ms; the cluster was busy {p['busy_fraction']:.0%} vs "
+        f"{e['busy_fraction']:.0%} of the time." + light_note(cfg, light.get((c.model,
+                                                                            c.workload))))
   return out
 
 
+def light_note(cfg: PaperConfig, light: dict | None) -> str:
+  if not light or "prism" not in light or "eplb_hetero" not in light:
+    return ""
+  return (f" With arrivals {cfg.light_load_factor:g}x sparser (same placements): prism "
+          f"{light['prism']:.2f} s vs eplb_hetero {light['eplb_hetero']:.2f} s, "
+          f"{rep._pct(rep.change(light['prism'], light['eplb_hetero']))}.")
+
+
 def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
-           scaling: Sequence[dict] | None, command: str) -> str:
+           scaling: Sequence[dict] | None, command: str, light: dict | None = None) -> str:
   comps = rep.compare(rows)
   shift_means = dict(shift.after) if shift else None
   out = ["# The paper's experiment on its testbed (request-level simulation)", "",
@@ -95,7 +106,7 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
           "Each ratio is within one table (our prism vs our eplb_hetero, the paper's Prism vs "
           "its EPLB); 'our best' is the registered `ours` method with the least mean latency.",
           "", rep.format_comparison(comps), ""]
-  diff = differences(cfg, rows, comps)
+  diff = differences(cfg, rows, comps, light or {})
   if diff:
     out += ["### Where we differ, with the numbers", ""] + diff + [""]
   for model, workload in rep.settings(rows):
@@ -126,7 +137,7 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
 
 def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
                   latencies: dict, shift: ShiftResult | None, scaling: list[dict] | None,
-                  command: str, seconds: float) -> list[Path]:
+                  command: str, seconds: float, light: dict | None = None) -> list[Path]:
   """Write every file of the module docstring into ``out_dir``; returns their paths."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +148,7 @@ def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
     if lat:
       paths.append(rep.plot_cdf(lat, f"{model}, {workload}", out / f"cdf_{model}_{workload}.png"))
   summary = dict(config=cfg.to_dict(), seconds=round(seconds, 1),
+                 light_load={f"{m} {w}": v for (m, w), v in (light or {}).items()},
                  goals=[dict(goal=g, met=bool(ok), measured=m) for g, ok, m in
                         rep.goals(rep.compare(rows), dict(shift.after) if shift else None)])
   if shift:
@@ -152,5 +164,5 @@ def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
                            out / "scaling.csv", SCALING_COLUMNS))
     paths.append(rep.plot_scaling(scaling, out / "scaling.png"))
   (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_clean) + "\n")
-  (out / "README.md").write_text(readme(cfg, rows, shift, scaling, command) + "\n")
+  (out / "README.md").write_text(readme(cfg, rows, shift, scaling, command, light) + "\n")
   return paths + [out / "summary.json", out / "README.md"]

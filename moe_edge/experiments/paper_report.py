@@ -27,7 +27,7 @@ PAPER_SCALING = ("more GPUs cut mean processing time by 9-19%; more bandwidth he
                  "than 55% at 4 GPUs and 35% at 256 GPUs")
 TABLE_COLUMNS = ("model", "workload", "method", "role", "mean_latency_s", "p50_latency_s",
                  "p99_latency_s", "ttft_s", "tpot_s", "cross_kb_per_token", "coverage",
-                 "gap_to_best_known", "requests", "note")
+                 "gap_to_best_known", "requests", "busy_fraction", "note")
 BASELINE = "eplb_hetero"
 PAPER_METHOD = "prism"
 
@@ -144,8 +144,8 @@ def format_table(rows: Sequence[dict], model: str, workload: str) -> str:
   best = min(r["mean_latency_s"] for r in here)
   eplb = _row(rows, model, workload, BASELINE)
   head = ("| method | role | mean latency s | vs eplb_hetero | p50 s | p99 s | TTFT s | TPOT ms | "
-          "cross kB/token | coverage | gap to best |")
-  lines = [head, "|" + "---|" * 11]
+          "cross kB/token | coverage | busy | gap to best |")
+  lines = [head, "|" + "---|" * 12]
   for r in here:
     mean = f"**{r['mean_latency_s']:.2f}**" if r["mean_latency_s"] == best else \
         f"{r['mean_latency_s']:.2f}"
@@ -153,7 +153,8 @@ def format_table(rows: Sequence[dict], model: str, workload: str) -> str:
     lines.append(f"| {r['method']} | {r.get('role', '')} | {mean} | {vs} | "
                  f"{r['p50_latency_s']:.2f} | {r['p99_latency_s']:.2f} | {r['ttft_s']:.2f} | "
                  f"{1e3 * r['tpot_s']:.1f} | {r['cross_kb_per_token']:.1f} | "
-                 f"{r['coverage']:.3f} | {_pct(r['gap_to_best_known'])} |")
+                 f"{r['coverage']:.3f} | {_f(r.get('busy_fraction'), '.2f')} | "
+                 f"{_pct(r['gap_to_best_known'])} |")
   return "\n".join(lines)
 
 

@@ -23,8 +23,9 @@ frequencies; ``tokens`` = tokens per step).
   ``ours_check_s``: an incremental plan of at most ``ours_max_moves`` copies
   (:func:`~moe_edge.migration.plan_incremental`), every prefix judged with held-out savings
   (two-fold over the window's alternate bins, :func:`~moe_edge.migration.
-  cross_validated_savings`; :func:`~moe_edge.migration.choose_prefix`), serving steps per
-  interval from the window's mean step time.
+  cross_validated_savings`; :func:`~moe_edge.migration.choose_prefix`), the saving weighed
+  over the same horizon as the paper's rule (``paper_replan_s`` of serving steps at the
+  window's step rate).
 
 Serving stalls while weights move (the trigger's conservative ``interference = 1``), for both.
 """
@@ -123,7 +124,7 @@ class OursPolicy(_Policy):
     if prob is None or any(h is None for h in halves):
       return None, 0.0
     _, _, steps = window.totals(t - self.cfg.stats_window_s, t)
-    steps_per_interval = self.cfg.ours_check_s * steps / self.cfg.stats_window_s
+    steps_per_interval = self.cfg.paper_replan_s * steps / self.cfg.stats_window_s
     def plan(p):
       return plan_incremental(p, current, self.cfg.ours_max_moves)
     whole = plan(prob)

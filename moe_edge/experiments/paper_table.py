@@ -130,7 +130,7 @@ def result_row(planned: Planned, method: str, result: SimResult | None,
   if result is None:
     return dict(row, mean_latency_s=math.inf, p50_latency_s=math.inf, p99_latency_s=math.inf,
                 ttft_s=math.inf, tpot_s=math.inf, cross_kb_per_token=math.nan,
-                coverage=math.nan, requests=0)
+                coverage=math.nan, requests=0, busy_fraction=math.nan)
   lat = result.latencies()
   ttft = np.array([r.first_token_s - r.arrival_s for r in result.requests])
   multi = [r for r in result.requests if r.output_tokens > 1]
@@ -139,17 +139,29 @@ def result_row(planned: Planned, method: str, result: SimResult | None,
               p99_latency_s=float(np.percentile(lat, 99)), ttft_s=float(ttft.mean()),
               tpot_s=float(tpot.mean()) if tpot.size else math.nan,
               cross_kb_per_token=result.cross_bytes / max(result.tokens_fed, 1) / 1e3,
-              coverage=result.coverage, requests=len(result.requests))
+              coverage=result.coverage, requests=len(result.requests),
+              busy_fraction=result.busy_fraction)
+
+
+LIGHT_LOAD_METHODS = ("prism", "eplb_hetero")
 
 
 def run_setting(cfg: PaperConfig, model: str, workload: str, methods: list[str], seed: int,
                 on_method: Callable[[str], None] | None = None
-                ) -> tuple[list[dict], dict[str, np.ndarray]]:
-  """Rows and per-request latencies ``{method: [R] s}`` of one setting (module docstring)."""
+                ) -> tuple[list[dict], dict[str, np.ndarray], dict[str, float]]:
+  """Rows, per-request latencies ``{method: [R] s}`` and the light-load diagnostic of one
+  setting (module docstring): ``{method: mean latency}`` of :data:`LIGHT_LOAD_METHODS` with the
+  same placements and arrivals ``light_load_factor`` times sparser (what the ratio is without
+  the queueing of the configured load)."""
   planned = plan_setting(cfg, model, workload, seed)
   s = planned.setting
-  requests = workload_requests(cfg, s.workload, s.cluster.num_servers, cfg.duration_s, seed)
-  rows, lat = [], {}
+  n = s.cluster.num_servers
+  requests = workload_requests(cfg, s.workload, n, cfg.duration_s, seed)
+  light_spec = dataclasses.replace(s.workload, interarrival_s=s.workload.interarrival_s
+                                   * cfg.light_load_factor)
+  light_req = workload_requests(cfg, light_spec, n, cfg.duration_s * cfg.light_load_factor,
+                                seed)
+  rows, lat, light = [], {}, {}
   for m in methods:
     placement = registry.place(m, planned.problem, context=planned.context)
     try:
@@ -159,25 +171,29 @@ def run_setting(cfg: PaperConfig, model: str, workload: str, methods: list[str],
     else:
       rows.append(result_row(planned, m, res))
       lat[m] = res.latencies()
+    if m in LIGHT_LOAD_METHODS:
+      light[m] = float(serve(cfg, s, planned.cost, placement, light_req, seed).latencies().mean())
     if on_method is not None:
       on_method(m)
-  return rows, lat
+  return rows, lat, light
 
 
 def run_table(cfg: PaperConfig, seed: int | None = None, log: Callable[[str], None] = print
-              ) -> tuple[list[dict], dict[tuple[str, str], dict[str, np.ndarray]]]:
-  """Every (model, workload) setting of the config: rows and latencies per setting."""
+              ) -> tuple[list[dict], dict, dict]:
+  """Every (model, workload) setting of the config: rows, latencies and light-load means per
+  setting."""
   seed = cfg.seed if seed is None else seed
   methods = table_methods(cfg)
-  rows, lat = [], {}
+  rows, lat, light = [], {}, {}
   for model in cfg.models:
     for workload in cfg.table_workloads:
       t0 = time.perf_counter()
-      r, l = run_setting(cfg, model, workload, methods, seed)
+      r, l, g = run_setting(cfg, model, workload, methods, seed)
       rows += r
       lat[(model, workload)] = l
+      light[(model, workload)] = g
       log(f"  {model} {workload}: {len(methods)} methods ({time.perf_counter() - t0:.0f} s)")
-  return rows, lat
+  return rows, lat, light
 
 
 def run_scaling(cfg: PaperConfig, seed: int | None = None,

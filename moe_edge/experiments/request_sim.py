@@ -138,6 +138,15 @@ class SimResult:
   def latencies(self) -> np.ndarray:
     return np.array([r.finish_s - r.arrival_s for r in self.requests])
 
+  @property
+  def busy_fraction(self) -> float:
+    """Share of the span (first arrival to last finish) the cluster spent in steps: near 1,
+    the offered load is at what the cluster serves and queueing dominates latency."""
+    if not self.requests:
+      return 0.0
+    span = max(r.finish_s for r in self.requests) - min(r.arrival_s for r in self.requests)
+    return float(sum(s.duration_s for s in self.steps) / max(span, 1e-12))
+
 
 @dataclasses.dataclass
 class _Batch:
