@@ -34,7 +34,9 @@ here and said so):
   ``ours_max_moves`` copies, judged every ``ours_check_s``). Weights move over the links (the
   repository's copy schedule) and serving stalls meanwhile.
 * scaling: the paper's simulation, ``scaling_gpus`` GPUs (the 1-1-2 pattern repeated) x
-  ``scaling_link_mbps``, ``scaling_methods`` on ``scaling_model`` with ``scaling_workload``.
+  ``scaling_link_mbps``, ``scaling_methods`` on ``scaling_model`` with ``scaling_workload``;
+  routing drawn from pools of ``scaling_pool`` exact top-k sets per (domain, layer) (0: every
+  token drawn exactly, as in the table).
 """
 from __future__ import annotations
 
@@ -126,6 +128,7 @@ class PaperConfig:
   scaling_link_mbps: tuple[float, ...]
   scaling_methods: tuple[str, ...]
   scaling_duration_s: float
+  scaling_pool: int
 
   def __post_init__(self):
     where = f"paper experiment {self.name!r}"

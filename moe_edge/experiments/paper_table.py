@@ -214,7 +214,8 @@ def run_scaling(cfg: PaperConfig, seed: int | None = None,
       for m in cfg.scaling_methods:
         placement = registry.place(m, planned.problem, context=planned.context)
         try:
-          res = serve(quick, s, planned.cost, placement, requests, seed)
+          res = serve(quick, s, planned.cost, placement, requests, seed,
+                      pool=cfg.scaling_pool)
           row = result_row(planned, m, res)
         except QueueDivergesError as e:
           row = result_row(planned, m, None, f"queue diverges: {e}")

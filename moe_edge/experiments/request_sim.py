@@ -258,16 +258,30 @@ def step_costs(cost: CostModel, placement: Placement, step: np.ndarray, server: 
 class _Costing:
   """Samples the planned tokens' routing and costs them on the current placement."""
 
-  def __init__(self, cost: CostModel, stats: RoutingStats, requests: Requests, seed: int):
+  def __init__(self, cost: CostModel, stats: RoutingStats, requests: Requests, seed: int,
+               pool: int = 0):
     self.cost = cost
     self.log_w = sampling_log_weights(stats).astype(np.float32)      # [D, L, E]
     self.row = np.array([stats.domain_index(d) for d in requests.domain], dtype=np.int64)
     self.rng = np.random.default_rng(seed)
     self.k = cost.model.top_k
+    self.pools = None
+    if pool > 0:  # [D, L, P, k]: P exact draws per (domain, layer), picked uniformly
+      d, l, e = self.log_w.shape
+      self.pools = top_k_sample(np.repeat(self.log_w[:, :, None, :], pool, axis=2), self.k,
+                                self.rng)
+
+  def sample(self, request: np.ndarray) -> np.ndarray:
+    """``[T, L, k]`` experts of tokens of ``request [T]``."""
+    if self.pools is None:
+      return top_k_sample(self.log_w[self.row[request]], self.k, self.rng)
+    d, l, p, _ = self.pools.shape
+    pick = self.rng.integers(0, p, size=(request.size, l))
+    return self.pools[self.row[request][:, None], np.arange(l)[None, :], pick]
 
   def __call__(self, plans, placement: Placement):
     step, server, request, position = _tokens(plans)
-    ids = top_k_sample(self.log_w[self.row[request]], self.k, self.rng)   # [T, L, k]
+    ids = self.sample(request)                                          # [T, L, k]
     seconds, remote = step_costs(self.cost, placement, step, server, request, position, ids,
                                  len(plans))
     return seconds, remote, (step, server, ids)
@@ -292,7 +306,7 @@ def _check(requests: Requests, cost: CostModel, options: sched.SchedulerOptions)
 def simulate(requests: Requests, placement: Placement, cost: CostModel, stats: RoutingStats,
              options: sched.SchedulerOptions, seed: int = 0, max_waiting: int = 100,
              controller: Controller | None = None, check_every_s: float = math.inf,
-             bin_s: float = 30.0) -> SimResult:
+             bin_s: float = 30.0, pool: int = 0) -> SimResult:
   """Serve ``requests`` to completion on the cost model (module docstring).
 
   Args:
@@ -306,12 +320,15 @@ def simulate(requests: Requests, placement: Placement, cost: CostModel, stats: R
     max_waiting: raise :class:`QueueDivergesError` when a server has more requests waiting.
     controller: migration hook (module docstring), called every ``check_every_s``.
     bin_s: resolution of the routing-count window the controller sees.
+    pool: 0 samples every token exactly; ``P > 0`` draws ``P`` top-k sets per (domain, layer)
+      once and lets tokens pick among them uniformly (an empirical version of the same
+      distribution, for hundreds of servers where per-token draws dominate the run time).
   """
   n = cost.cluster.num_servers
   options = dataclasses.replace(options, kv_tokens=tuple(int(x) for x in
                                                          cost.kv_tokens(placement)))
   _check(requests, cost, options)
-  costing = _Costing(cost, stats, requests, seed)
+  costing = _Costing(cost, stats, requests, seed, pool)
   plen, out_len = requests.prompt_tokens, requests.output_tokens
   queues = tuple(sched.ServerQueue.empty(options.kv_budget(s, n)) for s in range(n))
   window = Window(bin_s, (n, cost.model.n_moe_layers, cost.model.n_experts))

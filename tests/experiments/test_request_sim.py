@@ -171,3 +171,18 @@ def test_request_longer_than_the_kv_budget_is_refused(setting):
                  prompts=(np.zeros(150000, np.int32),), output_tokens=np.full(1, 4, np.int32))
   with pytest.raises(SchedulerError, match="KV budget"):
     request_sim.simulate(req, placement, cost, stats, SchedulerOptions())
+
+
+def test_pooled_routing_keeps_the_inclusion_frequencies(setting):
+  model, cluster, stats, cost, problem = setting
+  req = _requests(3, 4, np.random.default_rng(0))
+  exact = request_sim._Costing(cost, stats, req, seed=0)
+  pooled = request_sim._Costing(cost, stats, req, seed=0, pool=2048)
+  r = np.zeros(6000, np.int64)                       # request 0: github
+  for c in (exact, pooled):
+    ids = c.sample(r)
+    assert ids.shape == (r.size, model.n_moe_layers, model.top_k)
+    assert np.all(np.sort(ids, -1)[..., 1:] != np.sort(ids, -1)[..., :-1])  # distinct
+    freq = np.bincount(ids[:, 12].ravel(), minlength=64) / r.size
+    want = stats.inclusion()[stats.domain_index("github"), 1]
+    assert np.abs(freq - want).max() < 0.05
