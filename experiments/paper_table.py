@@ -11,7 +11,9 @@ into ``--out``; prints the comparison.
   python experiments/paper_table.py --config paper_testbed_quick --out /tmp/paper
   python experiments/paper_table.py --config paper_testbed_quick --config.duration_s=120
 
-Parts can be skipped with ``--parts table,shift,scaling`` (default: all three).
+Parts can be run alone with ``--parts table,shift,scaling`` (default: all three); with
+``--reuse`` the parts not run are read back from ``--out`` (``table.csv``, ``latencies.csv``,
+``shift.csv``, ``scaling.csv``, ``summary.json``), so the README covers them all.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import _cli
 from moe_edge.core.errors import MoeEdgeError
 from moe_edge.experiments import paper_report as rep
 from moe_edge.experiments.paper_config import paper_config
-from moe_edge.experiments.paper_readme import write_outputs
+from moe_edge.experiments.paper_readme import load_parts, write_outputs
 from moe_edge.experiments.paper_shift import run_shift
 from moe_edge.experiments.paper_table import run_scaling, run_table
 
@@ -34,12 +36,24 @@ CONFIG = _cli.define_config("paper_testbed")
 OUT = flags.DEFINE_string("out", "results/paper", "Output folder.")
 PARTS = flags.DEFINE_list("parts", ["table", "shift", "scaling"],
                           "Which parts to run: table, shift, scaling.")
+REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files an earlier run "
+                          "wrote into --out (the README and plots then cover every part).")
 
 
-def run(cfg, out: Path, parts, command: str) -> str:
+def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
   """Run the parts, write the outputs; returns the comparison text printed at the end."""
   t0 = time.perf_counter()
   rows, lat, light, shift, scaling = [], {}, {}, None, None
+  commands = {p: command for p in parts}
+  if reuse:
+    old = load_parts(out)
+    rows, lat, light = old.get("table", (rows, lat, light))
+    shift, scaling = old.get("shift"), old.get("scaling")
+    prior = old.get("commands", {})
+    if "all" in prior:
+      prior = {p: prior["all"] for p in ("table", "shift", "scaling")}
+    commands = {p: prior[p] for p in ("table", "shift", "scaling")
+                if p in prior and p not in parts and old.get(p) is not None} | commands
   if "table" in parts:
     print(f"table: {len(cfg.models)} models x {len(cfg.table_workloads)} workloads", flush=True)
     rows, lat, light = run_table(cfg, log=lambda s: print(s, flush=True))
@@ -49,7 +63,7 @@ def run(cfg, out: Path, parts, command: str) -> str:
   if "scaling" in parts:
     print("scaling:", flush=True)
     scaling = run_scaling(cfg, log=lambda s: print(s, flush=True))
-  paths = write_outputs(cfg, out, rows, lat, shift, scaling, command,
+  paths = write_outputs(cfg, out, rows, lat, shift, scaling, commands,
                         time.perf_counter() - t0, light)
   comps = rep.compare(rows)
   text = [rep.format_comparison(comps), "",
@@ -68,9 +82,10 @@ def main(argv):
   bad = [p for p in PARTS.value if p not in ("table", "shift", "scaling")]
   if bad:
     raise SystemExit(f"unknown parts {bad}; use table, shift, scaling.")
-  command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+  root = str(_cli.REPO) + "/"
+  command = "python " + " ".join(shlex.quote(a.replace(root, "")) for a in sys.argv)
   try:
-    print(run(cfg, Path(OUT.value), PARTS.value, command))
+    print(run(cfg, Path(OUT.value), PARTS.value, command, REUSE.value))
   except MoeEdgeError as e:
     sys.exit(f"error: {e}")
 

@@ -54,8 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.scaling_model = "deepseek_v2_lite"
   c.scaling_workload = "specialised"
   c.scaling_gpus = (4, 16, 64, 256)
-  c.scaling_link_mbps = (100.0, 250.0, 500.0, 1000.0)
-  c.scaling_methods = ("eplb_hetero", "prism", "dancemoe")
-  c.scaling_duration_s = 120.0
+  c.scaling_link_mbps = (100.0, 1000.0)
+  c.scaling_methods = ("eplb_hetero", "prism")
+  c.scaling_duration_s = 60.0
   c.scaling_pool = 4096
   return c

@@ -35,5 +35,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.scaling_gpus = (4, 16)
   c.scaling_link_mbps = (100.0, 1000.0)
   c.scaling_methods = ("eplb_hetero", "prism")
-  c.scaling_duration_s = 120.0
+  c.scaling_duration_s = 60.0
   return c

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from moe_edge.config import load_preset
 from moe_edge.experiments import paper_report as rep
-from moe_edge.experiments.paper_config import PaperConfig
+from moe_edge.experiments.paper_config import PaperConfig, paper_config
 from moe_edge.experiments.paper_shift import SHIFT_COLUMNS, ShiftResult
-from moe_edge.experiments.tables import write_csv
+from moe_edge.experiments.paper_table import run_table
+from moe_edge.experiments.tables import read_rows, write_csv
 from moe_edge.workload.standin import STANDIN_NOTE
 
+LATENCY_COLUMNS = ("model", "workload", "method", "request", "latency_s")
 SCALING_COLUMNS = ("gpus", "servers", "link_mbps", "method", "mean_latency_s", "p99_latency_s",
                    "ttft_s", "tpot_s", "cross_kb_per_token", "coverage", "requests")
 
@@ -93,11 +97,14 @@ def light_note(cfg: PaperConfig, light: dict | None) -> str:
 
 
 def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
-           scaling: Sequence[dict] | None, command: str, light: dict | None = None) -> str:
+           scaling: Sequence[dict] | None, command, light: dict | None = None) -> str:
   comps = rep.compare(rows)
   shift_means = dict(shift.after) if shift else None
+  commands = command if isinstance(command, dict) else {"all": command}
+  made = "; ".join(f"{part}: `{c}`" if len(commands) > 1 else f"`{c}`"
+                   for part, c in commands.items())
   out = ["# The paper's experiment on its testbed (request-level simulation)", "",
-         f"Made by `{command}`. The paper: \"Accelerating Edge Inference for Distributed MoE "
+         f"Made by {made}. The paper: \"Accelerating Edge Inference for Distributed MoE "
          f"Models with Latency-Optimized Expert Placement\" (arXiv 2508.12851), its numbers as "
          f"`PAPER.md` summarises them (approximate per setting).", ""]
   out += [f"- {line}" for line in setup_lines(cfg)] + [""]
@@ -137,17 +144,24 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
 
 def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
                   latencies: dict, shift: ShiftResult | None, scaling: list[dict] | None,
-                  command: str, seconds: float, light: dict | None = None) -> list[Path]:
-  """Write every file of the module docstring into ``out_dir``; returns their paths."""
+                  command, seconds: float, light: dict | None = None) -> list[Path]:
+  """Write every file of the module docstring into ``out_dir``; returns their paths.
+  ``command``: the command line, or ``{part: command}`` when parts came from several runs."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   rows = rep.add_gaps(rows)
   paths = [write_csv([{k: _clean(r.get(k, "")) for k in rep.TABLE_COLUMNS} for r in rows],
                      out / "table.csv", rep.TABLE_COLUMNS)]
+  lat_rows = [dict(model=m, workload=w, method=k, request=i, latency_s=float(x))
+              for (m, w), per in latencies.items() for k, v in per.items()
+              for i, x in enumerate(v)]
+  if lat_rows:
+    paths.append(write_csv(lat_rows, out / "latencies.csv", LATENCY_COLUMNS))
   for (model, workload), lat in latencies.items():
     if lat:
       paths.append(rep.plot_cdf(lat, f"{model}, {workload}", out / f"cdf_{model}_{workload}.png"))
-  summary = dict(config=cfg.to_dict(), seconds=round(seconds, 1),
+  summary = dict(config=cfg.to_dict(), seconds=round(seconds, 1), commands=(
+                     command if isinstance(command, dict) else {"all": command}),
                  light_load={f"{m} {w}": v for (m, w), v in (light or {}).items()},
                  goals=[dict(goal=g, met=bool(ok), measured=m) for g, ok, m in
                         rep.goals(rep.compare(rows), dict(shift.after) if shift else None)])
@@ -166,3 +180,49 @@ def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
   (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_clean) + "\n")
   (out / "README.md").write_text(readme(cfg, rows, shift, scaling, command, light) + "\n")
   return paths + [out / "summary.json", out / "README.md"]
+
+
+def load_parts(out_dir: str | Path) -> dict:
+  """What an earlier run wrote into ``out_dir``, to regenerate the README and plots with the
+  parts that were not run again: ``{"table": (rows, latencies, light), "shift": ShiftResult,
+  "scaling": rows}`` for the parts whose files exist."""
+  out = Path(out_dir)
+  parts = {}
+  summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() \
+      else {}
+  if (out / "table.csv").is_file():
+    rows = [dict(r, note=r.get("note") or "") for r in read_rows(out / "table.csv")]
+    for r in rows:
+      for k, v in r.items():
+        if v in ("inf", "nan"):
+          r[k] = float(v)
+    lat: dict = {}
+    if (out / "latencies.csv").is_file():
+      for r in read_rows(out / "latencies.csv"):
+        lat.setdefault((r["model"], r["workload"]), {}).setdefault(r["method"], []).append(
+            r["latency_s"])
+    lat = {k: {m: np.array(v) for m, v in d.items()} for k, d in lat.items()}
+    light = {tuple(k.split(" ")): v for k, v in summary.get("light_load", {}).items()}
+    parts["table"] = (rows, lat, light)
+  if (out / "shift.csv").is_file() and "shift" in summary:
+    sh = summary["shift"]
+    parts["shift"] = ShiftResult(read_rows(out / "shift.csv"), sh["after"], sh["before"],
+                                 {k: [tuple(m) for m in v] for k, v in sh["migrations"].items()},
+                                 sh["decisions"])
+  if (out / "scaling.csv").is_file():
+    parts["scaling"] = read_rows(out / "scaling.csv")
+  parts["commands"] = summary.get("commands", {})
+  return parts
+
+
+def demo_table(out_dir: str | Path, preset: str = "paper_testbed_quick",
+               log=print) -> str:
+  """The quick paper table (table part only) for ``make demo``: runs the preset's settings,
+  writes its files into ``out_dir`` and returns our ratios beside the paper's as Markdown."""
+  cfg = paper_config(load_preset("experiments", preset))
+  t0 = time.perf_counter()
+  rows, lat, light = run_table(cfg, log=log)
+  write_outputs(cfg, out_dir, rows, lat, None, None, f"experiments/demo.py ({preset}, table)",
+                time.perf_counter() - t0, light)
+  comps = rep.compare(rows)
+  return "\n\n".join([rep.format_comparison(comps), rep.format_goals(rep.goals(comps, None))])
