@@ -13,7 +13,8 @@ into ``--out``; prints the comparison.
 
 Parts can be run alone with ``--parts table,shift,scaling`` (default: all three); with
 ``--reuse`` the parts not run are read back from ``--out`` (``table.csv``, ``latencies.csv``,
-``shift.csv``, ``scaling.csv``, ``summary.json``), so the README covers them all.
+``shift.csv``, ``scaling.csv``, ``summary.json``), so the README covers them all;
+``--parts= --reuse`` only rewrites the README and plots from those files.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
                         time.perf_counter() - t0, light)
   comps = rep.compare(rows)
   text = [rep.format_comparison(comps), "",
-          rep.format_goals(rep.goals(comps, dict(shift.after) if shift else None))]
+          rep.format_goals(rep.goals(comps, dict(shift.after) if shift else None, light,
+                                     cfg.light_load_factor))]
   if shift:
     text += ["", rep.format_shift(shift)]
   print(f"wrote {', '.join(p.name for p in paths)} into {out} "
@@ -80,6 +82,8 @@ def main(argv):
     raise SystemExit(f"unexpected arguments {argv[1:]}")
   cfg = _cli.build(paper_config, CONFIG.value)
   bad = [p for p in PARTS.value if p not in ("table", "shift", "scaling")]
+  if not PARTS.value and not REUSE.value:
+    raise SystemExit("no parts to run; give --parts, or --reuse to rewrite the README from --out.")
   if bad:
     raise SystemExit(f"unknown parts {bad}; use table, shift, scaling.")
   root = str(_cli.REPO) + "/"
