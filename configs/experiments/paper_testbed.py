@@ -58,4 +58,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.scaling_methods = ("eplb_hetero", "prism")
   c.scaling_duration_s = 60.0
   c.scaling_pool = 4096
+  c.scaling_loads = ("per_server", "fixed_total")
+  c.scaling_fixed_duration_s = 600.0
   return c

@@ -36,4 +36,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.scaling_link_mbps = (100.0, 1000.0)
   c.scaling_methods = ("eplb_hetero", "prism")
   c.scaling_duration_s = 60.0
+  c.scaling_loads = ("per_server",)
   return c

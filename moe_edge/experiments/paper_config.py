@@ -36,7 +36,9 @@ here and said so):
 * scaling: the paper's simulation, ``scaling_gpus`` GPUs (the 1-1-2 pattern repeated) x
   ``scaling_link_mbps``, ``scaling_methods`` on ``scaling_model`` with ``scaling_workload``;
   routing drawn from pools of ``scaling_pool`` exact top-k sets per (domain, layer) (0: every
-  token drawn exactly, as in the table).
+  token drawn exactly, as in the table). ``scaling_loads``: ``per_server`` keeps every
+  server's arrival rate (``scaling_duration_s`` of arrivals), ``fixed_total`` spreads the
+  testbed's total rate over the servers (``scaling_fixed_duration_s``).
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ from moe_edge.workload.corpus import DOMAINS
 
 PAPER_MODELS = ("deepseek_v2_lite", "mixtral_8x7b")
 SHIFT_POLICIES = ("none", "paper", "ours")
-NAME_LISTS = ("models", "table_workloads", "methods", "shift_policies", "scaling_methods")
+NAME_LISTS = ("models", "table_workloads", "methods", "shift_policies", "scaling_methods",
+              "scaling_loads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,8 @@ class PaperConfig:
   scaling_methods: tuple[str, ...]
   scaling_duration_s: float
   scaling_pool: int
+  scaling_loads: tuple[str, ...]
+  scaling_fixed_duration_s: float
 
   def __post_init__(self):
     where = f"paper experiment {self.name!r}"
@@ -183,6 +188,10 @@ class PaperConfig:
       raise ConfigError(f"{where}: unknown shift policies {bad}; use {SHIFT_POLICIES}.")
     if any(g < 4 or g % 4 for g in self.scaling_gpus):
       raise ConfigError(f"{where}: scaling_gpus must be multiples of 4 (1-1-2 groups).")
+    bad = [x for x in self.scaling_loads if x not in ("per_server", "fixed_total")]
+    if bad or not self.scaling_fixed_duration_s > 0:
+      raise ConfigError(f"{where}: scaling_loads must be per_server and/or fixed_total (got "
+                        f"{list(self.scaling_loads)}) and scaling_fixed_duration_s > 0.")
     if any(not b > 0 for b in self.scaling_link_mbps):
       raise ConfigError(f"{where}: scaling_link_mbps must be positive.")
     if not self.methods:

@@ -25,8 +25,9 @@ from moe_edge.experiments.tables import read_rows, write_csv
 from moe_edge.workload.standin import STANDIN_NOTE
 
 LATENCY_COLUMNS = ("model", "workload", "method", "request", "latency_s")
-SCALING_COLUMNS = ("gpus", "servers", "link_mbps", "method", "mean_latency_s", "p99_latency_s",
-                   "ttft_s", "tpot_s", "cross_kb_per_token", "coverage", "requests")
+SCALING_COLUMNS = ("load", "gpus", "servers", "link_mbps", "method", "mean_latency_s",
+                   "p99_latency_s", "ttft_s", "tpot_s", "cross_kb_per_token", "coverage",
+                   "requests", "busy_fraction")
 
 
 def _clean(v):
@@ -215,8 +216,14 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
             *shift_notes(cfg, shift), ""]
   if scaling:
     out += ["## Scaling (the paper's simulation: 4 to 256 GPUs, 100 to 1000 Mbps)", "",
-            f"{cfg.scaling_model}, `{cfg.scaling_workload}` (homes cycled over the servers), "
-            f"{cfg.scaling_duration_s:g} s of arrivals per run. The paper: {rep.PAPER_SCALING}.",
+            f"{cfg.scaling_model}, `{cfg.scaling_workload}` (homes cycled over the servers); "
+            f"`per_server`: every server keeps its arrival rate ({cfg.scaling_duration_s:g} s "
+            f"of arrivals), so the offered load grows with the cluster; `fixed_total`: the "
+            f"testbed's total rate spread over the servers ({cfg.scaling_fixed_duration_s:g} s), "
+            f"the same workload on more GPUs. Routing from pools of {cfg.scaling_pool} exact "
+            f"draws per (domain, layer). Steps are cluster-synchronous (every server waits for "
+            f"the slowest one's layer), so a bigger cluster waits on more prefills. The paper: "
+            f"{rep.PAPER_SCALING}.",
             "", rep.format_scaling(scaling), "", *rep.scaling_effects(scaling), "",
             "![scaling](scaling.png)", ""]
   return "\n".join(out)

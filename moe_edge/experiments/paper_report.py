@@ -265,35 +265,41 @@ def format_shift(shift) -> str:
 
 
 def scaling_effects(rows: Sequence[dict]) -> list[str]:
-  """The paper's two scaling statements, measured on our rows (per method)."""
+  """The paper's two scaling statements, measured on our rows (per load and method)."""
   out = []
   gpus = sorted({r["gpus"] for r in rows})
   links = sorted({r["link_mbps"] for r in rows})
-  for m in dict.fromkeys(r["method"] for r in rows):
-    get = {(r["gpus"], r["link_mbps"]): r["mean_latency_s"] for r in rows if r["method"] == m}
-    parts = []
-    for b in links:
-      if (gpus[0], b) in get and (gpus[-1], b) in get:
-        parts.append(f"{gpus[0]} -> {gpus[-1]} GPUs at {b:g} Mbps "
-                     f"{_pct(change(get[(gpus[-1], b)], get[(gpus[0], b)]))}")
-    for g in (gpus[0], gpus[-1]):
-      if (g, links[0]) in get and (g, links[-1]) in get:
-        parts.append(f"{links[0]:g} -> {links[-1]:g} Mbps at {g} GPUs "
-                     f"{_pct(change(get[(g, links[-1])], get[(g, links[0])]))}")
-    out.append(f"- {m}: " + "; ".join(parts))
+  for load in dict.fromkeys(r.get("load", "per_server") for r in rows):
+    for m in dict.fromkeys(r["method"] for r in rows):
+      get = {(r["gpus"], r["link_mbps"]): r["mean_latency_s"] for r in rows
+             if r["method"] == m and r.get("load", "per_server") == load}
+      parts = []
+      for b in links:
+        if (gpus[0], b) in get and (gpus[-1], b) in get:
+          parts.append(f"{gpus[0]} -> {gpus[-1]} GPUs at {b:g} Mbps "
+                       f"{_pct(change(get[(gpus[-1], b)], get[(gpus[0], b)]))}")
+      for g in (gpus[0], gpus[-1]):
+        if (g, links[0]) in get and (g, links[-1]) in get:
+          parts.append(f"{links[0]:g} -> {links[-1]:g} Mbps at {g} GPUs "
+                       f"{_pct(change(get[(g, links[-1])], get[(g, links[0])]))}")
+      out.append(f"- {load}, {m}: " + "; ".join(parts))
   return out
 
 
 def format_scaling(rows: Sequence[dict]) -> str:
   methods = list(dict.fromkeys(r["method"] for r in rows))
-  lines = ["| GPUs | servers | link Mbps | " + " | ".join(f"{m} mean s" for m in methods) + " |",
-           "|---|---|---|" + "---|" * len(methods)]
-  keys = list(dict.fromkeys((r["gpus"], r["servers"], r["link_mbps"]) for r in rows))
-  for g, n, b in keys:
-    vals = {r["method"]: r["mean_latency_s"] for r in rows
-            if (r["gpus"], r["link_mbps"]) == (g, b)}
-    lines.append(f"| {g} | {n} | {b:g} | " + " | ".join(_f(vals.get(m), ".2f") for m in methods)
-                 + " |")
+  lines = ["| load | GPUs | servers | link Mbps | requests | " +
+           " | ".join(f"{m} mean s (busy)" for m in methods) + " |",
+           "|---|---|---|---|---|" + "---|" * len(methods)]
+  keys = list(dict.fromkeys((r.get("load", "per_server"), r["gpus"], r["servers"],
+                             r["link_mbps"]) for r in rows))
+  for load, g, n, b in keys:
+    here = {r["method"]: r for r in rows if (r.get("load", "per_server"), r["gpus"],
+                                             r["link_mbps"]) == (load, g, b)}
+    req = next(iter(here.values()))["requests"]
+    cells = [f"{_f(here[m]['mean_latency_s'], '.2f')} ({_f(here[m].get('busy_fraction'), '.2f')})"
+             if m in here else "-" for m in methods]
+    lines.append(f"| {load} | {g} | {n} | {b:g} | {req} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -302,11 +308,16 @@ def plot_scaling(rows: Sequence[dict], path: str | Path) -> Path:
   plt = _plt()
   methods = list(dict.fromkeys(r["method"] for r in rows))
   fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.0), squeeze=False)
+  loads = list(dict.fromkeys(r.get("load", "per_server") for r in rows))
   for ax, m in zip(axes[0], methods):
-    for b in sorted({r["link_mbps"] for r in rows}):
-      here = sorted((r["gpus"], r["mean_latency_s"]) for r in rows
-                    if r["method"] == m and r["link_mbps"] == b)
-      ax.plot([g for g, _ in here], [v for _, v in here], marker="o", label=f"{b:g} Mbps")
+    for load in loads:
+      for b in sorted({r["link_mbps"] for r in rows}):
+        here = sorted((r["gpus"], r["mean_latency_s"]) for r in rows
+                      if r["method"] == m and r["link_mbps"] == b
+                      and r.get("load", "per_server") == load)
+        ax.plot([g for g, _ in here], [v for _, v in here], marker="o",
+                ls="-" if load == "per_server" else "--", label=f"{load}, {b:g} Mbps")
+    ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("GPUs", fontsize=8)
     ax.set_ylabel("mean request latency (s)", fontsize=8)

@@ -41,6 +41,7 @@ from moe_edge.serving.scheduler import SchedulerOptions
 from moe_edge.workload.requests import Requests
 
 PROFILE_SEED_OFFSET = 1000
+PATTERN_SERVERS = (1, 1, 2)  # GPUs of the testbed's servers: 3 servers per 4 GPUs
 
 
 def table_methods(cfg: PaperConfig) -> list[str]:
@@ -101,8 +102,9 @@ class Planned:
 
 
 def plan_setting(cfg: PaperConfig, model: str, workload: str, seed: int, num_gpus: int = 4,
-                 link_mbps: float | None = None) -> Planned:
-  """Steps 1-2 of the module docstring."""
+                 link_mbps: float | None = None, pool: int = 0) -> Planned:
+  """Steps 1-2 of the module docstring (``pool``: the pilot's routing sampler, see
+  :func:`~moe_edge.experiments.request_sim.simulate`)."""
   setting = build_setting(cfg, model, workload, num_gpus, link_mbps)
   cost = cost_model(cfg, setting)
   n = setting.cluster.num_servers
@@ -112,7 +114,7 @@ def plan_setting(cfg: PaperConfig, model: str, workload: str, seed: int, num_gpu
   pilot_req = workload_requests(cfg, setting.workload, n, cfg.profile_duration_s,
                                 seed + PROFILE_SEED_OFFSET)
   pilot = serve(cfg, setting, cost, registry.place(cfg.pilot_method, problem, context=pilot_ctx),
-                pilot_req, seed + PROFILE_SEED_OFFSET)
+                pilot_req, seed + PROFILE_SEED_OFFSET, pool=pool)
   summary, per_step = measured_summary(pilot, cfg, 1.0 / setting.workload.interarrival_s, n)
   problem = PlacementProblem.build(setting.model, setting.cluster, setting.problem.freq,
                                    per_step, calibration=cost.calibration)
@@ -196,32 +198,48 @@ def run_table(cfg: PaperConfig, seed: int | None = None, log: Callable[[str], No
   return rows, lat, light
 
 
+SCALING_LOADS = ("per_server", "fixed_total")
+
+
+def scaling_config(cfg: PaperConfig, load: str, num_servers: int) -> PaperConfig:
+  """The sweep's config at one cluster size: ``per_server`` keeps every server's arrival rate
+  (the offered load grows with the cluster), ``fixed_total`` spreads the testbed's total rate
+  over the servers (the same workload on more GPUs) and runs ``scaling_fixed_duration_s``."""
+  base = len(cfg.workload(cfg.scaling_workload).homes)
+  factor = num_servers / base if load == "fixed_total" else 1.0
+  duration = cfg.scaling_fixed_duration_s if load == "fixed_total" else cfg.scaling_duration_s
+  workloads = tuple(dataclasses.replace(w, interarrival_s=w.interarrival_s * factor)
+                    if w.name == cfg.scaling_workload else w for w in cfg.workloads)
+  return dataclasses.replace(cfg, workloads=workloads, duration_s=duration,
+                             profile_duration_s=min(cfg.profile_duration_s, duration))
+
+
 def run_scaling(cfg: PaperConfig, seed: int | None = None,
                 log: Callable[[str], None] = print) -> list[dict]:
-  """Mean request latency of ``scaling_methods`` for every (GPUs, link) of the sweep."""
+  """Mean request latency of ``scaling_methods`` for every (load, GPUs, link) of the sweep."""
   seed = cfg.seed if seed is None else seed
-  quick = dataclasses.replace(cfg, duration_s=cfg.scaling_duration_s,
-                              profile_duration_s=min(cfg.profile_duration_s,
-                                                     cfg.scaling_duration_s))
   rows = []
-  for gpus in cfg.scaling_gpus:
-    for mbps in cfg.scaling_link_mbps:
-      t0 = time.perf_counter()
-      planned = plan_setting(quick, cfg.scaling_model, cfg.scaling_workload, seed, gpus, mbps)
-      s = planned.setting
-      requests = workload_requests(quick, s.workload, s.cluster.num_servers,
-                                   quick.duration_s, seed)
-      for m in cfg.scaling_methods:
-        placement = registry.place(m, planned.problem, context=planned.context)
-        try:
-          res = serve(quick, s, planned.cost, placement, requests, seed,
-                      pool=cfg.scaling_pool)
-          row = result_row(planned, m, res)
-        except QueueDivergesError as e:
-          row = result_row(planned, m, None, f"queue diverges: {e}")
-        rows.append(dict(gpus=gpus, servers=s.cluster.num_servers, link_mbps=mbps, **{
-            k: row[k] for k in ("method", "mean_latency_s", "p99_latency_s", "ttft_s",
-                                "tpot_s", "cross_kb_per_token", "coverage", "requests")}))
-      log(f"  scaling {gpus} GPUs ({s.cluster.num_servers} servers) at {mbps:g} Mbps "
-          f"({time.perf_counter() - t0:.0f} s)")
+  for load in cfg.scaling_loads:
+    for gpus in cfg.scaling_gpus:
+      for mbps in cfg.scaling_link_mbps:
+        t0 = time.perf_counter()
+        servers = len(PATTERN_SERVERS) * gpus // 4
+        run = scaling_config(cfg, load, servers)
+        planned = plan_setting(run, cfg.scaling_model, cfg.scaling_workload, seed, gpus, mbps,
+                               pool=cfg.scaling_pool)
+        s = planned.setting
+        requests = workload_requests(run, s.workload, servers, run.duration_s, seed)
+        for m in cfg.scaling_methods:
+          placement = registry.place(m, planned.problem, context=planned.context)
+          try:
+            res = serve(run, s, planned.cost, placement, requests, seed, pool=cfg.scaling_pool)
+            row = result_row(planned, m, res)
+          except QueueDivergesError as e:
+            row = result_row(planned, m, None, f"queue diverges: {e}")
+          rows.append(dict(load=load, gpus=gpus, servers=servers, link_mbps=mbps, **{
+              k: row[k] for k in ("method", "mean_latency_s", "p99_latency_s", "ttft_s",
+                                  "tpot_s", "cross_kb_per_token", "coverage", "requests",
+                                  "busy_fraction")}))
+        log(f"  scaling ({load}) {gpus} GPUs ({servers} servers) at {mbps:g} Mbps "
+            f"({time.perf_counter() - t0:.0f} s)")
   return rows
