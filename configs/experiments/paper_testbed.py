@@ -59,5 +59,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.scaling_duration_s = 60.0
   c.scaling_pool = 4096
   c.scaling_loads = ("per_server", "fixed_total")
-  c.scaling_fixed_duration_s = 600.0
+  c.scaling_fixed_duration_s = 300.0
   return c
