@@ -5,7 +5,8 @@ Workload (``ExperimentConfig.request_*``): server ``i`` mostly serves ``DOMAINS[
 (locality ``alpha``, as the tables' traces), Poisson arrivals at ``request_rate`` per server for
 ``request_duration_s`` seconds, prompts of ``request_len`` tokens from held-out text, outputs
 of ``request_output_tokens``; routing sampled from the model's statistics (its own, or a
-stand-in: :func:`moe_edge.workload.standin.routing_stats_for`). Models without statistics (the
+stand-in: :func:`moe_edge.workload.standin.routing_stats_for`). The tables' memory model
+(``copies``) holds experts only, so every server gets KV room for ``decode_batch`` requests. Models without statistics (the
 small trained model, models only driven by mapped traces) get no request columns.
 """
 from __future__ import annotations
@@ -48,8 +49,9 @@ def request_metrics(cfg, model_name: str, model: ModelConfig, cluster: ClusterCo
   opts = SchedulerOptions(max_batch=cfg.decode_batch, token_budget=max(cfg.request_len,
                                                                        cfg.decode_batch),
                           prefill_chunk=cfg.request_len)
+  kv = np.full(n, cfg.decode_batch * (cfg.request_len + cfg.request_output_tokens))
   try:
-    res = simulate(requests, placement, cost, stats, opts, seed=cfg.seed)
+    res = simulate(requests, placement, cost, stats, opts, seed=cfg.seed, kv_tokens=kv)
   except QueueDivergesError:
     return dict(request_latency_s=math.inf, request_p99_s=math.inf, request_ttft_s=math.inf,
                 request_tpot_ms=math.inf, request_busy=1.0)

@@ -306,7 +306,8 @@ def _check(requests: Requests, cost: CostModel, options: sched.SchedulerOptions)
 def simulate(requests: Requests, placement: Placement, cost: CostModel, stats: RoutingStats,
              options: sched.SchedulerOptions, seed: int = 0, max_waiting: int = 100,
              controller: Controller | None = None, check_every_s: float = math.inf,
-             bin_s: float = 30.0, pool: int = 0) -> SimResult:
+             bin_s: float = 30.0, pool: int = 0,
+             kv_tokens: Sequence[int] | None = None) -> SimResult:
   """Serve ``requests`` to completion on the cost model (module docstring).
 
   Args:
@@ -323,10 +324,12 @@ def simulate(requests: Requests, placement: Placement, cost: CostModel, stats: R
     pool: 0 samples every token exactly; ``P > 0`` draws ``P`` top-k sets per (domain, layer)
       once and lets tokens pick among them uniformly (an empirical version of the same
       distribution, for hundreds of servers where per-token draws dominate the run time).
+    kv_tokens: ``[N]`` KV positions per server instead of the placement's leftover memory
+      (for clusters whose memory model holds experts only); fixed across migrations.
   """
   n = cost.cluster.num_servers
-  options = dataclasses.replace(options, kv_tokens=tuple(int(x) for x in
-                                                         cost.kv_tokens(placement)))
+  budget = (lambda p: np.asarray(kv_tokens)) if kv_tokens is not None else cost.kv_tokens
+  options = dataclasses.replace(options, kv_tokens=tuple(int(x) for x in budget(placement)))
   _check(requests, cost, options)
   costing = _Costing(cost, stats, requests, seed, pool)
   plen, out_len = requests.prompt_tokens, requests.output_tokens
@@ -355,7 +358,7 @@ def simulate(requests: Requests, placement: Placement, cost: CostModel, stats: R
       if new is not None:
         migrations.append(Migration(t, float(stall), int(new.info.get("copies", 0)),
                                     str(new.info.get("note", ""))))
-        queues = _rebudget(queues, cost.kv_tokens(placement), cost.kv_tokens(new))
+        queues = _rebudget(queues, budget(placement), budget(new))
         placement = new
         t += float(stall)
         continue
