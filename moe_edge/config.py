@@ -52,6 +52,10 @@ class ModelConfig:
       softmax over the top-k logits; OLMoE, Qwen1.5-MoE, DeepSeek-V2-Lite: no).
     max_seq_len, rope_theta, norm_eps: the usual.
     tie_embeddings: share input embedding and output projection.
+    kv_lora_rank, qk_rope_head_dim: multi-head latent attention (DeepSeek-V2): the KV cache holds
+      one compressed latent of ``kv_lora_rank`` plus a decoupled RoPE key of ``qk_rope_head_dim``
+      per token and layer instead of ``2 * n_kv_heads * head_dim`` (0 = ordinary attention).
+      Only the attention cost and KV memory (``moe_edge/cost/attention.py``) read them.
     bytes_per_param: storage size of a parameter when *served* (2 for bf16, 0.5 for 4-bit);
       used by placement memory accounting, not by the Flax model's compute dtype.
     aux_loss_coef: weight of the load-balancing loss during training.
@@ -77,6 +81,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
+  kv_lora_rank: int = 0
+  qk_rope_head_dim: int = 0
   bytes_per_param: float = 2
   aux_loss_coef: float = 0.01
   source: str = ""
@@ -88,6 +94,9 @@ class ModelConfig:
       if getattr(self, f) <= 0:
         raise ConfigError(f"ModelConfig {self.name!r}: {f} must be positive, got "
                           f"{getattr(self, f)}.")
+    if self.kv_lora_rank < 0 or self.qk_rope_head_dim < 0:
+      raise ConfigError(f"ModelConfig {self.name!r}: kv_lora_rank and qk_rope_head_dim must be "
+                        f">= 0 (0 = ordinary attention).")
     if self.top_k > self.n_experts:
       raise ConfigError(f"ModelConfig {self.name!r}: top_k={self.top_k} exceeds n_experts="
                         f"{self.n_experts}; a token cannot pick more experts than exist.")
@@ -173,12 +182,19 @@ class ServerSpec:
     peak_flops: dense bf16/fp16 FLOP/s the matmuls reach.
     mem_bandwidth: bytes/s of accelerator memory (decode reads every active weight once).
     reserved_bytes: memory kept for activations, KV cache and runtime.
+    grouped_kernel: True (default) when the server runs a grouped expert FFN that costs per
+      used expert (``moe_edge.kernels.grouped_ffn`` with tokamax, or any kernel of that kind);
+      False for a deployment without one, whose expert FFN costs as XLA's
+      ``jax.lax.ragged_dot`` measured on the H200 (results/bench_ffn): dense over the server's
+      held slots, ``max(G W_e / mbw, rows G F_e / peak)`` per layer
+      (:meth:`moe_edge.core.hardware.Hardware.compute_time`).
   """
   name: str
   memory_bytes: float
   peak_flops: float
   mem_bandwidth: float
   reserved_bytes: float = 0.0
+  grouped_kernel: bool = True
 
   def __post_init__(self):
     for f in ("memory_bytes", "peak_flops", "mem_bandwidth"):
@@ -187,6 +203,10 @@ class ServerSpec:
                           f"{getattr(self, f)}.")
     if self.reserved_bytes < 0:
       raise ConfigError(f"Server {self.name!r}: reserved_bytes must be >= 0.")
+    if not isinstance(self.grouped_kernel, (bool, np.bool_)):
+      raise ConfigError(f"Server {self.name!r}: grouped_kernel must be True (grouped expert "
+                        f"FFN, cost per used expert) or False (dense over held slots), got "
+                        f"{self.grouped_kernel!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +388,14 @@ def with_expert_memory(cluster: ClusterConfig, model: ModelConfig,
              for s, x in zip(cluster.servers, share)]
   return dataclasses.replace(cluster, servers=tuple(servers),
                              name=f"{cluster.name}@{copies:g}x")
+
+
+def with_grouped_kernel(cluster: ClusterConfig, grouped_kernel: bool) -> ClusterConfig:
+  """Copy of ``cluster`` whose every server has ``grouped_kernel`` (:class:`ServerSpec`); the
+  name gains ``+dense_ffn`` when False. The cluster presets' ``grouped_kernel`` argument."""
+  servers = tuple(dataclasses.replace(s, grouped_kernel=grouped_kernel) for s in cluster.servers)
+  name = cluster.name if grouped_kernel is True else f"{cluster.name}+dense_ffn"
+  return dataclasses.replace(cluster, servers=servers, name=name)
 
 
 def replace_servers(cluster: ClusterConfig, servers: Sequence[ServerSpec]) -> ClusterConfig:

@@ -32,6 +32,13 @@ expert ``(l, e)`` computed on ``m`` at step ``s``)::
 
   P[s, m, l] = sum_{e : c > 0} max(W_e / (mbw[m] eta_b[m]), c[s, m, l, e] F_e / (peak[m] eta_f[m]))
 
+This is a grouped expert FFN that costs per used expert (``moe_edge.kernels.grouped_ffn``), the
+default on every server. A server with ``ServerSpec.grouped_kernel=False`` costs as XLA's
+``ragged_dot`` measured on the H200 (results/bench_ffn), dense over the ``G[m, l]`` slots it
+holds, with ``R[s, m, l] = sum_e c[s, m, l, e]`` rows::
+
+  P[s, m, l] = max(G W_e / (mbw[m] eta_b[m]), R G F_e / (peak[m] eta_f[m]))   (0 when R = 0)
+
 **Exchange** (links work in parallel, a server's sends are serialised on its NIC)::
 
   dispatch[s, l] = max_n ( max_{m : D[s,l,n,m] > 0} lat[n, m] + sum_m D[s, l, n, m] / bw[n, m] )
@@ -45,6 +52,14 @@ expert ``(l, e)`` computed on ``m`` at step ``s``)::
 runs it on its own tokens; servers without tokens at a step skip it)::
 
   dense[s] = max_{n : B[s,n] > 0} max( W_d / (mbw[n] eta_b[n]),  B[s, n] F_d / (peak[n] eta_f[n]) )
+
+With ``attention`` (``CostModel.evaluate(..., attention=True)``, what serving uses) the dense
+roofline also streams each request's KV cache and computes its attention scores
+(:mod:`moe_edge.cost.attention`: ``A_bytes``/``A_flops`` per step and server from the tokens'
+requests and cache positions)::
+
+  dense[s] = max_{n : B[s,n] > 0} max( (W_d + A_bytes[s, n]) / (mbw eta_b),
+                                       (B[s, n] F_d + A_flops[s, n]) / (peak eta_f) )
 
 **Step latency** ``T[s] = dense[s] + sum_l layer[s, l]``. Decode latency per token = mean over
 steps of ``T[s]``; prefill latency per request = mean over prompt batches of ``T[s]``.
@@ -60,7 +75,9 @@ steps of ``T[s]``; prefill latency per request = mean over prompt batches of ``T
 * ``C``, ``c`` become their expectations (sums of ``x`` along the route table);
 * an expert's weight read is charged with the probability that it is used at all, under a
   Poisson model: ``P(c > 0) = 1 - exp(-E[c])``, i.e.
-  ``P[m, l] = sum_e max(W_e / (mbw eta_b) * (1 - exp(-E[c])), E[c] F_e / (peak eta_f))``;
+  ``P[m, l] = sum_e max(W_e / (mbw eta_b) * (1 - exp(-E[c])), E[c] F_e / (peak eta_f))``
+  (without a grouped kernel: ``max(G W_e / (mbw eta_b) (1 - exp(-E[R])), E[R] G F_e / (peak
+  eta_f))``);
 * a link's latency is charged with the probability that the link carries anything,
   ``1 - exp(-E[C[l, n, m]])``.
 
@@ -70,8 +87,8 @@ take maxima of expectations where the expectation of a maximum is meant; as ``E[
 and it approaches :func:`evaluate` as batches grow and relative fluctuations shrink.
 
 Every formula above is one method of :class:`~moe_edge.core.hardware.Hardware` (expert time,
-exchange time, dense time); :class:`CostModel` holds one Hardware and is what planners,
-triggers and the simulator receive (docs/DESIGN.md, "Cost").
+a server's compute time, exchange time, dense time); :class:`CostModel` holds one Hardware and
+is what planners, triggers and the simulator receive (docs/DESIGN.md, "Cost").
 
 Implementation (vectorised numpy; steps are processed in chunks to bound memory,
 ``cost/counting.py``), one of three exact counting paths per chunk:
@@ -97,6 +114,7 @@ from moe_edge.core.errors import CostError, PlacementError
 from moe_edge.core.hardware import Hardware
 from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.core.trace import ActivationTrace
+from moe_edge.cost.attention import kv_bytes_per_token, kv_budget_bytes, step_attention_work
 from moe_edge.cost.batches import decode_batches, prefill_batches  # noqa: F401  (re-export)
 from moe_edge.cost.calibrate import Calibration
 from moe_edge.cost.counting import RouteMaps, chunks, counting_path
@@ -304,8 +322,11 @@ def evaluate(trace: ActivationTrace, model: ModelConfig | str, cluster: ClusterC
 
 
 def _evaluate(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
-              placement: Placement, phase: str, hw: Hardware) -> CostReport:
-  """:func:`evaluate` on checked inputs and a built :class:`Hardware`."""
+              placement: Placement, phase: str, hw: Hardware,
+              attention: bool = False) -> CostReport:
+  """:func:`evaluate` on checked inputs and a built :class:`Hardware`; ``attention`` adds each
+  step's attention over its requests' contexts (``trace.request``/``trace.position``) to the
+  dense roofline (:mod:`moe_edge.cost.attention`)."""
   n_srv, n_lay, n_exp = cluster.num_servers, model.n_moe_layers, model.n_experts
   act, k = hw.act, model.top_k
   maps = RouteMaps.build(placement.route)
@@ -322,10 +343,12 @@ def _evaluate(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig
   server_compute = np.zeros((n_srv, n_lay))
   routed_total = np.zeros((n_srv, n_srv, n_lay))
   step_tokens = tokens.sum(axis=1)
+  held = placement.hosts.sum(axis=2)                                        # [M, L] slots
   for s0, s1, t0, t1 in chunks(step_tokens, n_lay * k, n_lay * n_srv * n_srv):
     path = counting_path(s1 - s0, (t1 - t0) * n_lay * k, int(step_tokens[s0:s1].max()), maps,
                           hw)
     routed, per = path(ids[t0:t1], srv[t0:t1], sidx[t0:t1] - s0, s1 - s0, maps, hw)
+    per = hw.compute_time(per, routed.sum(axis=0), held[:, None, :], server_axis=0)
     routed_total += routed.sum(axis=2)
     disp, comb = hw.exchange_times(routed.reshape(n_srv, n_srv, -1).transpose(2, 0, 1))
     dispatch[s0:s1], combine[s0:s1] = disp.reshape(-1, n_lay), comb.reshape(-1, n_lay)
@@ -337,7 +360,13 @@ def _evaluate(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig
   load = routed_total.sum(axis=1).T                                          # [M, L]
   dispatch_bytes = routed_total * (1 - np.eye(n_srv, dtype=np.int64)) * act
   used, cap = _memory(model, cluster, placement)
-  dense_t = hw.dense_time(tokens)
+  if attention:
+    req = trace.request if order is None else trace.request[order]
+    pos = trace.position if order is None else trace.position[order]
+    dense_t = hw.dense_time(tokens, *step_attention_work(model, sidx, srv, req, pos, n_steps,
+                                                         n_srv))
+  else:
+    dense_t = hw.dense_time(tokens)
   return CostReport(
       phase=phase, expected=False, num_steps=n_steps, num_tokens=float(trace.num_tokens),
       activation_bytes=act, step_latency=dense_t + (dispatch + compute + combine).sum(axis=1),
@@ -385,7 +414,9 @@ def _expected(problem: PlacementProblem, placement: Placement,
   to = np.eye(n_srv, dtype=np.float64)[placement.route]                # [N, L, E, M] one-hot
   on = np.einsum("nle,nlem->mle", x, to)                               # E[c] [M, L, E]
   flows = np.einsum("nle,nlem->lnm", x, to) * (1.0 - np.eye(n_srv))   # E[C] [L, N, M]
-  per = hw.expert_time(on, server_axis=0, expected=True).sum(axis=2)   # [M, L]
+  per = hw.compute_time(hw.expert_time(on, server_axis=0, expected=True).sum(axis=2),
+                        on.sum(axis=2), placement.hosts.sum(axis=2), server_axis=0,
+                        expected=True)                                 # [M, L]
   dispatch, combine = hw.exchange_times(flows, -np.expm1(-flows))
   dense = hw.dense_time(b[None, :])
   step = dense + (dispatch + per.max(axis=0) + combine).sum()
@@ -444,11 +475,21 @@ class CostModel:
     return cls(model, cluster, hw, calibration)
 
   def evaluate(self, trace: ActivationTrace, placement: Placement,
-               phase: str = "decode") -> CostReport:
-    """:func:`evaluate` of ``placement`` on every step of ``trace``."""
+               phase: str = "decode", attention: bool = False) -> CostReport:
+    """:func:`evaluate` of ``placement`` on every step of ``trace``; with ``attention`` each
+    step also pays attention over its requests' contexts (a token at cache position ``p``
+    attends ``p + 1`` keys; the trace's ``request`` and ``position`` say which;
+    :mod:`moe_edge.cost.attention`)."""
     _check_phase(phase)
     _check_inputs(trace, self.model, self.cluster, placement)
-    return _evaluate(trace, self.model, self.cluster, placement, phase, self.hardware)
+    return _evaluate(trace, self.model, self.cluster, placement, phase, self.hardware, attention)
+
+  def kv_tokens(self, placement: Placement) -> np.ndarray:
+    """``[N]`` int64 KV-cache positions each server has room for once it holds the dense weights
+    and ``placement``'s experts: the memory cap binds experts and KV together
+    (:func:`moe_edge.cost.attention.kv_budget_bytes`)."""
+    budget = kv_budget_bytes(self.model, self.cluster, placement.experts_per_server)
+    return (budget // kv_bytes_per_token(self.model)).astype(np.int64)
 
   def expected(self, problem: PlacementProblem, placement: Placement,
                batch_tokens: Sequence[float] | np.ndarray,

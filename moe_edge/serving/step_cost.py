@@ -57,7 +57,9 @@ class StepCost:
     dispatch, combine = hw.exchange_times(flows.astype(np.float64))
     c = np.bincount(((dest * n_lay + lay) * n_exp + ids).ravel(),
                     minlength=n_srv * n_lay * n_exp).reshape(n_srv, n_lay, n_exp)
-    compute = hw.expert_time(c.astype(np.float64), server_axis=0).sum(axis=2).max(axis=0)
+    c = c.astype(np.float64)
+    compute = hw.compute_time(hw.expert_time(c, server_axis=0).sum(axis=2), c.sum(axis=2),
+                              placement.hosts.sum(axis=2), server_axis=0).max(axis=0)
     tokens = np.bincount(server, minlength=n_srv).astype(np.float64)
     seconds = float(hw.dense_time(tokens) + (dispatch + compute + combine).sum())
     return seconds, 2 * hw.act * int(flows.sum())
