@@ -23,18 +23,20 @@ import sys
 import time
 from pathlib import Path
 
-from absl import flags
+from absl import app, flags
 
 import _cli
-from moe_edge.core.errors import MoeEdgeError
 from moe_edge.experiments import paper_report as rep
 from moe_edge.experiments.paper_config import paper_config
 from moe_edge.experiments.paper_readme import load_parts, write_outputs
 from moe_edge.experiments.paper_shift import run_shift
 from moe_edge.experiments.paper_table import run_scaling, run_table
+from moe_edge.io import OutputFolder, RunIdentity
 
 CONFIG = _cli.define_config("paper_testbed")
-OUT = flags.DEFINE_string("out", "results/paper", "Output folder.")
+OUT, OVERWRITE = _cli.define_output("results/paper")
+#: What a run writes into --out (its README.md is generated, so it is the run's file too).
+OUTPUTS = ("*.csv", "*.png", "summary.json", "README.md")
 PARTS = flags.DEFINE_list("parts", ["table", "shift", "scaling"],
                           "Which parts to run: table, shift, scaling.")
 REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files an earlier run "
@@ -79,19 +81,27 @@ def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  cfg = _cli.build(paper_config, CONFIG.value)
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  cfg = paper_config(CONFIG.value)
   bad = [p for p in PARTS.value if p not in ("table", "shift", "scaling")]
   if not PARTS.value and not REUSE.value:
-    raise SystemExit("no parts to run; give --parts, or --reuse to rewrite the README from --out.")
+    raise app.UsageError("no parts to run; give --parts, or --reuse to rewrite the README from "
+                         "--out.")
   if bad:
-    raise SystemExit(f"unknown parts {bad}; use table, shift, scaling.")
+    raise app.UsageError(f"unknown parts {bad}; use table, shift, scaling.")
+  # The run's identity is its config (not --parts): runs of single parts share one folder;
+  # with --reuse the files of the parts not run are kept (they are read back).
+  out = Path(OUT.value)
+  keep = [p.name for p in out.iterdir() if p.is_file()] if REUSE.value and out.is_dir() else []
+  folder = OutputFolder.claim(out, RunIdentity("paper_table", CONFIG.value.to_dict(), None),
+                              OUTPUTS, overwrite=OVERWRITE.value, resume=REUSE.value,
+                              leftovers=keep, refuse_hint="choose another --out, or pass "
+                              "--overwrite to replace them")
   root = str(_cli.REPO) + "/"
   command = "python " + " ".join(shlex.quote(a.replace(root, "")) for a in sys.argv)
-  try:
-    print(run(cfg, Path(OUT.value), PARTS.value, command, REUSE.value))
-  except MoeEdgeError as e:
-    sys.exit(f"error: {e}")
+  print(run(cfg, folder.folder, PARTS.value, command, REUSE.value))
+  folder.record_new()
+  folder.finish()
 
 
 if __name__ == "__main__":

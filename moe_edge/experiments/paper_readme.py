@@ -22,6 +22,7 @@ from moe_edge.experiments.paper_config import PaperConfig, paper_config
 from moe_edge.experiments.paper_shift import SHIFT_COLUMNS, ShiftResult
 from moe_edge.experiments.paper_table import run_table
 from moe_edge.experiments.tables import read_rows, write_csv
+from moe_edge.io import atomic
 from moe_edge.workload.standin import STANDIN_NOTE
 
 LATENCY_COLUMNS = ("model", "workload", "method", "request", "latency_s")
@@ -271,8 +272,8 @@ def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
     paths.append(write_csv([{k: _clean(r[k]) for k in SCALING_COLUMNS} for r in scaling],
                            out / "scaling.csv", SCALING_COLUMNS))
     paths.append(rep.plot_scaling(scaling, out / "scaling.png"))
-  (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_clean) + "\n")
-  (out / "README.md").write_text(readme(cfg, rows, shift, scaling, command, light) + "\n")
+  atomic.write_text(out / "summary.json", json.dumps(summary, indent=1, default=_clean) + "\n")
+  atomic.write_text(out / "README.md", readme(cfg, rows, shift, scaling, command, light) + "\n")
   return paths + [out / "summary.json", out / "README.md"]
 
 

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from moe_edge.experiments.plots import save_figure
+
 #: Mean request latency (s) of the paper, (model, workload) -> (EPLB, Prism), PAPER.md.
 PAPER_LATENCY = {
     ("deepseek_v2_lite", "specialised"): (9.56, 6.63),
@@ -220,7 +222,7 @@ def plot_cdf(latencies: dict[str, np.ndarray], title: str, path: str | Path) -> 
   ax.legend(fontsize=7)
   fig.tight_layout()
   path = Path(path)
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path, dpi=110)
   plt.close(fig)
   return path
 
@@ -242,7 +244,7 @@ def plot_shift(rows: Sequence[dict], shift_at_s: float, path: str | Path) -> Pat
   ax.grid(alpha=0.3)
   fig.tight_layout()
   path = Path(path)
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path, dpi=110)
   plt.close(fig)
   return path
 
@@ -327,6 +329,6 @@ def plot_scaling(rows: Sequence[dict], path: str | Path) -> Path:
     ax.legend(fontsize=7)
   fig.tight_layout()
   path = Path(path)
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path, dpi=110)
   plt.close(fig)
   return path
