@@ -46,7 +46,7 @@ import numpy as np
 from moe_edge.config import ClusterConfig, ServerSpec, cluster_config, uniform_links
 from moe_edge.core import files
 from moe_edge.core.errors import MoeEdgeError
-from moe_edge.io import atomic
+from moe_edge.io import atomic, check_output_file, cli
 
 
 class CalibrationError(MoeEdgeError):
@@ -428,7 +428,14 @@ def _main(argv):
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  m = measure_local(f.d_model, f.d_ff, tuple(int(c) for c in f.token_counts), f.dtype,
+  cli.check_flags(f, at_least_1=("d_model", "d_ff", "repeats"), at_least_0=("server_index",))
+  try:
+    counts = tuple(int(c) for c in f.token_counts)
+  except ValueError:
+    raise app.UsageError(f"--token_counts={','.join(f.token_counts)} must be integers.") from None
+  if f.out:
+    check_output_file(f.out, overwrite=True, suffix=".json")  # before measuring
+  m = measure_local(f.d_model, f.d_ff, counts, f.dtype,
                     repeats=f.repeats)
   bw, flops = m.fitted()
   print(f"device {m.device_kind} ({m.platform}), {m.date}, {m.dtype}")
@@ -450,7 +457,7 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_integer("d_model", 2048, "Expert hidden size (default: OLMoE-1B-7B).")
   flags.DEFINE_integer("d_ff", 1024, "Expert FFN size.")
   flags.DEFINE_list("token_counts", ["1", "8", "64", "512", "4096"], "Tokens per expert call.")
@@ -459,4 +466,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("cluster", None, "Cluster whose server --server_index this device is.")
   flags.DEFINE_integer("server_index", 0, "Index of this device in --cluster.")
   flags.DEFINE_string("out", None, "Write the calibration JSON here.")
-  app.run(_main)
+  cli.run(_main)
