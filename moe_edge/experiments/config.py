@@ -63,6 +63,11 @@ class ExperimentConfig:
     calibration: ``"datasheet"`` (efficiency 1.0) or ``"h100_kernels"`` (H100-measured expert
       kernel efficiency applied to the edge GPUs' datasheet numbers).
     ilp_time_limit: seconds HiGHS may search per ILP instance.
+    request_duration_s, request_rate, request_output_tokens: the request-level columns
+      (``request_rows.py``): every placement also serves ``request_duration_s`` seconds of
+      Poisson arrivals at ``request_rate`` per server (prompts of ``request_len``, outputs of
+      ``request_output_tokens``) on the request-level simulator, for the models with routing
+      statistics (0 = off).
   Extensions (``extension_rows.py``; off by default):
     extension_rows: add rows ``dancemoe+subst(tau)`` and ``dancemoe+budget(B)`` to ``small_moe``
       (with the next-token loss change on the evaluation trace) and the weight-free
@@ -119,6 +124,9 @@ class ExperimentConfig:
   prefill_requests: int = 1
   calibration: str = "h100_kernels"
   ilp_time_limit: float = 60.0
+  request_duration_s: float = 0.0
+  request_rate: float = 0.1
+  request_output_tokens: int = 64
   # ---- extensions --------------------------------------------------------------------------
   extension_rows: bool = False
   substitution_threshold: float = 0.2
@@ -178,7 +186,7 @@ class ExperimentConfig:
                 "small_seq_len", "decode_batch", "prefill_requests", "ilp_time_limit",
                 "crosscheck_steps", "crosscheck_repeats", "sweep_tokens_per_server",
                 "link_gbps", "migration_steps", "migration_interval", "migration_request_len",
-                "extension_calib_requests")
+                "extension_calib_requests", "request_rate", "request_output_tokens")
     for key in positive:
       if not getattr(self, key) > 0:
         raise ConfigError(f"experiment {self.name!r}: {key} must be positive, got "
@@ -189,6 +197,9 @@ class ExperimentConfig:
         raise ConfigError(f"experiment {self.name!r}: substitution_threshold, "
                           f"budget_remote_choices and extension_thresholds must be finite and "
                           f">= 0, got {t!r}.")
+    if not (self.request_duration_s >= 0 and math.isfinite(self.request_duration_s)):
+      raise ConfigError(f"experiment {self.name!r}: request_duration_s must be >= 0 seconds (0: "
+                        f"no request-level columns), got {self.request_duration_s!r}.")
     if self.migration_max_moves < 0:
       raise ConfigError(f"experiment {self.name!r}: migration_max_moves must be >= 0.")
     if self.migration_steps < 3 * self.migration_interval:
