@@ -38,7 +38,8 @@ def _ms(seconds: float) -> float:
   return 1e3 * seconds if math.isfinite(seconds) else float("inf")
 
 
-def setting_gaps(problem: PlacementProblem, results, hw, workload) -> dict[str, dict]:
+def setting_gaps(problem: PlacementProblem, results, hw, workload,
+                 bound: bool = True) -> dict[str, dict]:
   """``{method: {column of GAP_COLUMNS: value}}`` of one setting's placed methods.
 
   Args:
@@ -46,6 +47,7 @@ def setting_gaps(problem: PlacementProblem, results, hw, workload) -> dict[str, 
     results: the :class:`~moe_edge.experiments.costing.MethodResult` list (evaluation reports).
     hw: the ``Hardware`` of the cost model.
     workload: the ``WorkloadSummary`` every method planned for.
+    bound: also compute the lower bound and the gaps to it.
   """
   batches = np.stack(workload_batches(workload))
   out, steps = {}, {}
@@ -63,17 +65,18 @@ def setting_gaps(problem: PlacementProblem, results, hw, workload) -> dict[str, 
   if not out:
     return out
   ref = out.get(REFERENCE)
-  bound = None
+  lower = None
   try:
     best = min(steps, key=lambda m: out[m]["planned_request_ms"])
-    bound = latency_lower_bound(problem, hw, workload, tuple(float(v) for v in steps[best]))
-  except PlacementError:
+    if bound:
+      lower = latency_lower_bound(problem, hw, workload, tuple(float(v) for v in steps[best]))
+  except PlacementError:  # the cluster cannot hold every expert once: no bound
     pass
   for row in out.values():
     if ref is not None:
       row["gap_to_best_known"] = row["planned_request_ms"] / ref["planned_request_ms"] - 1.0
-    if bound is not None:
-      lb, dec_b, _ = bound
+    if lower is not None:
+      lb, dec_b, _ = lower
       row["bound_request_ms"] = _ms(lb)
       row["bound_decode_ms"] = 1e3 * dec_b.step
       row["gap_to_bound"] = row["planned_request_ms"] / row["bound_request_ms"] - 1.0
