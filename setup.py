@@ -19,5 +19,11 @@ setup(
         "safetensors>=0.4",
         "ml_collections>=1.0",
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={
+        "test": ["pytest>=8.0"],
+        # The Mosaic GPU grouped FFN (moe_edge/kernels): tokamax 0.0.17 needs Python >= 3.12
+        # and jax >= 0.11.1, so the markers make the extra a no-op on older Pythons.
+        "gpu": ["tokamax==0.0.17; python_version >= '3.12'",
+                "jax>=0.11.1; python_version >= '3.12'"],
+    },
 )

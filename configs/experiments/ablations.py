@@ -15,7 +15,7 @@ def get_config() -> config_dict.ConfigDict:
       name="ablations", description=__doc__.splitlines()[0], seed=0,
       models=("olmoe_1b_7b", "mixtral_8x7b"), clusters=("edge_hetero_4", "edge_hetero_8"),
       link_gbps=1.0, copies=1.5, bytes_per_param=(("mixtral_8x7b", 0.5),), alpha=0.8,
-      request_len=128, decode_batch=8, prefill_requests=1, calibration="h100_kernels",
+      request_len=128, decode_batch=8, prefill_requests=1, calibration="h200_grouped",
       sweeps=("link_bandwidth", "num_servers", "memory", "alpha", "parts", "migration",
               "extensions"),
       sweep_models=("olmoe_1b_7b", "mixtral_8x7b"), sweep_cluster="edge_hetero_4",

@@ -16,4 +16,4 @@ def get_config() -> config_dict.ConfigDict:
       methods=("ours", "paper", "baseline"),
       link_gbps=1.0, copies=1.5, bytes_per_param=(("mixtral_8x7b", 0.5),), alpha=0.8,
       tokens_per_server=1024, request_len=128, trace_cache="", decode_batch=8,
-      prefill_requests=1, calibration="h100_kernels", crosscheck=False)
+      prefill_requests=1, calibration="h200_grouped", crosscheck=False)

@@ -22,7 +22,7 @@ def get_config() -> config_dict.ConfigDict:
       link_gbps=1.0, copies=1.5, bytes_per_param=(("mixtral_8x7b", 0.5),), alpha=0.8,
       tokens_per_server=8192, request_len=128, small_requests_per_server=32, small_seq_len=128,
       trace_cache="results/tables/traces", decode_batch=8, prefill_requests=1,
-      calibration="h100_kernels", ilp_time_limit=60.0, crosscheck=True,
+      calibration="h200_grouped", ilp_time_limit=60.0, crosscheck=True,
       crosscheck_methods=("uniform_ep", "greedy_local", "dancemoe"), crosscheck_steps=4,
       crosscheck_repeats=3, extension_rows=True, substitution_threshold=0.2,
       budget_remote_choices=1.0, extension_calib_requests=8)

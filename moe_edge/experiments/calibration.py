@@ -1,10 +1,10 @@
 """Which calibration the tables' latencies use, stated in one place.
 
-Two choices (``ExperimentConfig.calibration``):
+Three choices (``ExperimentConfig.calibration``):
 
 * ``"datasheet"``: every edge GPU at its datasheet peak FLOP/s and memory bandwidth (efficiency
   1.0): the optimistic roofline.
-* ``"h100_kernels"`` (the tables' default): the efficiency a real JAX expert kernel reached on an
+* ``"h100_kernels"`` (the calibration of earlier tables): the efficiency a real JAX expert kernel reached on an
   NVIDIA H100 80GB HBM3 (``results/calibration/gpu_olmoe_expert.json``, an OLMoE-shaped expert
   d=2048 f=1024, and ``gpu_mixtral_expert.json``, d=4096 f=14336; bf16, measured by
   ``moe_edge.cost.calibrate``), expressed as a fraction of the H100 SXM5 *datasheet*
@@ -14,9 +14,16 @@ Two choices (``ExperimentConfig.calibration``):
   every other model uses the OLMoE-shaped one (DeepSeek-V2-Lite / Qwen1.5-MoE experts are
   d=2048 f=1408, the closest; the small model's experts are far smaller than either).
 
-The stored factors of those files are relative to the H100's own micro-benchmarks (a large
-matmul and a copy, see ``calibrate.local_server_spec``), so the fitted kernel rates are
-``factor x micro-benchmark`` and the datasheet fractions ``kernel rate / H100 datasheet``.
+* ``"h200_grouped"``: the grouped expert FFN (``moe_edge.kernels.grouped_ffn``, tokamax's Mosaic
+  GPU kernel) measured on an NVIDIA H200 per expert shape (``results/bench_ffn/h200.json``, see
+  ``moe_edge/cost/ffn_calibration.py``), as fractions of the H200 SXM datasheet applied to every
+  edge GPU's datasheet: the cost model then assumes such a kernel (cost per used expert) on
+  every server.
+
+For ``h100_kernels``, the stored factors of those files are relative to the H100's own micro-
+benchmarks (a large matmul and a copy, see ``calibrate.local_server_spec``), so the fitted
+kernel rates are ``factor x micro-benchmark`` and the datasheet fractions ``kernel rate / H100
+datasheet``.
 """
 from __future__ import annotations
 
@@ -27,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_edge.config import ClusterConfig, ConfigError, ServerSpec
+from moe_edge.config import ClusterConfig, ConfigError, ServerSpec, model_config
 from moe_edge.cost.calibrate import Calibration, fit_roofline
+from moe_edge.cost.ffn_calibration import grouped_ffn_efficiency
 
 #: NVIDIA H100 SXM5 80GB datasheet: dense BF16 tensor FLOP/s (without sparsity), HBM3 bandwidth.
 H100_SXM = ServerSpec("h100_sxm5_80gb", memory_bytes=80e9, peak_flops=989.4e12,
@@ -88,9 +96,10 @@ def edge_calibration(kind: str, cluster: ClusterConfig, model_name: str) -> Cali
   """The :class:`Calibration` of ``cluster`` for ``model_name`` under ``kind``."""
   if kind == "datasheet":
     return Calibration.datasheet(cluster)
-  if kind != "h100_kernels":
-    raise ConfigError(f"unknown calibration {kind!r}; use 'datasheet' or 'h100_kernels'.")
-  eff = kernel_efficiency(model_name)
+  if kind not in ("h100_kernels", "h200_grouped"):
+    raise ConfigError(f"unknown calibration {kind!r}; use 'datasheet', 'h100_kernels' or "
+                      f"'h200_grouped'.")
+  eff = _efficiency(kind, model_name)
   n = cluster.num_servers
   return Calibration(np.full(n, eff.flops), np.full(n, eff.bandwidth), eff.describe(),
                      tuple(s.name for s in cluster.servers))
@@ -102,6 +111,15 @@ def describe(kind: str, model_names) -> list[str]:
     return ["datasheet roofline (efficiency 1.0 on every server)"]
   seen = {}
   for name in model_names:
-    eff = kernel_efficiency(name)
-    seen.setdefault(eff.file, (eff, []))[1].append(name)
+    eff = _efficiency(kind, name)
+    seen.setdefault((eff.file, eff.shape), (eff, []))[1].append(name)
   return [f"{', '.join(models)}: {eff.describe()}" for eff, models in seen.values()]
+
+
+def _efficiency(kind: str, model_name: str):
+  """``kernel_efficiency`` (h100_kernels) or the grouped FFN's (h200_grouped) of a model."""
+  if kind == "h200_grouped":
+    cfg = model_config(model_name)
+    return grouped_ffn_efficiency(cfg.d_model, cfg.d_ff_expert)
+  return kernel_efficiency(model_name)
+

@@ -23,7 +23,7 @@ from moe_edge.placement import registry
 #: Method selectors besides method names: ``all`` (every registered method) and the roles.
 METHOD_SELECTORS = ("all",) + registry.ROLES
 #: How the compute terms of the cost model are calibrated (see ``calibration.py``).
-CALIBRATIONS = ("datasheet", "h100_kernels")
+CALIBRATIONS = ("datasheet", "h100_kernels", "h200_grouped")
 #: The ablation sweeps ``experiments/ablations.py`` knows (see ``sweeps.py``).
 SWEEPS = ("link_bandwidth", "num_servers", "memory", "alpha", "parts", "migration",
           "extensions")
@@ -60,8 +60,9 @@ class ExperimentConfig:
       ``seed + profile_seed_offset`` and costed on the evaluation trace drawn with ``seed``.
     decode_batch: concurrent requests per server in a decode step.
     prefill_requests: requests per server in a prefill batch.
-    calibration: ``"datasheet"`` (efficiency 1.0) or ``"h100_kernels"`` (H100-measured expert
-      kernel efficiency applied to the edge GPUs' datasheet numbers).
+    calibration: ``"datasheet"`` (efficiency 1.0), ``"h100_kernels"`` (H100-measured expert
+      kernel efficiency applied to the edge GPUs' datasheet numbers) or ``"h200_grouped"``
+      (the H200-measured grouped expert FFN's, see ``moe_edge/cost/ffn_calibration.py``).
     ilp_time_limit: seconds HiGHS may search per ILP instance.
     request_duration_s, request_rate, request_output_tokens: the request-level columns
       (``request_rows.py``): every placement also serves ``request_duration_s`` seconds of
@@ -122,7 +123,7 @@ class ExperimentConfig:
   profile_seed_offset: int = 1000
   decode_batch: int = 8
   prefill_requests: int = 1
-  calibration: str = "h100_kernels"
+  calibration: str = "h200_grouped"
   ilp_time_limit: float = 60.0
   request_duration_s: float = 0.0
   request_rate: float = 0.1

@@ -2,7 +2,10 @@
 
 Every expert is a SwiGLU FFN ``down(silu(x @ gate) * (x @ up))``. The functions take the weights
 as arguments (no module state) so the single-device reference here and the distributed dispatch
-in ``moe_edge/parallel`` compute exactly the same thing.
+in ``moe_edge/parallel`` compute exactly the same thing. The routed experts run either densely
+(:func:`moe_dense_reference`, every token through every expert) or grouped
+(:func:`moe_grouped`: the token-choices sorted by expert through
+:func:`moe_edge.kernels.grouped_ffn`); :func:`routed_experts`, the model's default, picks.
 
 Shapes: ``T`` tokens, ``d`` hidden size, ``f`` expert FFN size, ``E`` experts, ``k`` top-k.
 """
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from moe_edge import kernels
 
 
 def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
@@ -52,6 +57,40 @@ def moe_dense_reference(x: jax.Array, expert_ids: jax.Array, gates: jax.Array,
        jnp.einsum("td,edf->tef", x, w_up))  # [T, E, f]
   h = h * combine[:, :, None]
   return jnp.einsum("tef,efd->td", h, w_down)
+
+
+def moe_grouped(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.Array,
+                w_up: jax.Array, w_down: jax.Array, backend: str | None = None) -> jax.Array:
+  """The routed-expert output of :func:`moe_dense_reference`, computing only the chosen experts.
+
+  The ``T * k`` token-choices are sorted by expert and run through
+  :func:`moe_edge.kernels.grouped_ffn` (one group per expert, ``backend`` as there), then mixed
+  by their gates. Expert ids outside ``[0, E)`` contribute zero, as in the dense reference.
+  Shapes as :func:`moe_dense_reference`; returns ``[T, d]`` in the dtype of ``x``.
+  """
+  t, k = expert_ids.shape
+  order, sizes = kernels.sort_by_group(expert_ids.reshape(t * k).astype(jnp.int32),
+                                       w_gate.shape[0])
+  rows = x[order // k]  # choice c belongs to token c // k
+  y = kernels.grouped_ffn(rows, sizes, (w_gate, w_up), w_down, backend=backend)
+  y_choice = jnp.zeros_like(y).at[order].set(y, unique_indices=True).reshape(t, k, -1)
+  return jnp.einsum("tk,tkd->td", gates.astype(x.dtype), y_choice)
+
+
+def routed_experts(x: jax.Array, expert_ids: jax.Array, gates: jax.Array, w_gate: jax.Array,
+                   w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """The model's default routed-expert compute, chosen where traced.
+
+  :func:`moe_grouped` when the grouped FFN runs on the Mosaic GPU kernel (Hopper, bf16/fp16,
+  tokamax installed; see :func:`moe_edge.kernels.select_backend`, overridable with
+  :func:`moe_edge.kernels.ffn_backend`): its cost follows the experts used. Otherwise
+  :func:`moe_dense_reference`: on CPU that keeps every recorded result bit-identical, and
+  XLA's ``ragged_dot`` elsewhere computes densely over the experts anyway. Shapes as
+  :func:`moe_dense_reference`.
+  """
+  if kernels.select_backend(x.dtype) == "mosaic":
+    return moe_grouped(x, expert_ids, gates, w_gate, w_up, w_down, backend="mosaic")
+  return moe_dense_reference(x, expert_ids, gates, w_gate, w_up, w_down)
 
 
 def shared_expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,

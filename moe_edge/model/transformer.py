@@ -16,7 +16,8 @@ Two hooks make the model usable for placement research:
 * ``moe_fn``: replace the local routed-expert compute, e.g. by the distributed dispatch of
   ``moe_edge.parallel``. Signature ``moe_fn(layer, x [B,S,d], expert_ids [B,S,k], gates [B,S,k],
   w_gate [E,d,f], w_up [E,d,f], w_down [E,f,d]) -> [B,S,d]`` with ``layer`` the MoE-layer index
-  ``0..L-1``. The default is :func:`moe_edge.model.experts.moe_dense_reference`.
+  ``0..L-1``. The default is :func:`moe_edge.model.experts.routed_experts` (grouped on a
+  Hopper GPU, the dense reference elsewhere).
 """
 from __future__ import annotations
 
@@ -203,8 +204,8 @@ class MoEBlock(nnx.Module):
     xd = x.astype(dt)
     if moe_fn is None:
       k = expert_ids.shape[-1]
-      y = experts_lib.moe_dense_reference(xd.reshape(b * s, d), expert_ids.reshape(b * s, k),
-                                          gates.reshape(b * s, k), w_gate, w_up, w_down)
+      y = experts_lib.routed_experts(xd.reshape(b * s, d), expert_ids.reshape(b * s, k),
+                                     gates.reshape(b * s, k), w_gate, w_up, w_down)
       y = y.reshape(b, s, d)
     else:
       y = moe_fn(self.layer, xd, expert_ids, gates, w_gate, w_up, w_down)

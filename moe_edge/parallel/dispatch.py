@@ -19,10 +19,12 @@ Every device is one server. It holds its own tokens ``x [T, d]`` (with their rou
      destination. Needs a GPU (or TPU) backend: XLA:CPU does not implement it.
 
 4. *Experts.* Local rows and received rows are sorted by slot (one sort; empty buffer rows
-   last) and run through the SwiGLU FFN ``down(silu(x @ w_gate) * (x @ w_up))`` as three grouped
-   matmuls (``jax.lax.ragged_dot``, one group per slot). Only ``T * k + (N - 1) * cap`` sorted
-   rows enter the matmuls (:func:`ffn_rows`: the device's own choices plus what the others can
-   send it; the own block of a padded receive buffer is always empty and is cut off).
+   last) and run through the SwiGLU FFN ``down(silu(x @ w_gate) * (x @ w_up))`` by
+   :func:`moe_edge.kernels.grouped_ffn` (one group per slot; tokamax's Mosaic kernel on Hopper
+   GPUs, ``jax.lax.ragged_dot`` elsewhere; gate and up as one matmul when the slot weights come
+   fused, ``w_gate_up [N, S, d, 2f]``). Only ``T * k + (N - 1) * cap`` sorted rows enter the
+   matmuls (:func:`ffn_rows`: the device's own choices plus what the others can send it; the
+   own block of a padded receive buffer is always empty and is cut off).
 5. *Combine.* Results of remote rows travel back the same way (one row per remote choice) and
    every token sums ``gates[t, r] * FFN_{e_r}(x_t)`` over its ``k`` choices.
 
@@ -56,8 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from moe_edge import kernels
 from moe_edge.core.errors import MoeEdgeError
 from moe_edge.parallel.mesh import AXIS, SlotTables, WEIGHT_NAMES, shard_rows, tables_on_mesh
+
+FUSED_WEIGHT_NAMES = ("w_gate_up", "w_down")
 
 TRANSPORTS = ("padded", "ragged")
 
@@ -105,35 +110,27 @@ def _exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:
   return jnp.cumsum(a, axis=axis, dtype=jnp.int32) - a
 
 
-def _grouped_ffn(rows: jax.Array, slots: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                 w_down: jax.Array, max_rows: int) -> jax.Array:
-  """SwiGLU of every row through the expert in its slot, as grouped matmuls.
+def _grouped_ffn(rows: jax.Array, slots: jax.Array, weights: tuple, max_rows: int) -> jax.Array:
+  """SwiGLU of every row through the expert in its slot (:func:`moe_edge.kernels.grouped_ffn`).
 
   Rows are sorted by slot (one stable sort; skipped rows last) and only the first ``max_rows``
-  sorted rows enter the matmuls: the caller proves that at most ``max_rows`` rows are real, so
-  the cut drops only skipped rows. The grouped matmuls then see ``max_rows`` rows, not ``R``
-  (XLA:GPU may expand ``ragged_dot`` into a dense dot over every group, whose work is
-  ``rows x groups``).
+  sorted rows enter the FFN: the caller proves that at most ``max_rows`` rows are real, so the
+  cut drops only skipped rows (the grouped kernels then see ``max_rows`` rows, not ``R``).
 
   Args:
     rows: ``[R, d]``.
     slots: ``[R]`` int32 slot of each row, ``-1`` for rows to skip (their output is zero).
-    w_gate, w_up: ``[S, d, f]``; w_down: ``[S, f, d]``.
+    weights: ``(w_gate_up [S, d, 2f], w_down [S, f, d])`` or
+      ``(w_gate [S, d, f], w_up [S, d, f], w_down [S, f, d])``.
     max_rows: static bound on the rows with ``slots >= 0`` (``<= R``).
 
   Returns:
     ``[R, d]`` in the order of ``rows``.
   """
-  s = w_gate.shape[0]
-  key = jnp.where(slots >= 0, slots, s)
-  order = jnp.argsort(key, stable=True)[:max_rows]  # real rows first, grouped by slot
-  group_sizes = jnp.zeros((s,), jnp.int32).at[key].add(1, mode="drop")
-  xs = rows[order]
-  dt = rows.dtype
-  h = (jax.nn.silu(jax.lax.ragged_dot(xs, w_gate.astype(dt), group_sizes)) *
-       jax.lax.ragged_dot(xs, w_up.astype(dt), group_sizes))
-  ys = jax.lax.ragged_dot(h, w_down.astype(dt), group_sizes)
-  ys = jnp.where((key[order] < s)[:, None], ys, jnp.zeros_like(ys))
+  w_in, w_down = (weights[0], weights[1]) if len(weights) == 2 else (weights[:2], weights[2])
+  order, group_sizes = kernels.sort_by_group(slots, w_down.shape[0])
+  order = order[:max_rows]  # real rows first, grouped by slot
+  ys = kernels.grouped_ffn(rows[order], group_sizes, w_in, w_down)  # rows past the real: 0
   return jnp.zeros(rows.shape, ys.dtype).at[order].set(ys, unique_indices=True)
 
 
@@ -161,7 +158,7 @@ def _padded_exchange(xc, slot, local, remote, dest, pos, counts, overflow, weigh
   recv_s = jax.lax.all_to_all(send_s, AXIS, 0, 0, tiled=True)
   rows = jnp.concatenate([xc, recv_x])
   slots = jnp.concatenate([jnp.where(local, slot, -1), recv_s])
-  out = _grouped_ffn(rows, slots, *weights, max_rows=ffn_rows(n, c, cap))
+  out = _grouped_ffn(rows, slots, weights, max_rows=ffn_rows(n, c, cap))
   back = jax.lax.all_to_all(out[c:], AXIS, 0, 0, tiled=True)  # block m: results from server m
   y_remote = jnp.where(fits[:, None], back[jnp.minimum(buf_row, n * cap - 1)], 0)
   return jnp.where(local[:, None], out[:c], y_remote)
@@ -190,7 +187,7 @@ def _ragged_exchange(xc, slot, local, remote, dest, pos, counts, overflow, weigh
                                      send_sizes, out_off, recv_sizes, axis_name=AXIS)
   rows = jnp.concatenate([xc, recv_x])
   slots = jnp.concatenate([jnp.where(local, slot, -1), recv_s])
-  out = _grouped_ffn(rows, slots, *weights, max_rows=ffn_rows(n, c, cap))
+  out = _grouped_ffn(rows, slots, weights, max_rows=ffn_rows(n, c, cap))
   recv_off = _exclusive_cumsum(recv_sizes)  # where each source's rows sit in my buffer
   origin_off = _exclusive_cumsum(counts, axis=1)[:, me]  # where each origin keeps rows for me
   back = jax.lax.ragged_all_to_all(out[c:], jnp.zeros((c, d), xc.dtype), recv_off, recv_sizes,
@@ -199,10 +196,11 @@ def _ragged_exchange(xc, slot, local, remote, dest, pos, counts, overflow, weigh
   return jnp.where(local[:, None], out[:c], y_remote)
 
 
-def _device_layer(x, expert_ids, gates, mask, route, dest_slot, w_gate, w_up, w_down, *,
-                  transport: str, capacity: int | None):
+def _device_layer(x, expert_ids, gates, mask, route, dest_slot, *slot_weights, transport: str,
+                  capacity: int | None):
   """One MoE layer on one server. Per-device shapes: ``x [T, d]``, ``expert_ids/gates [T, k]``,
-  ``mask [T]``, ``route/dest_slot [1, E]``, ``w_gate/w_up [1, S, d, f]``, ``w_down [1, S, f, d]``.
+  ``mask [T]``, ``route/dest_slot [1, E]``; ``slot_weights`` either ``w_gate_up [1, S, d, 2f],
+  w_down [1, S, f, d]`` or ``w_gate, w_up [1, S, d, f], w_down [1, S, f, d]``.
   """
   n = jax.lax.axis_size(AXIS)
   me = jax.lax.axis_index(AXIS)
@@ -221,7 +219,7 @@ def _device_layer(x, expert_ids, gates, mask, route, dest_slot, w_gate, w_up, w_
   counts = jax.lax.all_gather(send_counts, AXIS)  # [N, N] = [src, dst]
   overflow = jnp.any(counts > cap)
   xc = jnp.repeat(x, k, axis=0)  # [C, d]: one row per choice
-  weights = (w_gate[0], w_up[0], w_down[0])
+  weights = tuple(w[0] for w in slot_weights)
   exchange = _padded_exchange if transport == "padded" else _ragged_exchange
   y_choice = exchange(xc, slot, local, remote, dest, pos, counts, overflow, weights, cap)
   y_choice = jnp.where(overflow, jnp.nan, y_choice).reshape(t, k, -1)
@@ -240,9 +238,12 @@ def _compiled_layer(mesh: Mesh, transport: str, capacity: int | None) -> Callabl
   """The jitted ``shard_map`` layer for one (mesh, transport, capacity); shapes cache in jit."""
   rows = P(AXIS)
   stats_spec = DispatchStats(send_rows=P(), local_choices=P(), remote_choices=P(), overflow=P())
-  fn = jax.shard_map(
-      functools.partial(_device_layer, transport=transport, capacity=capacity), mesh=mesh,
-      in_specs=(rows,) * 9, out_specs=(rows, stats_spec), check_vma=False)
+  layer = functools.partial(_device_layer, transport=transport, capacity=capacity)
+
+  def fn(*args):  # 9 arguments (w_gate, w_up, w_down) or 8 (w_gate_up, w_down)
+    return jax.shard_map(layer, mesh=mesh, in_specs=(rows,) * len(args),
+                         out_specs=(rows, stats_spec), check_vma=False)(*args)
+
   return jax.jit(fn)
 
 
@@ -422,39 +423,45 @@ def bucket_capacity(rows: int, minimum: int = 8) -> int:
 # Whole model
 # --------------------------------------------------------------------------------------------
 def layer_weights(tables: SlotTables, slot_weights) -> tuple[dict[str, jax.Array], ...]:
-  """Per-layer slot weights ``L x {name: [N, S, ...]}`` from either layout.
+  """Per-layer fused slot weights ``L x {"w_gate_up": [N, S, d, 2f], "w_down": [N, S, f, d]}``.
 
   ``slot_weights`` is :func:`~moe_edge.parallel.mesh.shard_layer_weights`' tuple of per-layer
-  dicts (returned as is) or :func:`~moe_edge.parallel.mesh.shard_expert_weights`' stacked dict
-  ``{name: [N, L, S, ...]}`` (sliced once, here: a copy of the slot weights).
+  dicts or :func:`~moe_edge.parallel.mesh.shard_expert_weights`' stacked dict
+  ``{name: [N, L, S, ...]}``, with separate ``w_gate, w_up`` (fused here, once: a copy) or
+  already fused ``w_gate_up`` (``fuse_gate_up=True`` there; used as is when per layer).
   """
   n, l, s = tables.num_servers, tables.num_layers, tables.num_slots
   if isinstance(slot_weights, dict):
-    missing = [k for k in WEIGHT_NAMES if k not in slot_weights]
-    if missing:
-      raise DispatchError(f"slot_weights lacks {missing}; build it with shard_expert_weights.")
-    for name in WEIGHT_NAMES:
+    names = _weight_names(slot_weights, "slot_weights", "shard_expert_weights")
+    for name in names:
       w = slot_weights[name]
       if w.ndim != 5 or w.shape[:3] != (n, l, s):
         raise DispatchError(f"slot_weights[{name!r}] must be [N, L, S, ...] = [{n}, {l}, {s}, "
                             f"...], got {w.shape}; rebuild it from these tables.")
-    return tuple({name: slot_weights[name][:, layer] for name in WEIGHT_NAMES}
-                 for layer in range(l))
-  per = tuple(slot_weights)
-  if len(per) != l:
-    raise DispatchError(f"per-layer slot_weights has {len(per)} layers but the tables have {l}; "
-                        f"build it with shard_layer_weights from these tables.")
-  for layer, wl in enumerate(per):
-    missing = [k for k in WEIGHT_NAMES if k not in wl]
-    if missing:
-      raise DispatchError(f"slot_weights[{layer}] lacks {missing}; build it with "
-                          f"shard_layer_weights.")
-    for name in WEIGHT_NAMES:
-      w = wl[name]
-      if w.ndim != 4 or w.shape[:2] != (n, s):
-        raise DispatchError(f"slot_weights[{layer}][{name!r}] must be [N, S, ...] = [{n}, {s}, "
-                            f"...], got {w.shape}; rebuild it from these tables.")
-  return per
+    per = tuple({name: slot_weights[name][:, layer] for name in names} for layer in range(l))
+  else:
+    per = tuple(slot_weights)
+    if len(per) != l:
+      raise DispatchError(f"per-layer slot_weights has {len(per)} layers but the tables have "
+                          f"{l}; build it with shard_layer_weights from these tables.")
+    for layer, wl in enumerate(per):
+      for name in _weight_names(wl, f"slot_weights[{layer}]", "shard_layer_weights"):
+        w = wl[name]
+        if w.ndim != 4 or w.shape[:2] != (n, s):
+          raise DispatchError(f"slot_weights[{layer}][{name!r}] must be [N, S, ...] = [{n}, "
+                              f"{s}, ...], got {w.shape}; rebuild it from these tables.")
+  return tuple(wl if "w_gate_up" in wl else
+               {"w_gate_up": kernels.fuse_gate_up(wl["w_gate"], wl["w_up"]),
+                "w_down": wl["w_down"]} for wl in per)
+
+
+def _weight_names(weights: dict, what: str, builder: str) -> tuple[str, ...]:
+  """The slot-weight names ``weights`` uses (fused or separate), or DispatchError."""
+  names = FUSED_WEIGHT_NAMES if "w_gate_up" in weights else WEIGHT_NAMES
+  missing = [k for k in names if k not in weights]
+  if missing:
+    raise DispatchError(f"{what} lacks {missing}; build it with {builder}.")
+  return names
 
 
 def layer_program(mesh: Mesh, transport: str = "padded",
@@ -464,7 +471,9 @@ def layer_program(mesh: Mesh, transport: str = "padded",
   ``fn(x [N*T, d], expert_ids [N*T, k] int32, gates [N*T, k], mask [N*T] bool,
   route [N, E] int32, dest_slot [N, E] int32, w_gate [N, S, d, f], w_up [N, S, d, f],
   w_down [N, S, f, d]) -> (y [N*T, d], DispatchStats)``, every argument sharded over
-  ``server`` (leading axis). Usable inside an outer ``jax.jit`` with traced tables and weights,
+  ``server`` (leading axis). With fused slot weights the last three become
+  ``w_gate_up [N, S, d, 2f], w_down [N, S, f, d]`` (gate and up run as one matmul). Usable
+  inside an outer ``jax.jit`` with traced tables and weights,
   so one compiled program serves every placement of the same shapes. No input checks: use
   :class:`MoEDispatch` for checked calls.
   """
@@ -484,7 +493,8 @@ class DistributedMoE:
   ``slot_weights`` is per layer (:func:`~moe_edge.parallel.mesh.shard_layer_weights`, used as
   is) or stacked (:func:`~moe_edge.parallel.mesh.shard_expert_weights`, split into per-layer
   arrays once here), so each layer's expert matmuls read whole buffers rather than a slice
-  taken inside the program (see :func:`layer_weights`).
+  taken inside the program; gate and up are fused into one ``[N, S, d, 2f]`` array per layer
+  unless given fused (see :func:`layer_weights`).
   """
 
   def __init__(self, mesh: Mesh, tables: SlotTables, slot_weights,
@@ -506,7 +516,7 @@ class DistributedMoE:
                           f"server needs the same number of sequences (pad the batch).")
     w = self.layer_weights[layer]
     if w_gate is not None:
-      want = (self.tables.num_experts, d, w["w_gate"].shape[-1])
+      want = (self.tables.num_experts, d, w["w_down"].shape[-2])
       if tuple(w_gate.shape) != want:
         raise DispatchError(f"the model's layer-{layer} experts are {tuple(w_gate.shape)} but "
                             f"the slot weights are for [E, d, f] = {list(want)}; the placement "
@@ -515,7 +525,7 @@ class DistributedMoE:
     y, _ = self._fn(x.reshape(b * sq, d), expert_ids.reshape(b * sq, k).astype(jnp.int32),
                     gates.reshape(b * sq, k), jnp.ones((b * sq,), bool),
                     self._tables["route"][:, layer], self._tables["dest_slot"][:, layer],
-                    *(w[name] for name in WEIGHT_NAMES))
+                    w["w_gate_up"], w["w_down"])
     return y.reshape(b, sq, d)
 
 

@@ -294,18 +294,23 @@ def shard_expert_weights(w_gate, w_up, w_down, tables: SlotTables,
   return out
 
 
-def shard_layer_weights(w_gate, w_up, w_down, tables: SlotTables,
-                        mesh: Mesh) -> tuple[dict[str, jax.Array], ...]:
+def shard_layer_weights(w_gate, w_up, w_down, tables: SlotTables, mesh: Mesh,
+                        fuse_gate_up: bool = False) -> tuple[dict[str, jax.Array], ...]:
   """Like :func:`shard_expert_weights`, but one separate array per MoE layer.
 
   Returns:
     ``L`` dicts ``{"w_gate": [N, S, d, f], "w_up": [N, S, d, f], "w_down": [N, S, f, d]}``,
-    leading axis sharded over ``server``. A layer's expert matmuls then read their weights
-    straight from these buffers; slicing a stacked ``[N, L, S, ...]`` array per layer inside a
-    jitted model is a separate slice op that a backend may materialise as a copy.
+    leading axis sharded over ``server``; with ``fuse_gate_up`` ``{"w_gate_up": [N, S, d, 2f],
+    "w_down": ...}`` (gate in ``[..., :f]``: the grouped FFN then runs gate and up as one
+    matmul). A layer's expert matmuls then read their weights straight from these buffers;
+    slicing a stacked ``[N, L, S, ...]`` array per layer inside a jitted model is a separate
+    slice op that a backend may materialise as a copy.
   """
   tables.check_mesh(mesh)
   weights = _checked_weights(w_gate, w_up, w_down, tables)
+  if fuse_gate_up:
+    weights = {"w_gate_up": np.concatenate([weights["w_gate"], weights["w_up"]], axis=-1),
+               "w_down": weights["w_down"]}
   n = tables.num_servers
   sharding = row_sharding(mesh)
   out = []

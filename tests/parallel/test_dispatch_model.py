@@ -74,3 +74,22 @@ def test_model_level_errors(setup):
   with pytest.raises(DispatchError, match="another model"):
     moe_fn(0, jnp.zeros((N, S, MODEL.d_model)), jnp.zeros((N, S, K), jnp.int32),
            jnp.zeros((N, S, K)), jnp.zeros((E + 1, MODEL.d_model, MODEL.d_ff_expert)))
+
+
+def test_fused_slot_weights_and_layer_program_arity(setup):
+  """Slot weights fused at load time (shard_layer_weights(fuse_gate_up=True)) give the same
+  model (the layer program with 8 arguments; separate weights, 9, in test_dispatch.py)."""
+  model, tokens, want, _ = setup
+  m = mesh_lib.server_mesh(N)
+  tables = mesh_lib.tables_from_placement(scenario("replicas", N, np.random.default_rng(21)),
+                                          model=MODEL)
+  w = expert_weights(model)
+  fused = mesh_lib.shard_layer_weights(w["w_gate"], w["w_up"], w["w_down"], tables, m,
+                                       fuse_gate_up=True)
+  assert set(fused[0]) == {"w_gate_up", "w_down"}
+  assert fused[0]["w_gate_up"].shape[-1] == 2 * fused[0]["w_down"].shape[-2]
+  logits, _ = model(mesh_lib.shard_rows(tokens, m),
+                    moe_fn=dispatch_lib.distributed_moe_fn(m, tables, fused))
+  np.testing.assert_allclose(np.asarray(logits), want, **TOL)
+  with pytest.raises(DispatchError, match=r"lacks \['w_down'\]"):
+    dispatch_lib.distributed_moe_fn(m, tables, [{"w_gate_up": f["w_gate_up"]} for f in fused])

@@ -227,8 +227,14 @@ def test_per_layer_slot_weights_equal_stacked(model, mesh):
     for name in mesh_lib.WEIGHT_NAMES:
       assert per[l][name].sharding.spec[0] == "server"
       np.testing.assert_array_equal(np.asarray(per[l][name]), np.asarray(stacked[name][:, l]))
-  fn = dispatch_lib.distributed_moe_fn(mesh, tables, per)
-  assert all(fn.layer_weights[l] is per[l] for l in range(L))
+  fused = mesh_lib.shard_layer_weights(w["w_gate"], w["w_up"], w["w_down"], tables, mesh,
+                                       fuse_gate_up=True)
+  fn = dispatch_lib.distributed_moe_fn(mesh, tables, fused)
+  assert all(fn.layer_weights[l] is fused[l] for l in range(L))  # fused at load: used as is
+  fn = dispatch_lib.distributed_moe_fn(mesh, tables, per)  # separate: fused once here
+  for l in range(L):
+    np.testing.assert_array_equal(np.asarray(fn.layer_weights[l]["w_gate_up"]),
+                                  np.asarray(fused[l]["w_gate_up"]))
   with pytest.raises(dispatch_lib.DispatchError, match="has 1 layers but the tables have 2"):
     dispatch_lib.distributed_moe_fn(mesh, tables, per[:1])
   with pytest.raises(dispatch_lib.DispatchError, match=r"slot_weights\[0\] lacks"):
