@@ -172,12 +172,19 @@ class ServerSpec:
     peak_flops: dense bf16/fp16 FLOP/s the matmuls reach.
     mem_bandwidth: bytes/s of accelerator memory (decode reads every active weight once).
     reserved_bytes: memory kept for activations, KV cache and runtime.
+    grouped_kernel: True (default) when the server runs a grouped expert FFN that costs per
+      used expert (``moe_edge.kernels.grouped_ffn`` with tokamax, or any kernel of that kind);
+      False for a deployment without one, whose expert FFN costs as XLA's
+      ``jax.lax.ragged_dot`` measured on the H200 (results/bench_ffn): dense over the server's
+      held slots, ``max(G W_e / mbw, rows G F_e / peak)`` per layer
+      (:meth:`moe_edge.core.hardware.Hardware.compute_time`).
   """
   name: str
   memory_bytes: float
   peak_flops: float
   mem_bandwidth: float
   reserved_bytes: float = 0.0
+  grouped_kernel: bool = True
 
   def __post_init__(self):
     for f in ("memory_bytes", "peak_flops", "mem_bandwidth"):
@@ -186,6 +193,10 @@ class ServerSpec:
                           f"{getattr(self, f)}.")
     if self.reserved_bytes < 0:
       raise ConfigError(f"Server {self.name!r}: reserved_bytes must be >= 0.")
+    if not isinstance(self.grouped_kernel, (bool, np.bool_)):
+      raise ConfigError(f"Server {self.name!r}: grouped_kernel must be True (grouped expert "
+                        f"FFN, cost per used expert) or False (dense over held slots), got "
+                        f"{self.grouped_kernel!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +375,14 @@ def with_expert_memory(cluster: ClusterConfig, model: ModelConfig,
              for s, x in zip(cluster.servers, share)]
   return dataclasses.replace(cluster, servers=tuple(servers),
                              name=f"{cluster.name}@{copies:g}x")
+
+
+def with_grouped_kernel(cluster: ClusterConfig, grouped_kernel: bool) -> ClusterConfig:
+  """Copy of ``cluster`` whose every server has ``grouped_kernel`` (:class:`ServerSpec`); the
+  name gains ``+dense_ffn`` when False. The cluster presets' ``grouped_kernel`` argument."""
+  servers = tuple(dataclasses.replace(s, grouped_kernel=grouped_kernel) for s in cluster.servers)
+  name = cluster.name if grouped_kernel is True else f"{cluster.name}+dense_ffn"
+  return dataclasses.replace(cluster, servers=servers, name=name)
 
 
 def replace_servers(cluster: ClusterConfig, servers: Sequence[ServerSpec]) -> ClusterConfig:

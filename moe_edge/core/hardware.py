@@ -13,7 +13,14 @@ Formulas (all seconds):
 
 * expert time of ``c`` token-choices on ``m``: ``max(W_e / (mbw eta_b), c F_e / (peak eta_f))``
   for a used expert (``c > 0``), 0 otherwise; on expected counts the weight read is charged
-  with the Poisson probability ``1 - exp(-E[c])`` that the expert is used at all;
+  with the Poisson probability ``1 - exp(-E[c])`` that the expert is used at all (a grouped
+  expert FFN; a server's time at a layer is the sum over its experts);
+* expert time of a server without a grouped kernel (``ServerSpec.grouped_kernel=False``; XLA's
+  ``ragged_dot`` as measured on the H200, results/bench_ffn: dense over the ``G`` slots it
+  holds in the layer, every slot's weights read, every one of its ``R`` rows multiplied through
+  every slot): ``max(G W_e / (mbw eta_b), R G F_e / (peak eta_f))`` when ``R > 0``, 0
+  otherwise; on expected counts the read is charged with probability ``1 - exp(-E[R])``
+  (:meth:`Hardware.compute_time`);
 * exchange of ``C[n, m]`` remote token-choices (links in parallel, a server's sends serialised
   on its NIC; a link's latency once when it carries anything, weight ``used``)::
 
@@ -61,6 +68,7 @@ class Hardware:
     act: bytes of one token-choice's activations on the wire.
     expert_bytes: bytes of one routed expert's weights (what a migration copy moves).
     source: where the efficiency factors came from (``"datasheet"`` when none were given).
+    grouped: ``[N]`` bool, ``ServerSpec.grouped_kernel`` of each server (None: all True).
   """
   flops: np.ndarray
   expert_read: np.ndarray
@@ -73,6 +81,7 @@ class Hardware:
   act: int
   expert_bytes: float
   source: str = "datasheet"
+  grouped: np.ndarray | None = None
 
   @classmethod
   def build(cls, model: ModelConfig | str, cluster: ClusterConfig, calibration=None,
@@ -100,7 +109,8 @@ class Hardware:
     np.fill_diagonal(lat, 0.0)
     return cls(flops, model.expert_bytes / mbw, model.expert_flops_per_token / flops,
                model.dense_bytes / mbw, model.dense_flops_per_token / flops, bw, inv_bw, lat,
-               _activation_bytes(model, activation_bytes), float(model.expert_bytes), source)
+               _activation_bytes(model, activation_bytes), float(model.expert_bytes), source,
+               np.array([s.grouped_kernel for s in cluster.servers], dtype=bool))
 
   @property
   def num_servers(self) -> int:
@@ -126,6 +136,33 @@ class Hardware:
     if expected:
       return np.maximum(read * -np.expm1(-count), flop)
     return np.where(count > 0, np.maximum(read, flop), 0.0)
+
+  def compute_time(self, per_used: np.ndarray, rows: np.ndarray, held: np.ndarray,
+                   server_axis: int = -1, expected: bool = False) -> np.ndarray:
+    """Expert compute seconds of each server at a layer (any shape, one server per index along
+    ``server_axis``; the three arguments broadcast together).
+
+    Args:
+      per_used: the sum of :meth:`expert_time` over the server's experts at the layer: the time
+        of a grouped kernel, kept for servers with ``grouped_kernel``.
+      rows: token-choices the server computes at the layer (``E[R]`` when ``expected``).
+      held: expert slots ``G`` the server holds in the layer.
+      expected: counts are expectations (the read is charged with ``1 - exp(-rows)``).
+    Returns:
+      ``per_used`` where the server has a grouped kernel, else the dense-over-slots cost
+      ``max(G W_e / (mbw eta_b), R G F_e / (peak eta_f))`` (0 without rows), module docstring.
+    """
+    if self.grouped is None or self.grouped.all():
+      return per_used
+    shape = [1] * np.ndim(per_used)
+    shape[server_axis] = -1
+    read = held * self.expert_read.reshape(shape)
+    flop = rows * held * self.expert_flop.reshape(shape)
+    if expected:
+      dense = np.maximum(read * -np.expm1(-rows), flop)
+    else:
+      dense = np.where(rows > 0, np.maximum(read, flop), 0.0)
+    return np.where(self.grouped.reshape(shape), per_used, dense)
 
   def dense_time(self, tokens: np.ndarray) -> np.ndarray:
     """``[...]`` seconds of the dense part from ``tokens [..., N]`` (servers without tokens skip

@@ -10,12 +10,19 @@ as fractions of the H200's *datasheet* (989.4 TFLOP/s dense bf16, 4.8 TB/s HBM3e
   flops     = max over prefill rows of (2 rows 3 d f / time)               / 989.4e12
 
 (the two asymptotes of the roofline, as :func:`moe_edge.cost.calibrate.fit_roofline` takes
-them). The cost model then assumes such a grouped kernel on every server: an expert costs only
-when used (``P = sum over used experts of max(W_e / BW_eff, c F_e / P_eff)``) and every server
-reaches the H200's fractions of its own datasheet. The edge GPUs and the paper's A100s were not
-measured; tokamax also ships an Ampere (sm80) kernel, but its efficiency there is assumed, not
-measured. The dense-over-slots cost of XLA's ``ragged_dot`` (every held slot's weights read,
-every row through every slot) is the benchmark's ``lax`` rows; it is not a cost-model option.
+them). The cost model then assumes such a grouped kernel on every server, unless the server says
+otherwise: an expert costs only when used (``P = sum over used experts of max(W_e / BW_eff,
+c F_e / P_eff)``) and every server reaches the H200's fractions of its own datasheet. The edge
+GPUs and the paper's A100s were not measured; tokamax also ships an Ampere (sm80) kernel, but
+its efficiency there is assumed, not measured. A server with ``ServerSpec(grouped_kernel=
+False)`` (a deployment without such a kernel) costs as XLA's ``ragged_dot`` does in the
+benchmark's ``lax`` rows, dense over the ``G`` slots it holds in a layer (every held slot's
+weights read, every one of its ``R`` rows through every slot): ``max(G W_e / BW_eff,
+R G F_e / P_eff)`` (:meth:`moe_edge.core.hardware.Hardware.compute_time`), with the same
+efficiency factors: against the benchmark's ``lax`` rows its measured/predicted ratio is
+0.79-1.07 (OLMoE decode), 0.58-0.86 (Mixtral, DeepSeek-V2-Lite decode) and 0.50-0.69
+(prefill), i.e. it follows their growth with ``G`` and rows and over-predicts by up to 2x
+(``tests/cost/test_grouped_kernel.py`` checks the window).
 
 Shapes without a measurement take the measured shape nearest in ``d x f`` (the small model's
 experts are far smaller than any).

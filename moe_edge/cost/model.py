@@ -32,6 +32,13 @@ expert ``(l, e)`` computed on ``m`` at step ``s``)::
 
   P[s, m, l] = sum_{e : c > 0} max(W_e / (mbw[m] eta_b[m]), c[s, m, l, e] F_e / (peak[m] eta_f[m]))
 
+This is a grouped expert FFN that costs per used expert (``moe_edge.kernels.grouped_ffn``), the
+default on every server. A server with ``ServerSpec.grouped_kernel=False`` costs as XLA's
+``ragged_dot`` measured on the H200 (results/bench_ffn), dense over the ``G[m, l]`` slots it
+holds, with ``R[s, m, l] = sum_e c[s, m, l, e]`` rows::
+
+  P[s, m, l] = max(G W_e / (mbw[m] eta_b[m]), R G F_e / (peak[m] eta_f[m]))   (0 when R = 0)
+
 **Exchange** (links work in parallel, a server's sends are serialised on its NIC)::
 
   dispatch[s, l] = max_n ( max_{m : D[s,l,n,m] > 0} lat[n, m] + sum_m D[s, l, n, m] / bw[n, m] )
@@ -60,7 +67,9 @@ steps of ``T[s]``; prefill latency per request = mean over prompt batches of ``T
 * ``C``, ``c`` become their expectations (sums of ``x`` along the route table);
 * an expert's weight read is charged with the probability that it is used at all, under a
   Poisson model: ``P(c > 0) = 1 - exp(-E[c])``, i.e.
-  ``P[m, l] = sum_e max(W_e / (mbw eta_b) * (1 - exp(-E[c])), E[c] F_e / (peak eta_f))``;
+  ``P[m, l] = sum_e max(W_e / (mbw eta_b) * (1 - exp(-E[c])), E[c] F_e / (peak eta_f))``
+  (without a grouped kernel: ``max(G W_e / (mbw eta_b) (1 - exp(-E[R])), E[R] G F_e / (peak
+  eta_f))``);
 * a link's latency is charged with the probability that the link carries anything,
   ``1 - exp(-E[C[l, n, m]])``.
 
@@ -70,8 +79,8 @@ take maxima of expectations where the expectation of a maximum is meant; as ``E[
 and it approaches :func:`evaluate` as batches grow and relative fluctuations shrink.
 
 Every formula above is one method of :class:`~moe_edge.core.hardware.Hardware` (expert time,
-exchange time, dense time); :class:`CostModel` holds one Hardware and is what planners,
-triggers and the simulator receive (docs/DESIGN.md, "Cost").
+a server's compute time, exchange time, dense time); :class:`CostModel` holds one Hardware and
+is what planners, triggers and the simulator receive (docs/DESIGN.md, "Cost").
 
 Implementation (vectorised numpy; steps are processed in chunks to bound memory,
 ``cost/counting.py``), one of three exact counting paths per chunk:
@@ -322,10 +331,12 @@ def _evaluate(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig
   server_compute = np.zeros((n_srv, n_lay))
   routed_total = np.zeros((n_srv, n_srv, n_lay))
   step_tokens = tokens.sum(axis=1)
+  held = placement.hosts.sum(axis=2)                                        # [M, L] slots
   for s0, s1, t0, t1 in chunks(step_tokens, n_lay * k, n_lay * n_srv * n_srv):
     path = counting_path(s1 - s0, (t1 - t0) * n_lay * k, int(step_tokens[s0:s1].max()), maps,
                           hw)
     routed, per = path(ids[t0:t1], srv[t0:t1], sidx[t0:t1] - s0, s1 - s0, maps, hw)
+    per = hw.compute_time(per, routed.sum(axis=0), held[:, None, :], server_axis=0)
     routed_total += routed.sum(axis=2)
     disp, comb = hw.exchange_times(routed.reshape(n_srv, n_srv, -1).transpose(2, 0, 1))
     dispatch[s0:s1], combine[s0:s1] = disp.reshape(-1, n_lay), comb.reshape(-1, n_lay)
@@ -385,7 +396,9 @@ def _expected(problem: PlacementProblem, placement: Placement,
   to = np.eye(n_srv, dtype=np.float64)[placement.route]                # [N, L, E, M] one-hot
   on = np.einsum("nle,nlem->mle", x, to)                               # E[c] [M, L, E]
   flows = np.einsum("nle,nlem->lnm", x, to) * (1.0 - np.eye(n_srv))   # E[C] [L, N, M]
-  per = hw.expert_time(on, server_axis=0, expected=True).sum(axis=2)   # [M, L]
+  per = hw.compute_time(hw.expert_time(on, server_axis=0, expected=True).sum(axis=2),
+                        on.sum(axis=2), placement.hosts.sum(axis=2), server_axis=0,
+                        expected=True)                                 # [M, L]
   dispatch, combine = hw.exchange_times(flows, -np.expm1(-flows))
   dense = hw.dense_time(b[None, :])
   step = dense + (dispatch + per.max(axis=0) + combine).sum()

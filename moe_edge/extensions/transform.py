@@ -42,7 +42,13 @@ class TransformError(MoeEdgeError):
 
 def dense_moe_fn(layer: int, x: jax.Array, expert_ids: jax.Array, gates: jax.Array,
                  w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-  """The model's own default expert compute as a ``moe_fn`` (bitwise the same operations).
+  """The dense reference expert compute (:func:`moe_dense_reference`) as a ``moe_fn``.
+
+  It is the model's own default operation, bitwise, wherever
+  :func:`~moe_edge.model.experts.routed_experts` picks the dense reference: on CPU and on GPUs
+  without the Mosaic grouped kernel. On a Hopper GPU with tokamax the model's default is the
+  grouped FFN instead (:func:`~moe_edge.model.experts.moe_grouped`), and the two agree within
+  the dtype's rounding, not bitwise.
 
   ``x [B,S,d]``, ``expert_ids/gates [B,S,k]``, ``w_gate/w_up [E,d,f]``, ``w_down [E,f,d]`` ->
   ``[B,S,d]``.

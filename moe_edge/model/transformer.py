@@ -32,6 +32,7 @@ from flax import nnx
 from moe_edge.config import ModelConfig
 from moe_edge.core.errors import MoeEdgeError
 from moe_edge.model import experts as experts_lib
+from moe_edge.model import kv_cache as kv_lib
 from moe_edge.model import router as router_lib
 
 MoeFn = Callable[..., jax.Array]
@@ -72,12 +73,15 @@ class RMSNorm(nnx.Module):
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (Hugging Face ``rotate_half`` layout). ``x [B,S,H,D]``, ``positions [S]``."""
+  """Rotary embedding (Hugging Face ``rotate_half`` layout). ``x [B,S,H,D]``, ``positions [S]``
+  (shared by every row) or ``[B, S]`` (per row, e.g. after a KV cache of per-row lengths)."""
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1])  # [D/2]
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [S, D/2]
-  cos = jnp.cos(angles)[None, :, None, :]
-  sin = jnp.sin(angles)[None, :, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) S, D/2]
+  if angles.ndim == 2:
+    angles = angles[None]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
   xf = x.astype(jnp.float32)
   x1, x2 = xf[..., :half], xf[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -102,17 +106,26 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, (d, hkv, hd), std_in, param_dtype)
     self.wo = _param(rngs, (h, hd, d), std_out, param_dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """``x [B, S, d]`` -> ``[B, S, d]``."""
-    b, s, _ = x.shape
+  def _qkv(self, x: jax.Array, positions: jax.Array):
+    """Projections with RoPE at ``positions`` (``[S]`` or ``[B, S]``): ``q [B,S,H,D]``,
+    ``k, v [B,S,H_kv,D]`` in the compute dtype."""
     dt = self.dtype
     x = x.astype(dt)
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
     k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
     v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
-    positions = jnp.arange(s)
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
+    return (apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta),
+            v)
+
+  def _out(self, o: jax.Array) -> jax.Array:
+    """``o [B, S, H, D]`` -> ``[B, S, d]``."""
+    return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(self.dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``x [B, S, d]`` -> ``[B, S, d]``."""
+    b, s, _ = x.shape
+    dt = self.dtype
+    q, k, v = self._qkv(x, jnp.arange(s))
     groups = self.n_heads // self.n_kv_heads
     q = q.reshape(b, s, self.n_kv_heads, groups, self.head_dim)
     scores = jnp.einsum("bsngk,btnk->bngst", q, k, preferred_element_type=jnp.float32)
@@ -121,7 +134,21 @@ class Attention(nnx.Module):
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     o = jnp.einsum("bngst,btnk->bsngk", probs, v).reshape(b, s, self.n_heads, self.head_dim)
-    return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(dt))
+    return self._out(o)
+
+  def cached(self, x: jax.Array, layer_cache: kv_lib.LayerCache, positions: jax.Array,
+             valid: jax.Array) -> tuple[jax.Array, kv_lib.LayerCache]:
+    """Attention of new tokens over a KV cache (:mod:`moe_edge.model.kv_cache`).
+
+    ``x [B, C, d]``: up to ``C`` new tokens per row at ``positions [B, C]`` (row ``b``'s next
+    free cache positions), ``valid [B, C]`` which of them are real. Their keys/values are
+    written into the cache, then every new token attends to the row's cached positions up to
+    its own. Returns ``([B, C, d], updated layer cache)``.
+    """
+    q, k, v = self._qkv(x, positions)
+    layer_cache = kv_lib.write(layer_cache, k, v, positions, valid)
+    o = kv_lib.attend(q, layer_cache, positions)
+    return self._out(o), layer_cache
 
 
 class MLP(nnx.Module):
@@ -241,6 +268,17 @@ class DecoderLayer(nnx.Module):
                ) -> tuple[jax.Array, RoutingInfo | None]:
     """``x [B, S, d]`` (float32 residual stream) -> ``(x', RoutingInfo or None)``."""
     x = x + self.attn(self.attn_norm(x)).astype(x.dtype)
+    return self._ffn(x, routing, moe_fn)
+
+  def cached(self, x: jax.Array, layer_cache: kv_lib.LayerCache, positions: jax.Array,
+             valid: jax.Array, moe_fn: MoeFn | None = None
+             ) -> tuple[jax.Array, RoutingInfo | None, kv_lib.LayerCache]:
+    """:meth:`__call__` with cached attention (see :meth:`Attention.cached`)."""
+    a, layer_cache = self.attn.cached(self.attn_norm(x), layer_cache, positions, valid)
+    y, info = self._ffn(x + a.astype(x.dtype), None, moe_fn)
+    return y, info, layer_cache
+
+  def _ffn(self, x: jax.Array, routing: Routing, moe_fn: MoeFn | None):
     h = self.ffn_norm(x)
     if self.is_moe:
       y, info = self.ffn(h, routing=routing, moe_fn=moe_fn)
@@ -318,17 +356,60 @@ class MoETransformer(nnx.Module):
       x, info = layer(x, routing=layer_routing, moe_fn=moe_fn)
       if info is not None:
         infos.append(info)
+    return self._logits(x), _aux(infos)
+
+  def step(self, tokens: jax.Array, cache: kv_lib.KVCache, num_new: jax.Array | None = None,
+           moe_fn: MoeFn | None = None) -> tuple[jax.Array, dict, kv_lib.KVCache]:
+    """One cached step: prefill (a chunk of a prompt) or decode, per row.
+
+    Row ``b`` feeds its next ``num_new[b]`` tokens ``tokens[b, :num_new[b]]`` at positions
+    ``cache.lengths[b] + 0..num_new[b]-1``; the rest of the row is padding (computed, never
+    written to the cache; a ``moe_fn`` should mask it, see :func:`kv_cache.new_positions`).
+    The caller keeps ``cache.lengths + num_new <= cache.capacity`` (a jitted step cannot
+    check it; :func:`kv_cache.generate_cached` and the serving scheduler do).
+
+    Args:
+      tokens: ``[B, C]`` int token ids (``C >= 1``; ``C = 1`` is a decode step).
+      cache: the :class:`~moe_edge.model.kv_cache.KVCache` of these ``B`` rows.
+      num_new: ``[B]`` int, ``0 <= num_new <= C`` (default ``C`` for every row).
+      moe_fn: optional routed-expert compute (module doc).
+
+    Returns:
+      ``logits [B, C, V] float32`` (position ``j`` predicts the token after new token ``j``),
+      ``aux`` as in :meth:`__call__`, and the cache with the new keys/values and lengths.
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+      raise ModelError(f"tokens must be [B, C] with C >= 1, got shape {tokens.shape}.")
+    b, c = tokens.shape
+    kv_lib.check_cache(cache, self.cfg, b)
+    num_new = jnp.full((b,), c, jnp.int32) if num_new is None else num_new
+    positions, valid = kv_lib.new_positions(cache.lengths, num_new, c)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.float32)
+    infos, layers = [], []
+    for layer, layer_cache in zip(self.layers, cache.layers):
+      x, info, layer_cache = layer.cached(x, layer_cache, positions, valid, moe_fn=moe_fn)
+      layers.append(layer_cache)
+      if info is not None:
+        infos.append(info)
+    new_cache = kv_lib.KVCache(tuple(layers), cache.lengths + num_new.astype(jnp.int32))
+    return self._logits(x), _aux(infos), new_cache
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """Final norm and head: ``x [B, S, d]`` -> ``logits [B, S, V] float32``."""
     x = self.final_norm(x)
     dt = self.dtype
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bsd,dv->bsv", x.astype(dt), head.astype(dt),
-                        preferred_element_type=jnp.float32)
-    aux = {
-        "expert_ids": jnp.stack([i.expert_ids for i in infos], axis=2),
-        "gates": jnp.stack([i.gates for i in infos], axis=2),
-        "aux_loss": jnp.mean(jnp.stack([i.aux_loss for i in infos])),
-    }
-    return logits, aux
+    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return jnp.einsum("bsd,dv->bsv", x.astype(dt), head.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+def _aux(infos: list[RoutingInfo]) -> dict:
+  """``{"expert_ids": [B,S,L,k], "gates": [B,S,L,k], "aux_loss": scalar}`` of the MoE blocks."""
+  return {
+      "expert_ids": jnp.stack([i.expert_ids for i in infos], axis=2),
+      "gates": jnp.stack([i.gates for i in infos], axis=2),
+      "aux_loss": jnp.mean(jnp.stack([i.aux_loss for i in infos])),
+  }
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +459,8 @@ def generate(model: MoETransformer, prompt_tokens: jax.Array, max_new: int,
 
   No KV cache: every step re-runs the model on a fixed ``[B, S0 + max_new]`` buffer (causal
   masking makes the not-yet-written tail irrelevant), so one compiled forward (cached per
-  ``moe_fn`` and temperature) serves all steps at ``O(max_new)`` full forwards of cost. Fine for the small models here; not a serving path.
+  ``moe_fn`` and temperature) serves all steps at ``O(max_new)`` full forwards of cost. It is
+  the cache-free reference; :func:`moe_edge.model.kv_cache.generate_cached` is the fast path.
   ``temperature == 0`` is greedy; otherwise sample from ``softmax(logits / temperature)`` with
   ``rng`` (required).
   """

@@ -187,7 +187,7 @@ def _programs(graphdef, experts_treedef, experts_leaves: tuple, mesh: Mesh, tran
       w = slots[layer]
       y, st = layer_fn(x.reshape(b * s, d), ids.reshape(b * s, k).astype(jnp.int32),
                        gates.reshape(b * s, k), mask, route[:, layer], dest_slot[:, layer],
-                       w["w_gate"], w["w_up"], w["w_down"])
+                       w["w_gate_up"], w["w_down"])
       stats.append(st)
       return y.reshape(b, s, d)
 
@@ -275,15 +275,18 @@ class ServingRuntime:
         graphdef, treedef, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves), mesh,
         transport, None if capacity is None else int(capacity))
     self._dense = _replicate(dense, mesh)
-    self._store = {k: np.asarray(v) for k, v in expert_weights(model).items()}  # [L, E, ...]
+    ew = {k: np.asarray(v) for k, v in expert_weights(model).items()}  # [L, E, ...]
+    # Checkpoint rows for migration, in the slots' fused layout (gate in [..., :f]).
+    self._store = {"w_gate_up": np.concatenate([ew["w_gate"], ew["w_up"]], axis=-1),
+                   "w_down": ew["w_down"]}
     self.expert_bytes = int(sum(int(np.prod(w.shape[2:])) * w.dtype.itemsize
                                 for w in self._store.values()))
     self._lock = threading.Lock()
     self._failed: set[int] = set()
     self._unreachable: tuple[tuple[int, int], ...] = ()
     self._recovery: Placement | None = None
-    slots = shard_layer_weights(self._store["w_gate"], self._store["w_up"],
-                                self._store["w_down"], tables, mesh)
+    slots = shard_layer_weights(ew["w_gate"], ew["w_up"], ew["w_down"], tables, mesh,
+                                fuse_gate_up=True)
     placement = Placement(placement.hosts, placement.route, tables.slot_expert,
                           placement.method, dict(placement.info))
     self._active = self._make_active(placement, tables, slots)
@@ -316,7 +319,8 @@ class ServingRuntime:
     return self._unreachable
 
   def slot_weights(self) -> tuple[dict[str, jax.Array], ...]:
-    """The current per-layer slot arrays ``{name: [N, S, ...]}`` (read-only use)."""
+    """The current per-layer slot arrays ``{"w_gate_up": [N, S, d, 2f], "w_down": [N, S, f,
+    d]}`` (gate and up fused once at load, gate in ``[..., :f]``; read-only use)."""
     return self._current().slots
 
   def _current(self) -> ActiveState:

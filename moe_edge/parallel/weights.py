@@ -309,9 +309,10 @@ def copy_program(mesh: Mesh, keep: np.ndarray, rounds: Sequence[CopyRound], stor
   non-empty, see :func:`check_rounds`; layers without copies emit none); ``store_slots``:
   per layer ``[N, R]`` target slots of checkpoint rows, or None.
 
-  Each round is one ``ppermute`` of one buffer ``[rows, P]``: the round's rows of the three
-  weight matrices, flattened and concatenated (when they share a dtype; else one buffer per
-  matrix), so the program has one collective per round and never a zero-size one.
+  Each round is one ``ppermute`` of one buffer ``[rows, P]``: the round's rows of the slot
+  weight matrices (fused ``w_gate_up`` and ``w_down``), flattened and concatenated (when they
+  share a dtype; else one buffer per matrix), so the program has one collective per round and
+  never a zero-size one.
   """
   n_layers = keep.shape[1]
   check_rounds(rounds, mesh.shape[AXIS])
@@ -338,7 +339,7 @@ def copy_program(mesh: Mesh, keep: np.ndarray, rounds: Sequence[CopyRound], stor
     out = []
     for l in range(n_layers):
       old = {k: v[0] for k, v in old_slots[l].items()}  # [S_old, ...]
-      s_old = old["w_gate"].shape[0]
+      s_old = old["w_down"].shape[0]
       kmask = jnp.asarray(keep[:, l])[me]  # [S_old]
       new = {}
       for k, v in old.items():

@@ -489,6 +489,6 @@ def _phase_cost(problem: PlacementProblem, hosts: np.ndarray, batch: np.ndarray,
   ``hosts`` (so ``"both"`` weighs relative changes of decode and prefill equally)."""
   cost = LayerCost.build(problem, batch, weight)
   route = route_table(hosts, problem.hardware, problem.traffic, slack)
-  total = cost.phase_times(route).sum(axis=1)
+  total = cost.phase_times(route, hosts=hosts).sum(axis=1)
   return dataclasses.replace(cost, weight=np.where(total > 0, weight / np.where(
       total > 0, total, 1.0), 0.0))

@@ -6,7 +6,9 @@ and ``Hardware``) is, for each phase ``p`` (decode, prefill) with ``x[p, n, l, e
 
   on[p, l, m, e]  = sum_{n : route[n, l, e] = m} x[p, n, l, e]
   C[p, l, n, m]   = sum_{e : route[n, l, e] = m != n} x[p, n, l, e]
-  P[p, l, m]      = sum_e hw.expert_time(on, expected=True)
+  U[p, l, m]      = sum_e hw.expert_time(on, expected=True)   (a grouped kernel's time)
+  R[p, l, m]      = sum_e on[p, l, m, e];  G[l, m] = sum_e hosts[m, l, e]
+  P[p, l, m]      = hw.compute_time(U, R, G, expected=True)  (U, or dense over held slots)
   time[p, l]      = dispatch + combine (hw.exchange_times(C, used = 1 - exp(-C))) + max_m P
   T[p]            = hw.dense_time(batch[p]) + sum_l time[p, l]
 
@@ -55,7 +57,9 @@ class LayerState:
     dense: ``[P]`` dense seconds of each phase's step.
     route_cost: ``[N, M]`` ``hw.route_cost()``.
     hosts: ``[N, L, E]`` bool; route: ``[N, L, E]`` int64.
-    on: ``[P, L, M, E]``; flows: ``[P, L, N, M]``; per: ``[P, L, M]``; time: ``[P, L]``.
+    on: ``[P, L, M, E]``; flows: ``[P, L, N, M]``; time: ``[P, L]``.
+    per: ``[P, L, M]`` the per-used-expert sum ``U``; rows: ``[P, L, M]`` ``R`` (module
+      docstring; a server's compute is ``hw.compute_time(per, rows, held)``).
     row, col: ``[P, L, N]`` each server's dispatch and combine terms (the screening's cache).
     rank: ``[N, M]`` int16, position of m in n's order of preference (itself first, then by
       ``route_cost``, ties to the lower id).
@@ -69,6 +73,7 @@ class LayerState:
   on: np.ndarray = None
   flows: np.ndarray = None
   per: np.ndarray = None
+  rows: np.ndarray = None
   time: np.ndarray = None
   row: np.ndarray = None
   col: np.ndarray = None
@@ -112,24 +117,36 @@ class LayerState:
     flows = flows.reshape(p, lp, n, n) * (1.0 - np.eye(n))
     return on.reshape(p, lp, n, e), flows
 
-  def layer_times(self, on: np.ndarray, flows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(per [..., M], time [...])`` of ``on [..., M, E]`` and ``flows [..., N, M]``."""
+  def held(self, layers: np.ndarray) -> np.ndarray:
+    """``[L', M]`` slots each server holds in ``layers [L']``."""
+    return self.hosts[:, layers].sum(axis=-1).T
+
+  def compute(self, per: np.ndarray, rows: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """``[..., M]`` expert compute seconds of each server from the per-used-expert sums
+    ``per``, ``rows`` and ``held`` slots (``hw.compute_time`` on expected counts)."""
+    return self.hw.compute_time(per, rows, held, server_axis=-1, expected=True)
+
+  def layer_times(self, on: np.ndarray, flows: np.ndarray, held: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(per [..., M], rows [..., M], time [...])`` of ``on [..., M, E]``, ``flows [..., N,
+    M]`` and ``held [..., M]`` slots."""
     per = self.hw.expert_time(on, server_axis=-2, expected=True).sum(axis=-1)
+    rows = on.sum(axis=-1)
     disp, comb = self.hw.exchange_times(flows, -np.expm1(-flows))
-    return per, disp + comb + per.max(axis=-1)
+    return per, rows, disp + comb + self.compute(per, rows, held).max(axis=-1)
 
   def refresh(self, layers: np.ndarray) -> None:
     """Recompute the cached costs of ``layers`` from ``hosts``/``route``."""
     layers = np.asarray(layers, dtype=np.int64)
     on, flows = self._layer_arrays(layers)
-    per, time = self.layer_times(on, flows)
+    per, rows, time = self.layer_times(on, flows, self.held(layers))
     row, col = self._row_col(flows)
     if self.on is None:
-      self.on, self.flows, self.per, self.time, self.row, self.col = (
-          on, flows, per, time, row, col)
+      self.on, self.flows, self.per, self.rows, self.time, self.row, self.col = (
+          on, flows, per, rows, time, row, col)
       return
     self.on[:, layers], self.flows[:, layers] = on, flows
-    self.per[:, layers], self.time[:, layers] = per, time
+    self.per[:, layers], self.rows[:, layers], self.time[:, layers] = per, rows, time
     self.row[:, layers], self.col[:, layers] = row, col
 
   def _row_col(self, flows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,18 +186,25 @@ class LayerState:
     only the bytes (each server's send and receive sums), so the estimate ranks candidates for
     :meth:`evaluate`, which is exact. Arguments as :meth:`evaluate`.
     """
-    per, row, col = self._screen_terms(lk, ek, hk)
+    per, rows, row, col = self._screen_terms(lk, ek, hk)
+    held = self._held_after(lk, ek, hk)
     if e2 is not None:
       two = np.flatnonzero(e2 >= 0)
       if two.size:
-        p2, r2, c2 = self._screen_terms(lk[two], e2[two], h2[two])
+        p2, n2, r2, c2 = self._screen_terms(lk[two], e2[two], h2[two])
         per[:, two] += p2 - self.per[:, lk[two]]
+        rows[:, two] += n2 - self.rows[:, lk[two]]
         row[:, two] += r2 - self.row[:, lk[two]]
         col[:, two] += c2 - self.col[:, lk[two]]
-    return row.max(axis=-1) + col.max(axis=-1) + per.max(axis=-1)
+        held[two] += h2[two].astype(np.int64) - self.hosts[:, lk[two], e2[two]].T
+    return row.max(axis=-1) + col.max(axis=-1) + self.compute(per, rows, held).max(axis=-1)
+
+  def _held_after(self, lk: np.ndarray, ek: np.ndarray, hk: np.ndarray) -> np.ndarray:
+    """``[K, M]`` slots held in layer ``lk[k]`` after column ``(lk, ek)`` becomes ``hk``."""
+    return (self.held(lk) - self.hosts[:, lk, ek].T + hk).astype(np.int64)
 
   def _screen_terms(self, lk, ek, hk):
-    """Screened ``(per, row, col)`` ``[P, K, N]`` of single-column changes."""
+    """Screened ``(per, rows, row, col)`` ``[P, K, N]`` of single-column changes."""
     hw = self.hw
     k, n = hk.shape
     old = self.route[:, lk, ek].T
@@ -189,7 +213,7 @@ class LayerState:
     base = (np.arange(k) * n)[:, None]
     src = np.broadcast_to(np.arange(n)[None, :], (k, n))
     on_old = self.on[:, lk, :, ek].transpose(1, 0, 2)                  # [P, K, M]
-    per, row, col = [], [], []
+    per, rows, row, col = [], [], [], []
     for q in range(xk.shape[0]):
       w = xk[q]
       d_on = (np.bincount((base + new).ravel(), w.ravel(), k * n)
@@ -197,11 +221,12 @@ class LayerState:
       on_new = np.maximum(on_old[q] + d_on, 0.0)
       t = lambda c: hw.expert_time(c, server_axis=-1, expected=True)  # noqa: E731
       per.append(self.per[q, lk] - t(on_old[q]) + t(on_new))
+      rows.append(self.rows[q, lk] - on_old[q] + on_new)
       row.append(self.row[q, lk] + hw.act * w * (hw.inv_bw[src, new] - hw.inv_bw[src, old]))
       back = (np.bincount((base + new).ravel(), (w * hw.inv_bw[new, src]).ravel(), k * n)
               - np.bincount((base + old).ravel(), (w * hw.inv_bw[old, src]).ravel(), k * n))
       col.append(self.col[q, lk] + hw.act * back.reshape(k, n))
-    return np.stack(per), np.stack(row), np.stack(col)
+    return np.stack(per), np.stack(rows), np.stack(row), np.stack(col)
 
   def evaluate(self, lk: np.ndarray, ek: np.ndarray, hk: np.ndarray,
                e2: np.ndarray | None = None, h2: np.ndarray | None = None) -> np.ndarray:
@@ -238,16 +263,20 @@ class LayerState:
     on_old, on_new, dflow = self._column_delta(lk, ek, hk)
     t = lambda c: self.hw.expert_time(c, server_axis=-1, expected=True)  # noqa: E731
     per = self.per[:, lk] - t(on_old) + t(on_new)
+    rows = self.rows[:, lk] - on_old + on_new
+    held = self._held_after(lk, ek, hk)
     flows = self.flows[:, lk] + dflow
     if e2 is not None:
       two = np.flatnonzero(e2 >= 0)
       if two.size:
         o2, n2, f2 = self._column_delta(lk[two], e2[two], h2[two])
         per[:, two] += t(n2) - t(o2)
+        rows[:, two] += n2 - o2
+        held[two] += h2[two].astype(np.int64) - self.hosts[:, lk[two], e2[two]].T
         flows[:, two] += f2
     flows = np.maximum(flows, 0.0)
     disp, comb = self.hw.exchange_times(flows, -np.expm1(-flows))
-    return disp + comb + per.max(axis=-1)
+    return disp + comb + self.compute(per, rows, held).max(axis=-1)
 
   def apply(self, layer: int, experts: list[int], columns: list[np.ndarray],
             refresh: bool = True) -> None:
@@ -269,6 +298,7 @@ class LayerState:
       t = self.hw.expert_time
       self.per[:, layer] += (t(self.on[:, layer, :, e], server_axis=-1, expected=True)
                              - t(on_old, server_axis=-1, expected=True))
+      self.rows[:, layer] += self.on[:, layer, :, e] - on_old
       self.flows[:, layer] = np.maximum(
           self.flows[:, layer] + x[:, :, None] * (d * (1.0 - eye))[None], 0.0)
       self.route[:, layer, e] = new
@@ -276,7 +306,7 @@ class LayerState:
     if refresh:
       self.settle(np.array([layer]))
 
-  _CACHED = ("hosts", "route", "on", "flows", "per", "time", "row", "col")
+  _CACHED = ("hosts", "route", "on", "flows", "per", "rows", "time", "row", "col")
 
   def snapshot(self, layers: np.ndarray) -> tuple:
     """Copies of everything :meth:`apply` changes in ``layers`` (every cached array has the
@@ -289,9 +319,10 @@ class LayerState:
       getattr(self, f)[:, layers] = v
 
   def settle(self, layers: np.ndarray) -> None:
-    """Recompute the times of ``layers`` from the cached ``flows`` and ``per``."""
+    """Recompute the times of ``layers`` from the cached ``flows``, ``per`` and ``rows``."""
     layers = np.asarray(layers, dtype=np.int64)
     flows, per = self.flows[:, layers], self.per[:, layers]
+    compute = self.compute(per, self.rows[:, layers], self.held(layers))
     disp, comb = self.hw.exchange_times(flows, -np.expm1(-flows))
-    self.time[:, layers] = disp + comb + per.max(axis=-1)
+    self.time[:, layers] = disp + comb + compute.max(axis=-1)
     self.row[:, layers], self.col[:, layers] = self._row_col(flows)

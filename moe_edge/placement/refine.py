@@ -13,6 +13,8 @@ is; notation as there; ``x[p, n, l, e] = batch[p, n] * freq[n, l, e]``)::
   on[p, m, l, e]   = sum_{n : route[n, l, e] = m} x[p, n, l, e]
   C[p, l, n, m]    = sum_{e : route[n, l, e] = m != n} x[p, n, l, e]
   P[p, m, l]       = sum_e max(read[m] (1 - exp(-on)), on flop[m])
+                     (servers without a grouped kernel: Hardware.compute_time, dense over
+                     the slots they hold)
   dispatch[p, l]   = max_n (max_m lat[n, m] (1 - exp(-C)) + sum_m a C / bw[n, m])
   combine[p, l]    = max_m (max_n lat[m, n] (1 - exp(-C)) + sum_n a C / bw[m, n])
   time[p, l]       = dispatch + max_m P + combine
@@ -81,8 +83,24 @@ class LayerCost:
     dispatch, combine = self.hardware.exchange_times(flows, -np.expm1(-flows))
     return dispatch + combine
 
+  def compute(self, per: np.ndarray, rows: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """``[P, ..., M]`` expert compute of each server from the per-used-expert sums ``per``,
+    its ``rows`` and ``held [..., M]`` slots (``Hardware.compute_time``, expected counts)."""
+    return self.hardware.compute_time(per, rows, held, server_axis=-1, expected=True)
+
+  def held(self, hosts: np.ndarray | None) -> np.ndarray:
+    """``[L', M]`` slots of ``hosts [N, L', E]`` (aligned with the route it prices); None is
+    allowed when every server has a grouped kernel (held slots do not matter then)."""
+    if hosts is None:
+      if self.hardware.grouped is not None and not self.hardware.grouped.all():
+        raise PlacementError("a server without a grouped kernel is priced by its held slots: "
+                             "pass hosts along with the route.")
+      return np.zeros((1, self.hardware.num_servers))
+    return np.asarray(hosts).sum(axis=-1).T
+
   def state(self, route: np.ndarray, layers: np.ndarray | None = None):
-    """``(on [P, L', M, E], flows [P, L', N, M], per [P, L', M])`` of ``route [N, L', E]``."""
+    """``(on [P, L', M, E], flows [P, L', N, M], per [P, L', M])`` of ``route [N, L', E]``;
+    ``per`` sums :meth:`expert_time` over each server's experts (see :meth:`compute`)."""
     x = self.x if layers is None else self.x[:, :, layers]
     n = route.shape[0]
     to = np.eye(n)[route]                                          # [N, L', E, M]
@@ -91,14 +109,18 @@ class LayerCost:
     per = self.expert_time(on, 2).sum(axis=3)
     return on, flows, per
 
-  def phase_times(self, route: np.ndarray, layers: np.ndarray | None = None) -> np.ndarray:
-    """``[P, L']`` expected seconds of each layer (dispatch + slowest server + combine)."""
-    _, flows, per = self.state(route, layers)
+  def phase_times(self, route: np.ndarray, layers: np.ndarray | None = None,
+                  hosts: np.ndarray | None = None) -> np.ndarray:
+    """``[P, L']`` expected seconds of each layer (dispatch + slowest server + combine);
+    ``hosts [N, L', E]`` as :meth:`held`."""
+    on, flows, per = self.state(route, layers)
+    per = self.compute(per, on.sum(axis=3), self.held(hosts))
     return self.exchange(flows) + per.max(axis=2)
 
-  def scores(self, route: np.ndarray, layers: np.ndarray | None = None) -> np.ndarray:
+  def scores(self, route: np.ndarray, layers: np.ndarray | None = None,
+             hosts: np.ndarray | None = None) -> np.ndarray:
     """``[L']`` weighted layer scores ``sum_p weight[p] time[p, l]``."""
-    return np.einsum("p,pl->l", self.weight, self.phase_times(route, layers))
+    return np.einsum("p,pl->l", self.weight, self.phase_times(route, layers, hosts))
 
 
 DEFAULT_DECODE_TOKENS, DEFAULT_PREFILL_TOKENS = 8.0, 128.0
@@ -162,6 +184,9 @@ def _predict(cost: LayerCost, hosts, route, on, flows, per, load, route_cost, pe
   on_col = on[:, lk, :, ek].transpose(1, 0, 2)                        # [P, K, M]
   on_new = on_col + np.einsum("pks,ksm->pkm", xk, d_new - d_old)
   per_new = per[:, lk] - cost.expert_time(on_col, 2) + cost.expert_time(on_new, 2)
+  rows_new = on.sum(axis=3)[:, lk] - on_col + on_new
+  held_new = hosts[:, lk].sum(axis=2).T - hosts[:, lk, ek].T + hk     # [K, M]
+  per_new = cost.compute(per_new, rows_new, held_new)
   off = 1.0 - eye
   fl = flows[:, lk] + xk[..., None] * ((d_new - d_old) * off)[None]  # [P, K, S, M]
   times = cost.exchange(fl) + per_new.max(axis=2)                     # [P, K]
@@ -190,13 +215,14 @@ def refine(problem: PlacementProblem, hosts: np.ndarray, cost: LayerCost, slack:
   route = route_table(hosts, hw, traffic, slack)
   route_cost, peak = hw.route_cost(), hw.flops
   room = problem.capacity - hosts.sum(axis=(1, 2))
-  score = cost.scores(route)
+  score = cost.scores(route, hosts=hosts)
   before = float(score.sum())
   banned = np.zeros((nl, 3, n, n, e), dtype=bool)  # [layer, kind, from, to, expert]
   stats = dict(rounds=0, pruned=0, moved=0, added=0, rejected=0)
   lidx = np.arange(nl)
   for _ in range(max_rounds):
     on, flows, per = cost.state(route)
+    busy = cost.compute(per, on.sum(axis=3), cost.held(hosts))      # [P, L, M]
     load = np.einsum("nle,nlem->lm", traffic, np.eye(n)[route])     # [L, M] planning loads
     count = hosts.sum(axis=0)                                       # [L, E]
     cand = []  # (kind, layer, from, to, expert)
@@ -209,7 +235,7 @@ def refine(problem: PlacementProblem, hosts: np.ndarray, cost: LayerCost, slack:
         cand.append((np.full_like(ll, 2), nn, nn, ll, ee))
       if moves and free.any():
         bott = np.zeros((nl, n), dtype=bool)
-        bott[np.repeat(lidx, per.shape[0]), per.argmax(axis=2).T.ravel()] = True
+        bott[np.repeat(lidx, busy.shape[0]), busy.argmax(axis=2).T.ravel()] = True
         src_n, src_l, src_e = np.nonzero(hosts & bott.T[:, :, None])
         for m in np.flatnonzero(free):
           ok = ~hosts[m, src_l, src_e]
@@ -248,7 +274,7 @@ def refine(problem: PlacementProblem, hosts: np.ndarray, cost: LayerCost, slack:
     trial = hosts[:, layers].copy()
     trial[:, np.arange(layers.size), ek[g]] = hk[g].T
     t_route = route_table(trial, hw, traffic[:, layers], slack)
-    t_score = cost.scores(t_route, layers)
+    t_score = cost.scores(t_route, layers, trial)
     ok = t_score < score[layers] * (1.0 - _REL_TOL)
     acc, rej = g[ok], g[~ok]
     banned[lk[rej], kind[rej], frm[rej], to[rej], ek[rej]] = True

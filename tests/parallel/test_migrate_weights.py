@@ -33,13 +33,16 @@ def mesh():
 def slot_contents(rt) -> dict[str, np.ndarray]:
   """``{name: [N, L, S, ...]}`` host copy of the runtime's slot arrays."""
   per = rt.slot_weights()
+  assert set(per[0]) == {"w_gate_up", "w_down"}  # fused once at load, kept fused by copies
   return {name: np.stack([np.asarray(per[l][name]) for l in range(L)], axis=1)
-          for name in mesh_lib.WEIGHT_NAMES}
+          for name in per[0]}
 
 
 def expected_contents(slot_expert, w) -> dict[str, np.ndarray]:
   """What the slots must hold: expert ``slot_expert[n, l, s]``'s weights, zeros when empty."""
   out = {}
+  w = {"w_gate_up": np.concatenate([np.asarray(w["w_gate"]), np.asarray(w["w_up"])], axis=-1),
+       "w_down": w["w_down"]}
   for name, arr in w.items():
     arr = np.asarray(arr)
     got = arr[np.arange(L)[None, :, None], np.maximum(slot_expert, 0)]
@@ -84,7 +87,7 @@ def test_only_moved_experts_cross_devices_and_kept_slots_stay(model, mesh):
   assert report.kept == kept.sum() and report.dropped == ((old_slots >= 0) & ~kept).sum()
   after = slot_contents(rt)
   want = expected_contents(slot_new, expert_weights(model))
-  for name in mesh_lib.WEIGHT_NAMES:
+  for name in want:
     np.testing.assert_array_equal(after[name], want[name])
     np.testing.assert_array_equal(after[name][kept], before[name][kept])  # bit for bit
 
@@ -114,7 +117,7 @@ def test_incremental_plan_under_drift_and_slot_growth(model, mesh):
   assert report.num_slots == (s0, rt.num_slots) and rt.num_slots > s0  # grown
   want = expected_contents(rt.tables.slot_expert, expert_weights(model))
   got = slot_contents(rt)
-  for name in mesh_lib.WEIGHT_NAMES:
+  for name in want:
     np.testing.assert_array_equal(got[name], want[name])
   tokens = [rng.integers(0, MODEL.vocab_size, (1, 8)).astype(np.int32) for _ in range(N)]
   logits, _ = model(jnp.asarray(np.concatenate(tokens)))
