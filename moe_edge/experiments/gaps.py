@@ -160,6 +160,11 @@ def _finite(v) -> bool:
   return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _lower(x: float) -> str:
+  """A reduction as text: 0.12 -> '12.0% lower', -0.05 -> '5.0% higher'."""
+  return f"{100 * abs(x):.1f}% {'lower' if x >= 0 else 'higher'}"
+
+
 def format_goals(rows: Sequence[dict], ours: str, baselines: Sequence[str]) -> str:
   """Issue 18's headline goals as Markdown list items: decode and request latency of ``ours``
   at least 20% below the best baseline and 30% below prism (geometric means, with and without
@@ -176,9 +181,9 @@ def format_goals(rows: Sequence[dict], ours: str, baselines: Sequence[str]) -> s
       if n == 0:
         continue
       un = (f"; without the {len(g['unreachable'])} setting(s) whose lower bound rules out "
-            f"{100 * target:.0f}% ({', '.join(g['unreachable'])}): {100 * b:.1f}% over {m}"
+            f"{100 * target:.0f}% ({', '.join(g['unreachable'])}): {_lower(b)} over {m}"
             if g["unreachable"] else "; the lower bound rules out no setting")
       ok = "met" if a >= target else "missed"
-      lines.append(f"- **{label}**: {ours} is {100 * a:.1f}% below {who} (geometric mean over "
-                   f"{n} settings; goal {100 * target:.0f}%: {ok}){un}.")
+      lines.append(f"- **{label}** (goal: {100 * target:.0f}% below {who}): {ours} is "
+                   f"{_lower(a)} than {who} (geometric mean over {n} settings: {ok}){un}.")
   return "\n".join(lines)
