@@ -10,5 +10,5 @@ def get_config() -> config_dict.ConfigDict:
       name="robustness", model="olmoe_1b_7b", clusters=("homogeneous_4", "edge_hetero_4"),
       families=("one_home", "swap", "mix"), alphas=(0.6, 0.8, 1.0), seeds=(0, 1, 2, 3, 4),
       profile_offset=1000, tokens_per_server=2048, request_len=128, link_gbps=1.0, copies=1.5,
-      calibration="h100_kernels", decode_batch=8, request_rate=0.1, request_output_tokens=64,
+      calibration="h200_grouped", decode_batch=8, request_rate=0.1, request_output_tokens=64,
       tie=1e-3, loss_limit=0.01))

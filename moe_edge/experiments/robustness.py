@@ -66,7 +66,7 @@ class RobustnessConfig:
   request_len: int = 128
   link_gbps: float = 1.0
   copies: float = 1.5
-  calibration: str = "h100_kernels"
+  calibration: str = "h200_grouped"
   decode_batch: int = 8
   request_rate: float = 0.1
   request_output_tokens: int = 64
