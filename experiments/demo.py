@@ -7,7 +7,9 @@
    servers) for that trace and for the real OLMoE-1B-7B / Mixtral-8x7B statistics;
 5. serve a few requests per server on host CPU devices (one per server) with a DanceMoE
    placement: KV-cache decoding, continuous batching, and print TTFT / TPOT / latency;
-6. place experts with every method and print a small version of the paper's tables.
+6. place experts with every method and print a small version of the paper's tables;
+7. the quick paper table: the paper's testbed and workloads on the request-level simulator,
+   our ratios beside the paper's (``moe_edge/experiments/paper_readme.py``, ``out/demo/paper``).
 
   python experiments/demo.py [--num_servers 4 --alpha 0.8 --requests_per_server 24]
 """
@@ -79,6 +81,7 @@ def main(argv):
                                f" --xla_force_host_platform_device_count={FLAGS.num_servers}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   from moe_edge.config import model_config
+  from moe_edge.experiments.paper_readme import demo_table
   from moe_edge.experiments.tables import run_demo_tables
   from moe_edge.model.checkpoint import restore_checkpoint
   from moe_edge.workload.record import record_trace
@@ -90,29 +93,32 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   cfg = model_config("small_moe")
   model, _, step = restore_checkpoint(FLAGS.checkpoint, cfg)
-  print(f"[1/6] restored {FLAGS.checkpoint} (small_moe, step {step}, "
+  print(f"[1/7] restored {FLAGS.checkpoint} (small_moe, step {step}, "
         f"{cfg.total_params / 1e6:.1f} M params)")
 
   requests = make_streams(FLAGS.num_servers, FLAGS.requests_per_server, FLAGS.seq_len,
                           FLAGS.alpha, FLAGS.seed, split="heldout")
-  print(f"[2/6] {len(requests)} requests of {FLAGS.seq_len} bytes from real held-out text, "
+  print(f"[2/7] {len(requests)} requests of {FLAGS.seq_len} bytes from real held-out text, "
         f"{FLAGS.num_servers} servers, locality alpha={FLAGS.alpha}")
 
   trace = record_trace(model, cfg, requests, FLAGS.num_servers, batch_size=16,
                        source="corpus/heldout", note="experiments/demo.py")
   path = trace.save(out / "small_moe_trace.npz")
-  print(f"[3/6] recorded {trace.num_tokens:,} tokens x {trace.num_layers} MoE layers -> {path}")
+  print(f"[3/7] recorded {trace.num_tokens:,} tokens x {trace.num_layers} MoE layers -> {path}")
 
-  print("[4/6] activation statistics\n")
+  print("[4/7] activation statistics\n")
   print(format_summary(summarize(trace), title="small_moe (trained here) on real text"))
   for name in ("olmoe_1b_7b", "mixtral_8x7b"):
     stats = load_routing_stats(name)
     print(format_domain_tv(stats))
-  print(f"[5/6] serving {FLAGS.serve_requests} requests per server (Poisson arrivals, 4/s) on "
+  print(f"[5/7] serving {FLAGS.serve_requests} requests per server (Poisson arrivals, 4/s) on "
         f"the engine: KV cache, continuous batching, DanceMoE placement\n")
   print(serve_section(model, trace, out), "\n")
-  print("[6/6] placement and cost tables (small version of results/tables/)\n")
+  print("[6/7] placement and cost tables (small version of results/tables/)\n")
   print(run_demo_tables(out, small_model_trace=path))
+  print("[7/7] the paper's experiment, quick (configs/experiments/paper_testbed_quick.py; "
+        "full: experiments/paper_table.py, results/paper/)\n")
+  print(demo_table(out / "paper", log=lambda s: print(s, flush=True)))
   print(f"demo finished in {time.perf_counter() - t0:.0f} s")
 
 

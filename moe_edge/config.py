@@ -51,6 +51,10 @@ class ModelConfig:
       softmax over the top-k logits; OLMoE, Qwen1.5-MoE, DeepSeek-V2-Lite: no).
     max_seq_len, rope_theta, norm_eps: the usual.
     tie_embeddings: share input embedding and output projection.
+    kv_lora_rank, qk_rope_head_dim: multi-head latent attention (DeepSeek-V2): the KV cache holds
+      one compressed latent of ``kv_lora_rank`` plus a decoupled RoPE key of ``qk_rope_head_dim``
+      per token and layer instead of ``2 * n_kv_heads * head_dim`` (0 = ordinary attention).
+      Only the attention cost and KV memory (``moe_edge/cost/attention.py``) read them.
     bytes_per_param: storage size of a parameter when *served* (2 for bf16, 0.5 for 4-bit);
       used by placement memory accounting, not by the Flax model's compute dtype.
     aux_loss_coef: weight of the load-balancing loss during training.
@@ -76,6 +80,8 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
+  kv_lora_rank: int = 0
+  qk_rope_head_dim: int = 0
   bytes_per_param: float = 2
   aux_loss_coef: float = 0.01
   source: str = ""
@@ -87,6 +93,9 @@ class ModelConfig:
       if getattr(self, f) <= 0:
         raise ConfigError(f"ModelConfig {self.name!r}: {f} must be positive, got "
                           f"{getattr(self, f)}.")
+    if self.kv_lora_rank < 0 or self.qk_rope_head_dim < 0:
+      raise ConfigError(f"ModelConfig {self.name!r}: kv_lora_rank and qk_rope_head_dim must be "
+                        f">= 0 (0 = ordinary attention).")
     if self.top_k > self.n_experts:
       raise ConfigError(f"ModelConfig {self.name!r}: top_k={self.top_k} exceeds n_experts="
                         f"{self.n_experts}; a token cannot pick more experts than exist.")

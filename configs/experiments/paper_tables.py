@@ -5,7 +5,10 @@ its own routing over real held-out text, DeepSeek-V2-Lite and Qwen1.5-MoE by the
 traces mapped to their expert counts; edge_hetero_4 and edge_hetero_8 at 1 Gbps, 1.5 copies of
 expert memory, Mixtral at 4-bit; the ILP where it solves; the cost-model cross-check on 8 host
 CPU devices; the routing extensions as extra rows (substitution and budgeted selection with their
-loss change on small_moe, the weight-free drop on the others). About 2-3 minutes on two CPU cores once the small-model traces are cached.
+loss change on small_moe, the weight-free drop on the others); the request-level columns
+(the statistics-driven models' placements serving 120 s of Poisson arrivals, 0.05 per server
+and second, on the request-level simulator). About 3-4 minutes on two CPU cores once the
+small-model traces are cached.
 """
 from ml_collections import config_dict
 
@@ -25,4 +28,5 @@ def get_config() -> config_dict.ConfigDict:
       calibration="h200_grouped", ilp_time_limit=60.0, crosscheck=True,
       crosscheck_methods=("uniform_ep", "greedy_local", "dancemoe"), crosscheck_steps=4,
       crosscheck_repeats=3, extension_rows=True, substitution_threshold=0.2,
-      budget_remote_choices=1.0, extension_calib_requests=8)
+      budget_remote_choices=1.0, extension_calib_requests=8,
+      request_duration_s=120.0, request_rate=0.05, request_output_tokens=64)

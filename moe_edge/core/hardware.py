@@ -28,7 +28,9 @@ Formulas (all seconds):
     combine  = max_m ( max_n used[n, m] lat[m, n] + sum_n a C[n, m] / bw[m, n] )
 
 * dense time of ``B[n]`` tokens: ``max_{n : B[n] > 0} max(W_d / (mbw eta_b), B[n] F_d /
-  (peak eta_f))``;
+  (peak eta_f))``; with the attention work of the step's requests (``A_bytes[n]`` KV-cache
+  bytes, ``A_flops[n]`` score FLOPs, ``moe_edge/cost/attention.py``) folded into the same
+  roofline: ``max((W_d + A_bytes) / (mbw eta_b), (B F_d + A_flops) / (peak eta_f))``;
 * link time per token ``2 (lat[n, m] + a / bw[n, m])`` (activations there and the result back);
   the route cost of sending a token-choice from ``n`` to ``m`` adds ``m``'s compute per token;
 * copy time of ``bytes`` over ``n -> m``: ``lat[n, m] + bytes / bw[n, m]``; a round of copies
@@ -69,6 +71,7 @@ class Hardware:
     expert_bytes: bytes of one routed expert's weights (what a migration copy moves).
     source: where the efficiency factors came from (``"datasheet"`` when none were given).
     grouped: ``[N]`` bool, ``ServerSpec.grouped_kernel`` of each server (None: all True).
+    mem_bw: ``[N]`` effective memory bytes/s, ``mbw eta_b`` (what KV-cache reads stream at).
   """
   flops: np.ndarray
   expert_read: np.ndarray
@@ -82,6 +85,7 @@ class Hardware:
   expert_bytes: float
   source: str = "datasheet"
   grouped: np.ndarray | None = None
+  mem_bw: np.ndarray | None = None
 
   @classmethod
   def build(cls, model: ModelConfig | str, cluster: ClusterConfig, calibration=None,
@@ -110,7 +114,8 @@ class Hardware:
     return cls(flops, model.expert_bytes / mbw, model.expert_flops_per_token / flops,
                model.dense_bytes / mbw, model.dense_flops_per_token / flops, bw, inv_bw, lat,
                _activation_bytes(model, activation_bytes), float(model.expert_bytes), source,
-               np.array([s.grouped_kernel for s in cluster.servers], dtype=bool))
+               np.array([s.grouped_kernel for s in cluster.servers], dtype=bool),
+               mbw)
 
   @property
   def num_servers(self) -> int:
@@ -164,10 +169,16 @@ class Hardware:
       dense = np.where(rows > 0, np.maximum(read, flop), 0.0)
     return np.where(self.grouped.reshape(shape), per_used, dense)
 
-  def dense_time(self, tokens: np.ndarray) -> np.ndarray:
+  def dense_time(self, tokens: np.ndarray, attn_bytes: np.ndarray | None = None,
+                 attn_flops: np.ndarray | None = None) -> np.ndarray:
     """``[...]`` seconds of the dense part from ``tokens [..., N]`` (servers without tokens skip
-    it)."""
-    t = np.maximum(self.dense_read, tokens * self.dense_flop)
+    it), with the attention work ``attn_bytes``/``attn_flops [..., N]`` of the step's requests
+    in the same roofline when given (module docstring)."""
+    if attn_bytes is None:
+      t = np.maximum(self.dense_read, tokens * self.dense_flop)
+    else:
+      t = np.maximum(self.dense_read + attn_bytes / self.mem_bw,
+                     tokens * self.dense_flop + attn_flops / self.flops)
     return np.max(np.where(tokens > 0, t, 0.0), axis=-1)
 
   def compute_time_per_token(self) -> np.ndarray:

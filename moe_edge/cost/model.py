@@ -53,6 +53,14 @@ runs it on its own tokens; servers without tokens at a step skip it)::
 
   dense[s] = max_{n : B[s,n] > 0} max( W_d / (mbw[n] eta_b[n]),  B[s, n] F_d / (peak[n] eta_f[n]) )
 
+With ``attention`` (``CostModel.evaluate(..., attention=True)``, what serving uses) the dense
+roofline also streams each request's KV cache and computes its attention scores
+(:mod:`moe_edge.cost.attention`: ``A_bytes``/``A_flops`` per step and server from the tokens'
+requests and cache positions)::
+
+  dense[s] = max_{n : B[s,n] > 0} max( (W_d + A_bytes[s, n]) / (mbw eta_b),
+                                       (B[s, n] F_d + A_flops[s, n]) / (peak eta_f) )
+
 **Step latency** ``T[s] = dense[s] + sum_l layer[s, l]``. Decode latency per token = mean over
 steps of ``T[s]``; prefill latency per request = mean over prompt batches of ``T[s]``.
 
@@ -106,6 +114,7 @@ from moe_edge.core.errors import CostError, PlacementError
 from moe_edge.core.hardware import Hardware
 from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.core.trace import ActivationTrace
+from moe_edge.cost.attention import kv_bytes_per_token, kv_budget_bytes, step_attention_work
 from moe_edge.cost.batches import decode_batches, prefill_batches  # noqa: F401  (re-export)
 from moe_edge.cost.calibrate import Calibration
 from moe_edge.cost.counting import RouteMaps, chunks, counting_path
@@ -313,8 +322,11 @@ def evaluate(trace: ActivationTrace, model: ModelConfig | str, cluster: ClusterC
 
 
 def _evaluate(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
-              placement: Placement, phase: str, hw: Hardware) -> CostReport:
-  """:func:`evaluate` on checked inputs and a built :class:`Hardware`."""
+              placement: Placement, phase: str, hw: Hardware,
+              attention: bool = False) -> CostReport:
+  """:func:`evaluate` on checked inputs and a built :class:`Hardware`; ``attention`` adds each
+  step's attention over its requests' contexts (``trace.request``/``trace.position``) to the
+  dense roofline (:mod:`moe_edge.cost.attention`)."""
   n_srv, n_lay, n_exp = cluster.num_servers, model.n_moe_layers, model.n_experts
   act, k = hw.act, model.top_k
   maps = RouteMaps.build(placement.route)
@@ -348,7 +360,13 @@ def _evaluate(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig
   load = routed_total.sum(axis=1).T                                          # [M, L]
   dispatch_bytes = routed_total * (1 - np.eye(n_srv, dtype=np.int64)) * act
   used, cap = _memory(model, cluster, placement)
-  dense_t = hw.dense_time(tokens)
+  if attention:
+    req = trace.request if order is None else trace.request[order]
+    pos = trace.position if order is None else trace.position[order]
+    dense_t = hw.dense_time(tokens, *step_attention_work(model, sidx, srv, req, pos, n_steps,
+                                                         n_srv))
+  else:
+    dense_t = hw.dense_time(tokens)
   return CostReport(
       phase=phase, expected=False, num_steps=n_steps, num_tokens=float(trace.num_tokens),
       activation_bytes=act, step_latency=dense_t + (dispatch + compute + combine).sum(axis=1),
@@ -457,11 +475,21 @@ class CostModel:
     return cls(model, cluster, hw, calibration)
 
   def evaluate(self, trace: ActivationTrace, placement: Placement,
-               phase: str = "decode") -> CostReport:
-    """:func:`evaluate` of ``placement`` on every step of ``trace``."""
+               phase: str = "decode", attention: bool = False) -> CostReport:
+    """:func:`evaluate` of ``placement`` on every step of ``trace``; with ``attention`` each
+    step also pays attention over its requests' contexts (a token at cache position ``p``
+    attends ``p + 1`` keys; the trace's ``request`` and ``position`` say which;
+    :mod:`moe_edge.cost.attention`)."""
     _check_phase(phase)
     _check_inputs(trace, self.model, self.cluster, placement)
-    return _evaluate(trace, self.model, self.cluster, placement, phase, self.hardware)
+    return _evaluate(trace, self.model, self.cluster, placement, phase, self.hardware, attention)
+
+  def kv_tokens(self, placement: Placement) -> np.ndarray:
+    """``[N]`` int64 KV-cache positions each server has room for once it holds the dense weights
+    and ``placement``'s experts: the memory cap binds experts and KV together
+    (:func:`moe_edge.cost.attention.kv_budget_bytes`)."""
+    budget = kv_budget_bytes(self.model, self.cluster, placement.experts_per_server)
+    return (budget // kv_bytes_per_token(self.model)).astype(np.int64)
 
   def expected(self, problem: PlacementProblem, placement: Placement,
                batch_tokens: Sequence[float] | np.ndarray,

@@ -36,9 +36,9 @@ from typing import Callable
 
 import numpy as np
 
+from moe_edge.core.errors import MoeEdgeError
 from moe_edge.config import ClusterConfig, ModelConfig, cluster_config, uniform_links
 from moe_edge.config import with_expert_memory
-from moe_edge.core.errors import MoeEdgeError
 from moe_edge.experiments import calibration as calib
 from moe_edge.experiments.config import PARTS, SWEEPS, ExperimentConfig
 from moe_edge.experiments.progress import Progress
@@ -46,10 +46,10 @@ from moe_edge.experiments.costing import (cost_methods, cost_placement, phase_tr
                                           planning_context, report_metrics, workload_summary)
 from moe_edge.experiments.extension_rows import sweep_extensions as _sweep_extensions
 from moe_edge.experiments.workloads import served_model
+from moe_edge.placement import registry
 from moe_edge.migration.config import MigrationConfig
 from moe_edge.migration.drift import drift_preset, drifting_trace
 from moe_edge.migration.replay import replay
-from moe_edge.placement import registry
 from moe_edge.placement.objective import objective
 from moe_edge.workload.stats_traces import STATS_MODELS, sample_stats_trace
 

@@ -44,6 +44,7 @@ from moe_edge.experiments.headline import (display_name, format_headline, headli
                                            ok_rows, ours_present, pct, settings)
 from moe_edge.experiments.plots import plot_tables
 from moe_edge.experiments.progress import Progress
+from moe_edge.experiments.request_rows import REQUEST_COLUMNS, request_metrics
 from moe_edge.experiments.workloads import (build_workload, served_model, small_trace,
                                             split_trace, workload_kind)
 from moe_edge.placement import registry
@@ -164,6 +165,8 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
           row["ilp_status"] = r.placement.info.get("status", "")
           row["ilp_proven_gap"] = r.placement.info.get("gap", float("nan"))
         row["replicas_per_expert"] = float(r.placement.hosts.sum()) / (l * e)
+        if work.kind == "stats":  # request-level columns need the routing statistics
+          row.update(request_metrics(cfg, model_name, work.model, cluster, cal, r.placement))
         rows.append(row)
       dm = next((r for r in results if r.method == "dancemoe" and r.placement is not None),
                 None)
@@ -241,10 +244,12 @@ def format_model_table(rows: Sequence[dict], model: str) -> str:
   """Markdown table of one model: every cluster and method; the best value per cluster bold."""
   mine = [r for r in rows if r["model"] == model]
   loss = any(r.get("extension") for r in mine)
+  req = any("request_latency_s" in r for r in mine)  # request-level columns (request_rows.py)
   head = ("| cluster | method | decode ms/token | prefill ms/request | cross kB/token | "
           "local coverage | replicas/expert | objective J | J vs ILP | " +
-          ("delta NLL (nats/byte) | " if loss else "") + "status |")
-  lines = [head, "|" + "---|" * (11 if loss else 10)]
+          ("delta NLL (nats/byte) | " if loss else "") +
+          ("request latency s | TTFT s | " if req else "") + "status |")
+  lines = [head, "|" + "---|" * (10 + loss + 2 * req)]
   for cluster in dict.fromkeys(r["cluster"] for r in mine):
     here = [r for r in mine if r["cluster"] == cluster]
     ok = [r for r in ok_rows(here) if not r.get("extension")]  # bold: best placement method
@@ -254,9 +259,12 @@ def format_model_table(rows: Sequence[dict], model: str) -> str:
       def cell(k, spec):
         s = _fmt(r.get(k), spec)
         return f"**{s}**" if k in best and r.get(k) == best[k] else s
+      rq = (f"{_fmt(r.get('request_latency_s'), '.2f')} | "
+            f"{_fmt(r.get('request_ttft_s'), '.2f')} | ") if req else ""
       if r["status"] != "ok":
         lines.append(f"| {cluster} | {r['method']} | - | - | - | - | - | - | - | "
-                     + ("- | " if loss else "") + f"{r['status']} |")
+                     + ("- | " if loss else "") + ("- | - | " if req else "") +
+                     f"{r['status']} |")
         continue
       gap = r.get("gap_to_ilp")
       dn = r.get("delta_nll")
@@ -266,7 +274,7 @@ def format_model_table(rows: Sequence[dict], model: str) -> str:
           f"| {cluster} | {r['method']} | {cell('decode_ms', '.2f')} | "
           f"{cell('prefill_ms', '.1f')} | {cell('cross_kb_per_token', '.1f')} | "
           f"{_fmt(r.get('coverage'), '.3f')} | {_fmt(r.get('replicas_per_expert'), '.2f')} | "
-          f"{_fmt(r.get('objective'), '.4g')} | {'-' if gap is None else pct(gap)} | {dn}"
+          f"{_fmt(r.get('objective'), '.4g')} | {'-' if gap is None else pct(gap)} | {dn}{rq}"
           f"{r.get('ilp_status', 'ok') if _is_oracle(r['method']) else r['status']} |")
   return "\n".join(lines)
 
@@ -401,7 +409,8 @@ def write_tables(cfg: ExperimentConfig, rows: Sequence[dict], out_dir: str | Pat
   """Write ``tables.csv``, ``tables.md`` (returned), plots and ``timings.json``."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  write_csv(rows, out / "tables.csv", COLUMNS)
+  extra = REQUEST_COLUMNS if any(REQUEST_COLUMNS[0] in r for r in rows) else ()
+  write_csv(rows, out / "tables.csv", COLUMNS + extra)
   md = format_markdown(cfg, rows, command, crosscheck, crosscheck_note)
   (out / "tables.md").write_text(md + "\n")
   if crosscheck:

@@ -121,7 +121,7 @@ def _program(graphdef, experts_treedef, experts_leaves: tuple, mesh: Mesh, trans
       w = slots[layer]
       y, st = layer_fn(x.reshape(b * c, d), ids.reshape(b * c, k).astype(jnp.int32),
                        gates.reshape(b * c, k), mask, route[:, layer], dest_slot[:, layer],
-                       w["w_gate"], w["w_up"], w["w_down"])
+                       w["w_gate_up"], w["w_down"])
       sent.append(st.send_rows)
       return y.reshape(b, c, d)
 

@@ -1,0 +1,98 @@
+r"""The paper's experiment on its testbed: our table beside the paper's, request-level latency.
+
+Models {deepseek_v2_lite, mixtral_8x7b} x workloads {specialised, multidata} x methods
+(uniform_ep, redundance, smartmoe, eplb_hetero, prism, dancemoe and every registered ``ours``
+method), served on the simulated 3-server testbed; the workload shift under three migration
+policies; the scaling sweep. Writes ``table.csv``, ``shift.csv``, ``scaling.csv``,
+``summary.json``, the latency CDF plots and ``README.md`` (our ratios next to the paper's)
+into ``--out``; prints the comparison.
+
+  python experiments/paper_table.py --config configs/experiments/paper_testbed.py
+  python experiments/paper_table.py --config paper_testbed_quick --out /tmp/paper
+  python experiments/paper_table.py --config paper_testbed_quick --config.duration_s=120
+
+Parts can be run alone with ``--parts table,shift,scaling`` (default: all three); with
+``--reuse`` the parts not run are read back from ``--out`` (``table.csv``, ``latencies.csv``,
+``shift.csv``, ``scaling.csv``, ``summary.json``), so the README covers them all;
+``--parts= --reuse`` only rewrites the README and plots from those files.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from absl import flags
+
+import _cli
+from moe_edge.core.errors import MoeEdgeError
+from moe_edge.experiments import paper_report as rep
+from moe_edge.experiments.paper_config import paper_config
+from moe_edge.experiments.paper_readme import load_parts, write_outputs
+from moe_edge.experiments.paper_shift import run_shift
+from moe_edge.experiments.paper_table import run_scaling, run_table
+
+CONFIG = _cli.define_config("paper_testbed")
+OUT = flags.DEFINE_string("out", "results/paper", "Output folder.")
+PARTS = flags.DEFINE_list("parts", ["table", "shift", "scaling"],
+                          "Which parts to run: table, shift, scaling.")
+REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files an earlier run "
+                          "wrote into --out (the README and plots then cover every part).")
+
+
+def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
+  """Run the parts, write the outputs; returns the comparison text printed at the end."""
+  t0 = time.perf_counter()
+  rows, lat, light, shift, scaling = [], {}, {}, None, None
+  commands = {p: command for p in parts}
+  if reuse:
+    old = load_parts(out)
+    rows, lat, light = old.get("table", (rows, lat, light))
+    shift, scaling = old.get("shift"), old.get("scaling")
+    prior = old.get("commands", {})
+    if "all" in prior:
+      prior = {p: prior["all"] for p in ("table", "shift", "scaling")}
+    commands = {p: prior[p] for p in ("table", "shift", "scaling")
+                if p in prior and p not in parts and old.get(p) is not None} | commands
+  if "table" in parts:
+    print(f"table: {len(cfg.models)} models x {len(cfg.table_workloads)} workloads", flush=True)
+    rows, lat, light = run_table(cfg, log=lambda s: print(s, flush=True))
+  if "shift" in parts:
+    print("shift:", flush=True)
+    shift = run_shift(cfg, log=lambda s: print(s, flush=True))
+  if "scaling" in parts:
+    print("scaling:", flush=True)
+    scaling = run_scaling(cfg, log=lambda s: print(s, flush=True))
+  paths = write_outputs(cfg, out, rows, lat, shift, scaling, commands,
+                        time.perf_counter() - t0, light)
+  comps = rep.compare(rows)
+  text = [rep.format_comparison(comps), "",
+          rep.format_goals(rep.goals(comps, dict(shift.after) if shift else None, light,
+                                     cfg.light_load_factor))]
+  if shift:
+    text += ["", rep.format_shift(shift)]
+  print(f"wrote {', '.join(p.name for p in paths)} into {out} "
+        f"({time.perf_counter() - t0:.0f} s)", flush=True)
+  return "\n".join(text)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments {argv[1:]}")
+  cfg = _cli.build(paper_config, CONFIG.value)
+  bad = [p for p in PARTS.value if p not in ("table", "shift", "scaling")]
+  if not PARTS.value and not REUSE.value:
+    raise SystemExit("no parts to run; give --parts, or --reuse to rewrite the README from --out.")
+  if bad:
+    raise SystemExit(f"unknown parts {bad}; use table, shift, scaling.")
+  root = str(_cli.REPO) + "/"
+  command = "python " + " ".join(shlex.quote(a.replace(root, "")) for a in sys.argv)
+  try:
+    print(run(cfg, Path(OUT.value), PARTS.value, command, REUSE.value))
+  except MoeEdgeError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  _cli.run(main)

@@ -1,0 +1,28 @@
+"""Request-level columns of the edge tables: on for statistics-driven models, off otherwise."""
+import dataclasses
+
+import numpy as np
+
+from moe_edge.config import cluster_config, model_config, with_expert_memory
+from moe_edge.core.problem import PlacementProblem
+from moe_edge.experiments.config import load_experiment
+from moe_edge.experiments.request_rows import REQUEST_COLUMNS, request_metrics
+from moe_edge.placement import registry
+
+
+def test_request_columns_for_statistics_models_only():
+  cfg = dataclasses.replace(load_experiment("demo"), request_duration_s=20.0, request_rate=0.2,
+                            request_len=64, request_output_tokens=16)
+  model = model_config("olmoe_1b_7b")
+  cluster = with_expert_memory(cluster_config("edge_hetero_4"), model, 1.5)
+  freq = np.full((4, model.n_moe_layers, model.n_experts), model.top_k / model.n_experts)
+  placement = registry.place("uniform_ep", PlacementProblem.build(model, cluster, freq))
+  got = request_metrics(cfg, "olmoe_1b_7b", model, cluster, None, placement)
+  assert set(got) == set(REQUEST_COLUMNS)
+  assert 0 < got["request_ttft_s"] < got["request_latency_s"] <= got["request_p99_s"]
+  assert 0 < got["request_busy"] <= 1
+  # same seed, same numbers; off, or a model without statistics: no columns
+  assert request_metrics(cfg, "olmoe_1b_7b", model, cluster, None, placement) == got
+  off = dataclasses.replace(cfg, request_duration_s=0.0)
+  assert request_metrics(off, "olmoe_1b_7b", model, cluster, None, placement) == {}
+  assert request_metrics(cfg, "small_moe", model, cluster, None, placement) == {}
