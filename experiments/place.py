@@ -10,13 +10,18 @@ method (``--methods``: names or roles; default every method but the oracles, ``a
 them),
 saves every placement as ``<out>/<method>.json`` and prints, per method: local coverage,
 cross-server MB per decode step and kB per token, decode latency per token, prefill latency per
-request and the time the method took. Latencies come from ``moe_edge.cost.evaluate`` on the
-same trace regrouped into decode steps (``--decode_batch`` concurrent requests per server) and
-prefill batches (``--prefill_requests`` requests per server per batch). The rows also go to
-``<out>/summary.json``. ``--out`` is checked and claimed before any work (``manifest.json``:
-command, flags, seed, versions); a rerun with the same flags replaces its files (and drops the
-placements of methods it no longer runs), another run's folder is refused unless
-``--overwrite``.
+request, the mean request latency (``--request_rate`` requests/s per server,
+``--output_tokens`` per request; moe_edge/cost/request_latency.py), its gap to the proven lower
+bound (and to ``best_known`` when it is named) and the time the method took. As in the tables,
+the methods plan on a profiling trace (the first half of the trace's steps) and are costed on a
+separate evaluation trace (the second half) by ``moe_edge.cost.evaluate``, regrouped into decode
+steps (``--decode_batch`` concurrent requests per server) and prefill batches
+(``--prefill_requests`` requests per server per batch); gaps compare the planned values
+(moe_edge/experiments/gaps.py). The rows also go to ``<out>/summary.json``. The slow oracles
+(``ilp``, ``best_known``) run only when named (``--methods ilp,best_known`` or ``all``). ``--out`` is checked and
+claimed before any work (``manifest.json``: command, flags, seed, versions); a rerun with the
+same flags replaces its files (and drops the placements of methods it no longer runs), another
+run's folder is refused unless ``--overwrite``.
 
   python experiments/place.py --stats olmoe_1b_7b --alpha 0.8 --cluster edge_hetero_4
   python experiments/place.py --stats mixtral_8x7b --cluster edge_hetero_8 --copies 1.5
@@ -34,8 +39,10 @@ from absl import app, flags
 from moe_edge.config import (ClusterConfig, ConfigError, ModelConfig, cluster_config,
                              model_config, with_expert_memory)
 from moe_edge.core.trace import ActivationTrace
-from moe_edge.cost import Calibration
-from moe_edge.experiments.costing import cost_methods
+from moe_edge.cost import Calibration, CostModel
+from moe_edge.experiments.costing import cost_methods, phase_traces, workload_summary
+from moe_edge.experiments.gaps import setting_gaps
+from moe_edge.experiments.workloads import split_trace
 from moe_edge.io import OutputFolder, RunIdentity, atomic, cli
 from moe_edge.placement import registry
 from moe_edge.workload.stats_traces import resolve_stats, sample_stats_trace
@@ -61,11 +68,13 @@ flags.DEFINE_integer("decode_batch", 8, "Concurrent requests per server in a dec
 flags.DEFINE_integer("prefill_requests", 1, "Requests per server in a prefill batch.")
 flags.DEFINE_string("calibration", None, "Calibration JSON (default: datasheet roofline).")
 flags.DEFINE_integer("seed", 0, "Seed of the sampled trace and of the methods.")
+flags.DEFINE_float("request_rate", 0.1, "Requests per second arriving at each server.")
+flags.DEFINE_integer("output_tokens", 64, "Output tokens per request.")
 flags.DEFINE_bool("overwrite", False, "Replace the results of another run in --out.")
 #: The flags that make a run's identity (manifest.json); --out and --overwrite do not.
 RUN_FLAGS = ("model", "cluster", "link_gbps", "copies", "trace", "stats", "home_domains",
              "alpha", "tokens_per_server", "methods", "phase", "decode_batch",
-             "prefill_requests", "calibration", "seed")
+             "prefill_requests", "calibration", "seed", "request_rate", "output_tokens")
 
 
 def method_names(spec: str) -> list[str]:
@@ -126,27 +135,36 @@ def load_workload(trace_path: str | None, stats: str | None, model: str | None,
 def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
                 methods: Sequence[str], out: str | Path | OutputFolder | None,
                 phase: str = "both", decode_batch: int = 8, prefill_requests: int = 1,
-                seed: int = 0, calibration: Calibration | None = None) -> list[dict]:
-  """Place with each method, save ``<out>/<method>.json``, and cost it; one row per method.
+                seed: int = 0, calibration: Calibration | None = None,
+                request_rate: float = 0.1, output_tokens: int = 64) -> list[dict]:
+  """Place with each method on the trace's first half, save ``<out>/<method>.json``, and cost
+  it on the second half; one row per method.
 
   Placing and costing is :func:`moe_edge.experiments.costing.cost_methods` (shared with the
-  tables); this adds the files (each written atomically; recorded in ``out``'s manifest when
-  it is an OutputFolder) and the flat rows printed here.
+  tables), the request latency and gaps :func:`moe_edge.experiments.gaps.setting_gaps`; this
+  adds the files (each written atomically; recorded in ``out``'s manifest when it is an
+  OutputFolder) and the flat rows printed here.
   """
-  _, results = cost_methods(trace, model, cluster, methods, phase, decode_batch,
-                            prefill_requests, seed, calibration)
+  profile, evaluation = split_trace(trace)
+  requests = dict(request_rate=request_rate, output_tokens=output_tokens)
+  problem, results = cost_methods(evaluation, model, cluster, methods, "both", decode_batch,
+                                  prefill_requests, seed, calibration, profile=profile,
+                                  requests=requests)
+  phases = phase_traces(evaluation, "both", decode_batch, prefill_requests)
+  gaps = setting_gaps(problem, results, CostModel.build(model, cluster, calibration).hardware,
+                      workload_summary(problem, phases, decode_batch, **requests))
   path = (out.path if isinstance(out, OutputFolder) else lambda n: Path(out) / n)
   rows = []
   for res in results:
     if res.placement is None:  # e.g. an instance too large for ilp: report it, go on
       rows.append(dict(method=res.method, error=res.error))
       continue
-    row = dict(method=res.method, place_s=res.seconds)
+    row = dict(method=res.method, place_s=res.seconds, **gaps.get(res.method, {}))
     if out is not None:
       row["file"] = str(res.placement.save(path(f"{res.method}.json")))
       if isinstance(out, OutputFolder):
         out.record(f"{res.method}.json")
-    for ph, rep in res.reports.items():
+    for ph, rep in ((p, r) for p, r in res.reports.items() if phase in ("both", p)):
       row.update(coverage=rep.coverage, cross_kb_per_token=rep.cross_bytes_per_token / 1e3,
                  fits=rep.fits)
       row[f"{ph}_ms"] = 1e3 * rep.latency
@@ -155,6 +173,8 @@ def run_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConf
     rows.append(row)
   if out is not None:
     summary = dict(model=model.name, cluster=cluster.name, tokens=trace.num_tokens,
+                   profile_tokens=profile.num_tokens, evaluation_tokens=evaluation.num_tokens,
+                   request_rate=request_rate, output_tokens=output_tokens,
                    trace_source=trace.source, decode_batch=decode_batch,
                    prefill_requests=prefill_requests,
                    calibration=calibration.source if calibration else "datasheet", rows=rows)
@@ -171,21 +191,28 @@ def format_table(rows: list[dict]) -> str:
           ("decode_cross_mb_per_step", "MB/step", "{:.3f}"),
           ("cross_kb_per_token", "kB/token", "{:.1f}"),
           ("decode_ms", "decode ms/tok", "{:.2f}"), ("prefill_ms", "prefill ms/req", "{:.1f}"),
+          ("request_ms", "request ms", "{:.1f}"),
+          ("gap_to_best_known", "vs best_known", "{:+.2%}"),
+          ("gap_to_bound", "vs lower bound", "{:+.2%}"),
           ("place_s", "place s", "{:.2f}"), ("fits", "fits", "{}")]
   cols = [c for c in cols if any(c[0] in r for r in rows)]
+  lower = next((r["bound_request_ms"] for r in rows if "bound_request_ms" in r), None)
   cells = [[c[1] for c in cols]] + [[c[2].format(r[c[0]]) if c[0] in r else "-" for c in cols]
                                     for r in rows]
   width = [max(len(row[i]) for row in cells) for i in range(len(cols))]
   lines = ["  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(row, width)))
            for row in cells]
-  return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+  foot = [] if lower is None else [f"lower bound of the planned request latency: {lower:.1f} ms"]
+  return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:] + foot)
 
 
 def check_flags() -> None:
   """Raise app.UsageError naming the first flag whose value cannot make a run."""
-  cli.check_flags(FLAGS, at_least_1=("tokens_per_server", "decode_batch", "prefill_requests"),
+  cli.check_flags(FLAGS, at_least_1=("tokens_per_server", "decode_batch", "prefill_requests",
+                              "output_tokens"),
                   at_least_0=("seed",),
-                  ranges={"link_gbps": (0.0, math.inf, True), "alpha": (0.0, 1.0, False),
+                  ranges={"link_gbps": (0.0, math.inf, True),
+                          "request_rate": (0.0, math.inf, True), "alpha": (0.0, 1.0, False),
                           "copies": (1.0, math.inf, False)})
   if (FLAGS.trace is None) == (FLAGS.stats is None):
     raise app.UsageError("give exactly one of --trace (a recorded .npz) or --stats (a shipped "
@@ -231,7 +258,8 @@ def main(argv):
         f"request(s)/server/batch; calibration: "
         f"{calibration.source if calibration else 'datasheet'}")
   rows = run_methods(trace, model, cluster, methods, out, FLAGS.phase, FLAGS.decode_batch,
-                     FLAGS.prefill_requests, FLAGS.seed, calibration)
+                     FLAGS.prefill_requests, FLAGS.seed, calibration, FLAGS.request_rate,
+                     FLAGS.output_tokens)
   out.finish()
   print(format_table([r for r in rows if "error" not in r]))
   for r in rows:

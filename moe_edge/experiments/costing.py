@@ -59,35 +59,46 @@ def cost_placement(placement: Placement, phases: dict[str, ActivationTrace], mod
 
 
 def workload_summary(problem: PlacementProblem, phases: dict[str, ActivationTrace],
-                     decode_batch: int) -> WorkloadSummary:
-  """What the deployment of these phase traces forms per server: requests per step as the
-  request rate, the mean request length (prompt and output alike: each trace request is
-  both prefilled and decoded), ``decode_batch`` concurrent decoding requests and the mean
-  tokens of a server's prefill step."""
+                     decode_batch: int, request_rate: float = 0.1,
+                     prompt_tokens: float | None = None,
+                     output_tokens: float = 64.0) -> WorkloadSummary:
+  """The request workload the deployment of these phase traces serves, per server:
+  ``request_rate`` requests per second (Poisson; the paper's 0.1/s per server by default),
+  prompts of ``prompt_tokens`` (default: the trace's mean request length), ``output_tokens``
+  output tokens, ``decode_batch`` concurrent decoding requests and the mean tokens of a
+  server's prefill step in the prefill trace (default: one prompt)."""
   n = problem.shape[0]
-  trace = next(iter(phases.values()))
-  lengths = np.bincount(trace.request - trace.request.min()).astype(np.float64)
-  mean_len = float(lengths[lengths > 0].mean())
+  for name, v in (("request_rate", request_rate), ("output_tokens", output_tokens),
+                  ("prompt_tokens", 1.0 if prompt_tokens is None else prompt_tokens)):
+    if not (np.isfinite(v) and v > 0):
+      raise CostError(f"workload: {name} must be a positive number, got {v!r}.")
+  if prompt_tokens is None:
+    trace = next(iter(phases.values()))
+    lengths = np.bincount(trace.request - trace.request.min()).astype(np.float64)
+    prompt_tokens = float(lengths[lengths > 0].mean())
   pre = phases.get("prefill")
   if pre is not None:
     per = np.bincount(pre.step.astype(np.int64) * n + pre.server, minlength=n).reshape(-1, n)
     prefill = np.array([per[per[:, m] > 0, m].mean() if (per[:, m] > 0).any() else 0.0
                         for m in range(n)])
   else:
-    prefill = np.full(n, mean_len)
-  return WorkloadSummary(request_rate=problem.tokens / mean_len,
-                         prompt_tokens=np.full(n, mean_len), output_tokens=np.full(n, mean_len),
+    prefill = np.full(n, float(prompt_tokens))
+  return WorkloadSummary(request_rate=np.full(n, float(request_rate)),
+                         prompt_tokens=np.full(n, float(prompt_tokens)),
+                         output_tokens=np.full(n, float(output_tokens)),
                          decode_batch=np.full(n, float(decode_batch)), prefill_tokens=prefill)
 
 
 def planning_context(problem: PlacementProblem, phases: dict[str, ActivationTrace],
                      decode_batch: int, seed: int = 0,
-                     calibration: Calibration | None = None) -> PlacementContext:
+                     calibration: Calibration | None = None,
+                     workload: WorkloadSummary | None = None) -> PlacementContext:
   """What every method of :func:`cost_methods` knows: the seed, the cost model and the
-  :func:`workload_summary`."""
+  workload (default: :func:`workload_summary` with its defaults)."""
   return PlacementContext(seed=seed,
                           cost=CostModel.build(problem.model, problem.cluster, calibration),
-                          workload=workload_summary(problem, phases, decode_batch))
+                          workload=workload if workload is not None else
+                          workload_summary(problem, phases, decode_batch))
 
 
 def cost_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterConfig,
@@ -96,6 +107,7 @@ def cost_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterCon
                  calibration: Calibration | None = None,
                  profile: ActivationTrace | None = None, options: dict | None = None,
                  on_method: Callable[[str], None] | None = None,
+                 requests: dict | None = None,
                  ) -> tuple[PlacementProblem, list[MethodResult]]:
   """Plan each method on ``profile`` (default: ``trace`` itself) and cost it on ``trace``.
 
@@ -108,15 +120,19 @@ def cost_methods(trace: ActivationTrace, model: ModelConfig, cluster: ClusterCon
     methods: registered method names (``moe_edge.placement.registry.names()``).
     options: method name -> options for it (a mapping, e.g. ``{"ilp": {"time_limit": 60}}``).
     on_method: called with each method's name when it is done (progress display).
+    requests: keyword arguments of :func:`workload_summary` (``request_rate`` in requests/s
+      per server, ``prompt_tokens``, ``output_tokens``); its defaults when None.
   Returns:
     ``(problem, results)``: the placement problem (from the profiling trace) and one
-    :class:`MethodResult` per method, in order. A method that refuses the instance
+    :class:`MethodResult` per method, in order (the workload they planned for is
+    ``workload_summary(problem, phase_traces(trace, ...), decode_batch, **requests)``). A method that refuses the instance
     (``PlacementError``, e.g. ilp beyond its size limit) gets ``error`` set and no placement.
   """
   problem = PlacementProblem.from_trace(trace if profile is None else profile, model, cluster,
                                         calibration=calibration)
   phases = phase_traces(trace, phase, decode_batch, prefill_requests)
-  context = planning_context(problem, phases, decode_batch, seed, calibration)
+  workload = workload_summary(problem, phases, decode_batch, **(requests or {}))
+  context = planning_context(problem, phases, decode_batch, seed, calibration, workload)
   results = []
   for name in methods:
     t0 = time.perf_counter()

@@ -43,7 +43,7 @@ from moe_edge.experiments import calibration as calib
 from moe_edge.experiments.config import PARTS, SWEEPS, ExperimentConfig
 from moe_edge.experiments.progress import Progress
 from moe_edge.experiments.costing import (cost_methods, cost_placement, phase_traces,
-                                          planning_context, report_metrics)
+                                          planning_context, report_metrics, workload_summary)
 from moe_edge.experiments.extension_rows import sweep_extensions as _sweep_extensions
 from moe_edge.experiments.workloads import served_model
 from moe_edge.placement import registry
@@ -110,7 +110,9 @@ def _point(cfg: ExperimentConfig, sweep: str, x: float, setting: str, model_name
   cal = calib.edge_calibration(cfg.calibration, cluster, model_name)
   problem, results = cost_methods(trace, model, cluster, methods or (), decode_batch=
                                   cfg.decode_batch, prefill_requests=cfg.prefill_requests,
-                                  seed=cfg.seed, calibration=cal, profile=profile)
+                                  seed=cfg.seed, calibration=cal, profile=profile,
+                                  requests=dict(request_rate=cfg.request_rate,
+                                                output_tokens=cfg.request_output_tokens))
   l, e = model.n_moe_layers, model.n_experts
   base = dict(sweep=sweep, x=float(x), setting=setting, model=model_name, cluster=cluster.name,
               servers=cluster.num_servers,
@@ -122,7 +124,10 @@ def _point(cfg: ExperimentConfig, sweep: str, x: float, setting: str, model_name
   if variants:
     phases = phase_traces(trace, "both", cfg.decode_batch, cfg.prefill_requests)
     # The same planner inputs as the full method's row (costing.cost_methods).
-    context = planning_context(problem, phases, cfg.decode_batch, cfg.seed, cal)
+    context = planning_context(problem, phases, cfg.decode_batch, cfg.seed, cal,
+                               workload_summary(problem, phases, cfg.decode_batch,
+                                                cfg.request_rate,
+                                                output_tokens=cfg.request_output_tokens))
     for label, opts in variants:
       p = registry.place("dancemoe", problem, opts, context)
       rows.append(dict(base, method=label,

@@ -34,12 +34,13 @@ from moe_edge.config import ClusterConfig, ConfigError, GB, ModelConfig, cluster
 from moe_edge.config import model_config, with_expert_memory
 from moe_edge.core.problem import Placement
 from moe_edge.core.trace import ActivationTrace
-from moe_edge.cost import Calibration
+from moe_edge.cost import Calibration, CostModel
 from moe_edge.experiments import calibration as calib
 from moe_edge.experiments import extension_rows as ext
 from moe_edge.experiments.config import ExperimentConfig, load_experiment, with_overrides
 from moe_edge.experiments.costing import (MethodResult, cost_methods, cost_placement,  # noqa: F401
-                                          phase_traces, report_metrics)
+                                          phase_traces, report_metrics, workload_summary)
+from moe_edge.experiments.gaps import GAP_COLUMNS, format_gap_table, format_goals, setting_gaps
 from moe_edge.experiments.headline import (display_name, format_headline, headline,  # noqa: F401
                                            ok_rows, ours_present, pct, settings)
 from moe_edge.experiments.plots import plot_tables
@@ -55,7 +56,12 @@ COLUMNS = ("model", "cluster", "servers", "copies", "bytes_per_param", "method",
            "decode_compute_ms", "decode_dense_ms", "prefill_exchange_ms", "prefill_compute_ms",
            "decode_cross_mb_per_step", "decode_ms_datasheet", "prefill_ms_datasheet",
            "objective", "gap_to_ilp", "ilp_status", "ilp_proven_gap", "replicas_per_expert",
-           "fits", "calibration", "workload", "delta_nll", "extension")
+           "fits", "calibration", "workload", "delta_nll", "extension") + GAP_COLUMNS
+ILP_MAX_SIZE = 8192  # N*L*E the tables give the ILP: OLMoE on 8 servers solves in ~11 s
+# best_known in the tables: the long search continued from latency_search's result and from the
+# best start only (its default also restarts from every other start method, ~5x the time; on
+# the development settings the continuation always won)
+BEST_KNOWN_OPTIONS = dict(restarts=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,6 +69,13 @@ COLUMNS = ("model", "cluster", "servers", "copies", "bytes_per_param", "method",
 # --------------------------------------------------------------------------------------------
 def _is_oracle(method: str) -> bool:
   return method in registry.names("oracle")
+
+
+def _requests(cfg: ExperimentConfig) -> dict:
+  """The request workload every method plans for (``costing.workload_summary``): the config's
+  ``request_rate`` requests/s per server, prompts of the trace's requests, outputs of
+  ``request_output_tokens``."""
+  return dict(request_rate=cfg.request_rate, output_tokens=cfg.request_output_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +110,8 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
   """
   rows, timings = [], {}
   cache: dict[int, tuple] = {}
-  options = {"ilp": dict(time_limit=cfg.ilp_time_limit)}
+  options = {"ilp": dict(time_limit=cfg.ilp_time_limit, max_size=ILP_MAX_SIZE),
+             "best_known": BEST_KNOWN_OPTIONS}
   for model_name in cfg.models:
     for cluster_name in cfg.clusters:
       base = cluster_config(cluster_name, link_gbps=cfg.link_gbps)
@@ -119,10 +133,12 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
                                       decode_batch=cfg.decode_batch,
                                       prefill_requests=cfg.prefill_requests, seed=cfg.seed,
                                       calibration=cal, profile=work.profile, options=options,
-                                      on_method=tick)
+                                      on_method=tick, requests=_requests(cfg))
       phases = phase_traces(work.trace, "both", cfg.decode_batch, cfg.prefill_requests)
       ds = Calibration.datasheet(cluster)
-      opt = next((r for r in results if _is_oracle(r.method) and r.placement is not None), None)
+      gaps = setting_gaps(problem, results, CostModel.build(work.model, cluster, cal).hardware,
+                          workload_summary(problem, phases, cfg.decode_batch, **_requests(cfg)))
+      opt = next((r for r in results if r.method == "ilp" and r.placement is not None), None)
       j_opt = objective(problem, opt.placement) if opt is not None else None
       l, e = work.model.n_moe_layers, work.model.n_experts
       for r in results:
@@ -146,7 +162,8 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
         row["objective"] = j
         if j_opt is not None:
           row["gap_to_ilp"] = j / j_opt - 1.0
-        if _is_oracle(r.method):
+        row.update(gaps.get(r.method, {}))
+        if r.method == "ilp":
           row["ilp_status"] = r.placement.info.get("status", "")
           row["ilp_proven_gap"] = r.placement.info.get("gap", float("nan"))
         row["replicas_per_expert"] = float(r.placement.hosts.sum()) / (l * e)
@@ -317,7 +334,8 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
       f"step, latency per request batch; cross-server bytes per token (dispatch + combine, "
       f"bf16 activations); local coverage = share of token-choices served on the token's own "
       f"server. Objective J = the placement objective (objective.py) on the profiling "
-      f"statistics; 'J vs ILP' = J / J_ILP - 1 where the ILP solves (N*L*E <= 1024).", "",
+      f"statistics; 'J vs ILP' = J / J_ILP - 1 where the ILP solves (N*L*E <= "
+      f"{ILP_MAX_SIZE}, {cfg.ilp_time_limit:g} s limit).", "",
       f"**Memory.** Real edge servers do not hold every expert (their memory also serves the KV "
       f"cache and other work), so every server gets a share of {cfg.copies:g} copies of the "
       f"model's experts, in proportion to its datasheet memory "
@@ -333,8 +351,12 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
             "they change the routing on the DanceMoE placement, and the headline ignores "
             "them). " + extension_note(cfg), ""]
   out += ["## Headline", ""]
+  base = [b for b in registry.names("baseline") if any(r["method"] == b for r in ok)]
   for ours in ours_present(rows):
     out += [format_headline(headline(rows, ours=ours)), ""]
+    if ours == "latency_search" and any("planned_request_ms" in r for r in ok):
+      out += ["Issue 18's goals for the latency search (moe_edge/experiments/gaps.py):", "",
+              format_goals(rows, ours, base), ""]
   if cfg.calibration != "datasheet" and ok and "decode_ms_datasheet" in ok[0]:
     out += ["Sensitivity: the same placements under the datasheet calibration (efficiency 1.0):",
             ""]
@@ -343,6 +365,12 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
       out += [format_headline(dict(alt, bytes={}, ilp=[]), " (datasheet)"), ""]
   for m in models:
     out += [f"## {m}", "", f"Workload: {workloads[m]}.", "", format_model_table(rows, m), ""]
+    if any("planned_request_ms" in r for r in rows if r["model"] == m):
+      out += [f"Request latency ({cfg.request_rate:g} requests/s per server, "
+              f"{cfg.request_output_tokens} output tokens; moe_edge/experiments/gaps.py: "
+              f"'planned' = expected counts of the profiling problem, what latency_search "
+              f"minimises and the lower bound bounds; gaps are on planned values):", "",
+              format_gap_table(rows, m), ""]
   if crosscheck:
     out += ["## Cross-check: cost model vs the real dispatch", "", crosscheck_note, "",
             format_crosscheck(crosscheck), ""]

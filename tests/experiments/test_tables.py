@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 
 from moe_edge.config import ConfigError, load_preset
+from moe_edge.core.errors import CostError
 from moe_edge.cost import decode_batches, evaluate, prefill_batches
+from moe_edge.cost.request_latency import request_latency
 from moe_edge.experiments import calibration as calib
 from moe_edge.experiments.config import ExperimentConfig, load_experiment, with_overrides
-from moe_edge.experiments.costing import phase_traces, planning_context
+from moe_edge.experiments.costing import (cost_placement, phase_traces, planning_context,
+                                          workload_summary)
 from moe_edge.experiments.tables import (compute_rows, headline, read_rows, run_demo_tables,
                                          run_tables, setting_cluster)
 from moe_edge.experiments.workloads import build_workload
@@ -35,8 +38,8 @@ def test_rows_are_consistent_with_the_cost_model(tiny_rows):
   rows = tiny_rows
   assert len(rows) == 2 * 7
   by = {(r["model"], r["method"]): r for r in rows}
-  # OLMoE (4 x 16 x 64) is beyond the ILP's size limit; Mixtral (4 x 32 x 8 = 1024) is not.
-  assert by[("olmoe_1b_7b", "ilp")]["status"].startswith("not run: ilp")
+  # OLMoE (4 x 16 x 64 = 4096) and Mixtral (4 x 32 x 8) are within the tables' ILP size limit.
+  assert by[("olmoe_1b_7b", "ilp")]["status"] == "ok"
   assert by[("mixtral_8x7b", "ilp")]["status"] == "ok"
   for r in rows:
     if r["status"] != "ok":
@@ -48,6 +51,10 @@ def test_rows_are_consistent_with_the_cost_model(tiny_rows):
         r["decode_dense_ms"] + r["decode_exchange_ms"] + r["decode_compute_ms"], rel=1e-9)
     if r["model"] == "mixtral_8x7b":  # the ILP is optimal for J (to HiGHS's 1e-6 gap)
       assert r["gap_to_ilp"] >= -2e-6
+    # The proven lower bound is below every placement's planned request latency and decode step.
+    assert r["gap_to_bound"] >= -1e-9 and r["decode_gap_to_bound"] >= -1e-9
+    # A request waits for its prefill and every output token's decode step (plus its queue).
+    assert r["request_ms"] >= r["prefill_ms"] + TINY.request_output_tokens * r["decode_ms"]
   # Recompute one setting by hand: same workload, same placement, same costs.
   work = build_workload(TINY, "mixtral_8x7b", 4)
   cluster = setting_cluster(TINY, "edge_hetero_4", work.model)
@@ -68,6 +75,8 @@ def test_rows_are_consistent_with_the_cost_model(tiny_rows):
     assert row["decode_ms"] == pytest.approx(1e3 * dec.latency)
     assert row["prefill_ms"] == pytest.approx(1e3 * pre.latency)
     assert row["coverage"] == pytest.approx(dec.coverage)
+    lat = request_latency(dec.latency, pre.latency, context.workload)
+    assert lat.stable and row["request_ms"] == pytest.approx(1e3 * lat.mean)
   # Mixtral is served at 4 bits as configured, OLMoE at bf16.
   assert by[("mixtral_8x7b", "dancemoe")]["bytes_per_param"] == 0.5
   assert by[("olmoe_1b_7b", "dancemoe")]["bytes_per_param"] == 2
@@ -88,7 +97,8 @@ def test_headline_matches_a_direct_computation(tiny_rows):
     best = np.array([by[(m, "dancemoe")][key] / min(by[(m, b)][key] for b in baselines)
                      for m in models])
     assert head[name]["best"]["max_reduction"] == pytest.approx(1 - best.min())
-  (ilp,) = head["ilp"]
+  olmoe, ilp = head["ilp"]
+  assert olmoe["model"] == "olmoe_1b_7b" and olmoe["binaries"] == 4 * 16 * 64 * 5
   assert ilp["model"] == "mixtral_8x7b" and ilp["binaries"] == 4 * 32 * 8 * 5
   assert ilp["dancemoe_gap"] == pytest.approx(by[("mixtral_8x7b", "dancemoe")]["gap_to_ilp"])
 
@@ -171,3 +181,26 @@ def test_command_lines(tmp_path, shared_data):
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       f"reproduce_tables.py: error: experiment 'demo': copies must be >= 1 (every expert held "
       f"at least once), got 0.5."]
+
+
+
+def test_tables_workload_is_in_requests_per_second(shared_data):
+  """The request rate every method plans for (and the tables' request latency) is the config's
+  requests/s per server, not the trace's tokens per step: twice the tokens, the same rate, and
+  the queues of a 0.1/s workload are stable."""
+  work = build_workload(TINY, "mixtral_8x7b", 4)
+  cluster = setting_cluster(TINY, "edge_hetero_4", work.model)
+  problem = PlacementProblem.from_trace(work.profile, work.model, cluster)
+  phases = phase_traces(work.trace, "both", TINY.decode_batch)
+  wl = workload_summary(problem, phases, TINY.decode_batch, request_rate=0.1, output_tokens=64)
+  np.testing.assert_array_equal(wl.request_rate, np.full(4, 0.1))
+  np.testing.assert_array_equal(wl.output_tokens, np.full(4, 64.0))
+  np.testing.assert_array_equal(wl.prompt_tokens, np.full(4, TINY.request_len))
+  double = dataclasses.replace(problem, tokens=2 * problem.tokens)
+  np.testing.assert_array_equal(
+      workload_summary(double, phases, TINY.decode_batch, 0.1).request_rate, wl.request_rate)
+  p = registry.place("uniform_ep", problem)
+  rep = cost_placement(p, phases, work.model, cluster)
+  assert request_latency(rep["decode"].latency, rep["prefill"].latency, wl).stable
+  with pytest.raises(CostError, match="request_rate must be a positive number"):
+    workload_summary(problem, phases, TINY.decode_batch, request_rate=0.0)

@@ -1,0 +1,189 @@
+"""Each method's expected request latency and its gap to ``best_known`` and the lower bound.
+
+Two views of one placement (docs/DESIGN.md, "Experiments"):
+
+* **evaluated**: ``request_ms``, the mean request latency
+  (:mod:`moe_edge.cost.request_latency`) of the decode and prefill step times the placement
+  gets on the *evaluation* trace, for the tables' request workload (``request_rate`` requests/s
+  per server, prompts and outputs from the config);
+* **planned**: ``planned_request_ms`` / ``planned_decode_ms``, the same latency and the decode
+  step on the expected counts of the *profiling* problem: what ``latency_search`` minimises and
+  what the proven lower bound (``placement/bounds.py``) bounds. ``gap_to_best_known`` and
+  ``gap_to_bound`` compare planned values (like "J vs ILP", which is on the profiling statistics
+  too), so they measure the optimiser, not the profile-to-evaluation shift.
+
+A setting is *unreachable* for a goal "``r`` below the best baseline" when the bound of the
+planned value is above ``(1 - r)`` times the best baseline's planned value: no placement can meet
+it under the cost model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from moe_edge.core.errors import PlacementError
+from moe_edge.core.problem import PlacementProblem
+from moe_edge.cost.request_latency import request_latency, workload_batches
+from moe_edge.placement.bounds import latency_lower_bound
+from moe_edge.placement.layer_state import LayerState
+
+GAP_COLUMNS = ("request_ms", "planned_request_ms", "planned_decode_ms", "gap_to_best_known",
+               "bound_request_ms", "bound_decode_ms", "gap_to_bound", "decode_gap_to_bound")
+REFERENCE = "best_known"
+
+
+def _ms(seconds: float) -> float:
+  return 1e3 * seconds if math.isfinite(seconds) else float("inf")
+
+
+def setting_gaps(problem: PlacementProblem, results, hw, workload,
+                 bound: bool = True) -> dict[str, dict]:
+  """``{method: {column of GAP_COLUMNS: value}}`` of one setting's placed methods.
+
+  Args:
+    problem: the profiling problem every method planned on.
+    results: the :class:`~moe_edge.experiments.costing.MethodResult` list (evaluation reports).
+    hw: the ``Hardware`` of the cost model.
+    workload: the ``WorkloadSummary`` every method planned for.
+    bound: also compute the lower bound and the gaps to it.
+  """
+  batches = np.stack(workload_batches(workload))
+  out, steps = {}, {}
+  for r in results:
+    if r.placement is None:
+      continue
+    dec, pre = r.reports["decode"].latency, r.reports["prefill"].latency
+    st = LayerState.build(hw, problem.freq, batches, r.placement.hosts, r.placement.route)
+    t = st.step_times()
+    steps[r.method] = t
+    out[r.method] = dict(
+        request_ms=_ms(request_latency(dec, pre, workload).mean),
+        planned_request_ms=_ms(request_latency(float(t[0]), float(t[1]), workload).mean),
+        planned_decode_ms=1e3 * float(t[0]))
+  if not out:
+    return out
+  ref = out.get(REFERENCE)
+  lower = None
+  try:
+    best = min(steps, key=lambda m: out[m]["planned_request_ms"])
+    if bound:
+      lower = latency_lower_bound(problem, hw, workload, tuple(float(v) for v in steps[best]))
+  except PlacementError:  # the cluster cannot hold every expert once: no bound
+    pass
+  for row in out.values():
+    if ref is not None:
+      row["gap_to_best_known"] = row["planned_request_ms"] / ref["planned_request_ms"] - 1.0
+    if lower is not None:
+      lb, dec_b, _ = lower
+      row["bound_request_ms"] = _ms(lb)
+      row["bound_decode_ms"] = 1e3 * dec_b.step
+      row["gap_to_bound"] = row["planned_request_ms"] / row["bound_request_ms"] - 1.0
+      row["decode_gap_to_bound"] = row["planned_decode_ms"] / row["bound_decode_ms"] - 1.0
+  return out
+
+
+def _fmt(v, spec: str) -> str:
+  if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+    return "-"
+  if isinstance(v, float) and math.isinf(v):
+    return "inf"
+  return format(v, spec)
+
+
+def _pct(v) -> str:
+  if v is None or v == "" or (isinstance(v, float) and not math.isfinite(v)):
+    return "-"
+  return f"{100 * v:+.2f}%".replace("+-", "-")
+
+
+def format_gap_table(rows: Sequence[dict], model: str) -> str:
+  """Markdown table of one model: request latency (evaluated and planned), decode step
+  (planned), the gap to ``best_known`` and to the lower bound, per cluster and method."""
+  mine = [r for r in rows if r["model"] == model and r.get("status") == "ok"
+          and not r.get("extension") and "planned_request_ms" in r]
+  lines = ["| cluster | method | request ms (evaluation) | request ms (planned) | "
+           "gap to best_known | gap to lower bound | decode ms (planned) | "
+           "decode gap to lower bound |", "|" + "---|" * 8]
+  for r in mine:
+    lines.append(f"| {r['cluster']} | {r['method']} | {_fmt(r.get('request_ms'), '.1f')} | "
+                 f"{_fmt(r.get('planned_request_ms'), '.1f')} | "
+                 f"{_pct(r.get('gap_to_best_known'))} | {_pct(r.get('gap_to_bound'))} | "
+                 f"{_fmt(r.get('planned_decode_ms'), '.2f')} | "
+                 f"{_pct(r.get('decode_gap_to_bound'))} |")
+  for cluster in dict.fromkeys(r["cluster"] for r in mine):
+    r = next(x for x in mine if x["cluster"] == cluster)
+    if r.get("bound_request_ms") not in (None, ""):
+      lines.append(f"| {cluster} | *lower bound* | - | {_fmt(r['bound_request_ms'], '.1f')} | "
+                   f"- | - | {_fmt(r['bound_decode_ms'], '.2f')} | - |")
+  return "\n".join(lines)
+
+
+def goal_summary(rows: Sequence[dict], ours: str, baselines: Sequence[str], target: float,
+                 key: str, planned_key: str, bound_key: str,
+                 against: str | None = None) -> dict:
+  """``ours``' ``key`` against the best of ``baselines`` (or the method ``against``) per
+  setting: geometric-mean reduction over every setting and over the settings the lower bound
+  does not rule out for a reduction of ``target``.
+
+  Returns ``{"all": (reduction, settings), "reachable": (reduction, settings),
+  "unreachable": [setting labels]}``.
+  """
+  by = {(r["model"], r["cluster"], r["method"]): r for r in rows
+        if r.get("status") == "ok" and not r.get("extension")}
+  ratios, reach, out_of = [], [], []
+  for model, cluster in dict.fromkeys((r["model"], r["cluster"]) for r in rows):
+    mine = by.get((model, cluster, ours))
+    pool = [against] if against else baselines
+    base = [by[(model, cluster, b)] for b in pool if (model, cluster, b) in by]
+    if mine is None or not base or not all(_finite(b.get(key)) for b in base):
+      continue
+    if not _finite(mine.get(key)):
+      continue
+    best = min(base, key=lambda b: b[key])
+    ratio = mine[key] / best[key]
+    ratios.append(ratio)
+    lb = mine.get(bound_key)
+    bp = min(base, key=lambda b: b.get(planned_key, float("inf"))).get(planned_key)
+    if _finite(lb) and _finite(bp) and lb > (1.0 - target) * bp:
+      out_of.append(f"{model}/{cluster}")
+    else:
+      reach.append(ratio)
+
+  def red(x):
+    return (float(1.0 - np.exp(np.log(x).mean())) if x else float("nan"), len(x))
+  return {"all": red(ratios), "reachable": red(reach), "unreachable": out_of}
+
+
+def _finite(v) -> bool:
+  return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _lower(x: float) -> str:
+  """A reduction as text: 0.12 -> '12.0% lower', -0.05 -> '5.0% higher'."""
+  return f"{100 * abs(x):.1f}% {'lower' if x >= 0 else 'higher'}"
+
+
+def format_goals(rows: Sequence[dict], ours: str, baselines: Sequence[str]) -> str:
+  """Issue 18's headline goals as Markdown list items: decode and request latency of ``ours``
+  at least 20% below the best baseline and 30% below prism (geometric means, with and without
+  the settings the lower bound shows unreachable)."""
+  lines = []
+  for label, key, planned, bound in (
+      ("decode latency per token", "decode_ms", "planned_decode_ms", "bound_decode_ms"),
+      ("request latency", "request_ms", "planned_request_ms", "bound_request_ms")):
+    for target, against, who in ((0.2, None, "the best baseline"), (0.3, "prism", "prism")):
+      if against and not any(r.get("method") == against for r in rows):
+        continue
+      g = goal_summary(rows, ours, baselines, target, key, planned, bound, against)
+      (a, n), (b, m) = g["all"], g["reachable"]
+      if n == 0:
+        continue
+      un = (f"; without the {len(g['unreachable'])} setting(s) whose lower bound rules out "
+            f"{100 * target:.0f}% ({', '.join(g['unreachable'])}): {_lower(b)} over {m}"
+            if g["unreachable"] else "; the lower bound rules out no setting")
+      ok = "met" if a >= target else "missed"
+      lines.append(f"- **{label}** (goal: {100 * target:.0f}% below {who}): {ours} is "
+                   f"{_lower(a)} than {who} (geometric mean over {n} settings: {ok}){un}.")
+  return "\n".join(lines)
