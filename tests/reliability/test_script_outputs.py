@@ -16,7 +16,7 @@ from moe_edge.io import OutputFolder, RunIdentity, cli
 
 def _place(out, *flags):
   module = load_script("place")
-  return cli.invoke(module.main, ["place.py", "--tokens_per_server=64", "--decode_batch=2",
+  return cli.invoke(module.main, ["place.py", "--tokens_per_server=256", "--decode_batch=2",
                                   "--phase=decode", "--copies=1.5", f"--out={out}", *flags])
 
 
