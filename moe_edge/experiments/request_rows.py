@@ -7,7 +7,7 @@ Workload (``ExperimentConfig.request_*``): server ``i`` mostly serves ``DOMAINS[
 of ``request_output_tokens``; routing sampled from the model's statistics (its own, or a
 stand-in: :func:`moe_edge.workload.standin.routing_stats_for`). The tables' memory model
 (``copies``) holds experts only, so every server gets KV room for ``decode_batch`` requests. Models without statistics (the
-small trained model, models only driven by mapped traces) get no request columns.
+small trained model, Qwen1.5-MoE driven by mapped traces) get no request columns.
 """
 from __future__ import annotations
 
