@@ -88,7 +88,7 @@ def test_engine_equals_single_device_and_bytes_equal_cost_model(model, mesh, req
   replay = ReplayRouting.from_engine(res.routing)
   assert simulate(requests, rt.placement, engine.cost, OPTS, replay, lookahead=1).loop == res.loop
   sim = simulate(requests, rt.placement, engine.cost, OPTS, replay).loop
-  key = lambda s: (s.index, s.prefill_tokens, s.decode_tokens, s.cross_bytes)  # noqa: E731
+  key = lambda s: (s.step, s.prefill_tokens, s.decode_tokens, s.cross_bytes)  # noqa: E731
   assert [key(s) for s in sim.steps] == [key(s) for s in steps]
   np.testing.assert_allclose([s.start_s for s in sim.steps], [s.start_s for s in steps],
                              rtol=1e-12)
