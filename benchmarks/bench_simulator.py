@@ -1,5 +1,5 @@
 """Speed of the request-level simulator: one simulated hour of the paper's testbed workload, and
-a 256-server cluster.
+the testbed at 256 GPUs.
 
 Workload: the paper experiment's own (``configs/experiments/paper_testbed.py``,
 ``configs/clusters/paper_testbed.py``): DeepSeek-V2-Lite (routing: the OLMoE stand-in) on the
@@ -8,8 +8,8 @@ arrivals with 10 s mean inter-arrival per server, prompts of 128-512 tokens from
 outputs), the config's scheduler, KV budgets from the placement, attention priced
 (``experiments.paper_table.serve``), ``uniform_ep`` on the expected problem. Reported: wall and
 CPU seconds per run (median of ``--repeats``; CPU time is this process's, which other load on a
-shared machine does not inflate), steps, requests and the mean latency. Then 256 servers (one
-request per server, routing pools of 4096) to show a large cluster runs.
+shared machine does not inflate), steps, requests and the mean latency. Then the testbed at 256 GPUs
+(192 servers, 30 s of arrivals, routing pools of 4096) to show a large cluster runs.
 
   .venv/bin/python benchmarks/bench_simulator.py        # -> results/bench_simulator/cpu.json
 """
@@ -60,7 +60,7 @@ def main(argv):
     print(f"{n} servers, {FLAGS.hours:g} h: run {i}: {runs[-1]['wall_s']:.1f} s wall, "
           f"{runs[-1]['cpu_s']:.1f} s CPU, {runs[-1]['steps']} steps, {runs[-1]['requests']} "
           f"requests, mean latency {runs[-1]['mean_latency_s']:.1f} s", flush=True)
-  big = build_setting(cfg, "deepseek_v2_lite", "specialised", num_gpus=4 * 256 // 3)
+  big = build_setting(cfg, "deepseek_v2_lite", "specialised", num_gpus=256)  # 192 servers
   nb = big.cluster.num_servers
   big_requests = workload_requests(cfg, big.workload, nb, 30.0, cfg.seed)
   large = _run(cfg, big, big_requests, pool=4096)
