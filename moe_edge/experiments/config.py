@@ -37,8 +37,10 @@ class ExperimentConfig:
 
   Tables:
     models: model presets (``configs/models``). ``olmoe_1b_7b`` / ``mixtral_8x7b`` are driven by
-      their real routing statistics, ``small_moe`` by its own recorded traces, any other model
-      by small-model traces mapped to its shape (``trace_mapping.py``).
+      their real routing statistics, ``deepseek_v2_lite`` by OLMoE's statistics reshaped to it
+      (the paper experiment's stand-in, ``workload/standin.py``), ``small_moe`` by its own
+      recorded traces, any other model by small-model traces mapped to its shape
+      (``trace_mapping.py``).
     clusters: cluster presets (``configs/clusters``), at ``link_gbps``.
     methods: placement methods: registered names, ``all`` (every registered method, the
       default) or roles (``ours``, ``paper``, ``baseline``, ``oracle``), expanded in

@@ -61,7 +61,7 @@ def setup_lines(cfg: PaperConfig) -> list[str]:
       f"{cfg.scheduler.token_budget} tokens per step, prompt chunks of "
       f"{cfg.scheduler.prefill_chunk}, {cfg.scheduler.policy}), synchronous cluster steps, each "
       f"step's time from the cost model on its own sampled routing with attention over every "
-      f"request's context (`moe_edge/experiments/request_sim.py`). Latencies are modelled, not "
+      f"request's context (`moe_edge/serving/simulator.py`). Latencies are modelled, not "
       f"measured: compare ratios, not seconds.",
       f"DeepSeek-V2-Lite: {STANDIN_NOTE}.",
   ]

@@ -2,8 +2,8 @@ r"""The workload-shift run: multidata, then specialised, under three migration p
 
 All three start from one placement (``shift_method`` planned on ``shift_from``'s expected
 problem) and serve the same requests; each decides from what the simulation's routing-count
-window saw in the last ``stats_window_s`` seconds (:class:`~moe_edge.experiments.request_sim.
-Window`: token-choices per server, layer and expert; tokens and steps), as a
+window saw in the last ``stats_window_s`` seconds (:class:`~moe_edge.serving.
+simulator.Window`: token-choices per server, layer and expert; tokens and steps), as a
 :class:`PlacementProblem` (``freq`` = counts per token, a server without tokens keeps its last
 frequencies; ``tokens`` = tokens per step).
 
@@ -41,10 +41,10 @@ from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.experiments.paper_config import PaperConfig
 from moe_edge.experiments.paper_table import Planned, plan_setting, serve
 from moe_edge.experiments.paper_workload import shift_requests
-from moe_edge.experiments.request_sim import SimResult, Window
 from moe_edge.migration import (choose_prefix, cross_validated_savings, move_cost,
                                 move_sequence, plan_incremental, plan_prefix)
 from moe_edge.placement import registry
+from moe_edge.serving.simulator import SimResult, Window
 
 SHIFT_COLUMNS = ("policy", "bin_start_s", "requests", "mean_latency_s", "p99_latency_s",
                  "migrations")

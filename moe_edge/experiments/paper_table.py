@@ -1,6 +1,6 @@
 """The paper's experiment: every method served on the testbed workloads, the workload shift
 under three migration policies, and the scaling sweep; request-level latency from the
-simulator (:mod:`moe_edge.experiments.request_sim`).
+simulator (:mod:`moe_edge.serving.simulator`).
 
 Per (model, workload) setting (:func:`run_setting`):
 
@@ -34,10 +34,10 @@ from moe_edge.cost.model import CostModel
 from moe_edge.experiments.calibration import edge_calibration
 from moe_edge.experiments.paper_config import PaperConfig
 from moe_edge.experiments.paper_workload import Setting, build_setting, workload_requests
-from moe_edge.experiments.request_sim import QueueDivergesError, SimResult, simulate
 from moe_edge.placement import registry
 from moe_edge.placement.registry import PlacementContext, WorkloadSummary
 from moe_edge.serving.scheduler import SchedulerOptions
+from moe_edge.serving.simulator import QueueDivergesError, SampledRouting, SimResult, simulate
 from moe_edge.workload.requests import Requests
 
 PROFILE_SEED_OFFSET = 1000
@@ -68,10 +68,13 @@ def cost_model(cfg: PaperConfig, setting: Setting) -> CostModel:
 
 
 def serve(cfg: PaperConfig, setting: Setting, cost: CostModel, placement: Placement,
-          requests: Requests, seed: int, **kwargs) -> SimResult:
-  """Simulate ``requests`` on ``placement`` (the config's scheduler and divergence limit)."""
-  return simulate(requests, placement, cost, setting.stats, scheduler_options(cfg), seed=seed,
-                  max_waiting=cfg.max_waiting, **kwargs)
+          requests: Requests, seed: int, pool: int = 0, **kwargs) -> SimResult:
+  """Simulate ``requests`` on ``placement`` (the config's scheduler and divergence limit, the
+  KV budgets the placement leaves, attention priced, routing sampled from the setting's
+  statistics; ``pool``: :class:`~moe_edge.serving.simulator.SampledRouting`)."""
+  routing = SampledRouting(setting.stats, requests.domain, seed, pool)
+  return simulate(requests, placement, cost, scheduler_options(cfg), routing,
+                  max_waiting=cfg.max_waiting, kv_tokens="placement", **kwargs)
 
 
 def measured_summary(result: SimResult, cfg: PaperConfig, spec_rate: float,
@@ -104,7 +107,7 @@ class Planned:
 def plan_setting(cfg: PaperConfig, model: str, workload: str, seed: int, num_gpus: int = 4,
                  link_mbps: float | None = None, pool: int = 0) -> Planned:
   """Steps 1-2 of the module docstring (``pool``: the pilot's routing sampler, see
-  :func:`~moe_edge.experiments.request_sim.simulate`)."""
+  :class:`~moe_edge.serving.simulator.SampledRouting`)."""
   setting = build_setting(cfg, model, workload, num_gpus, link_mbps)
   cost = cost_model(cfg, setting)
   n = setting.cluster.num_servers

@@ -1,5 +1,5 @@
 """Request-level latency columns of the edge tables (``reproduce_tables.py``): each placement
-served by the request-level simulator (:mod:`moe_edge.experiments.request_sim`).
+served by the request-level simulator (:mod:`moe_edge.serving.simulator`).
 
 Workload (``ExperimentConfig.request_*``): server ``i`` mostly serves ``DOMAINS[i % 5]``
 (locality ``alpha``, as the tables' traces), Poisson arrivals at ``request_rate`` per server for
@@ -7,7 +7,7 @@ Workload (``ExperimentConfig.request_*``): server ``i`` mostly serves ``DOMAINS[
 of ``request_output_tokens``; routing sampled from the model's statistics (its own, or a
 stand-in: :func:`moe_edge.workload.standin.routing_stats_for`). The tables' memory model
 (``copies``) holds experts only, so every server gets KV room for ``decode_batch`` requests. Models without statistics (the
-small trained model, models only driven by mapped traces) get no request columns.
+small trained model, Qwen1.5-MoE driven by mapped traces) get no request columns.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from moe_edge.config import ClusterConfig, ModelConfig
 from moe_edge.core.problem import Placement
 from moe_edge.cost.calibrate import Calibration
 from moe_edge.cost.model import CostModel
-from moe_edge.experiments.request_sim import QueueDivergesError, simulate
 from moe_edge.serving.scheduler import SchedulerOptions
+from moe_edge.serving.simulator import QueueDivergesError, SampledRouting, simulate
 from moe_edge.workload.requests import make_requests
 from moe_edge.workload.standin import STANDINS
 from moe_edge.workload.standin import routing_stats_for
@@ -51,7 +51,8 @@ def request_metrics(cfg, model_name: str, model: ModelConfig, cluster: ClusterCo
                           prefill_chunk=cfg.request_len)
   kv = np.full(n, cfg.decode_batch * (cfg.request_len + cfg.request_output_tokens))
   try:
-    res = simulate(requests, placement, cost, stats, opts, seed=cfg.seed, kv_tokens=kv)
+    routing = SampledRouting(stats, requests.domain, cfg.seed)
+    res = simulate(requests, placement, cost, opts, routing, kv_tokens=kv)
   except QueueDivergesError:
     return dict(request_latency_s=math.inf, request_p99_s=math.inf, request_ttft_s=math.inf,
                 request_tpot_ms=math.inf, request_busy=1.0)

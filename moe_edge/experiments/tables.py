@@ -117,7 +117,7 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
       base = cluster_config(cluster_name, link_gbps=cfg.link_gbps)
       n = base.num_servers
       small_pair = None
-      if workload_kind(model_name) != "stats":
+      if workload_kind(model_name) in ("recorded", "mapped"):
         if n not in cache:
           cache[n] = _small_traces(cfg, n, small)
         small_pair = cache[n]
@@ -167,7 +167,7 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
           row["ilp_status"] = r.placement.info.get("status", "")
           row["ilp_proven_gap"] = r.placement.info.get("gap", float("nan"))
         row["replicas_per_expert"] = float(r.placement.hosts.sum()) / (l * e)
-        if work.kind == "stats":  # request-level columns need the routing statistics
+        if work.kind in ("stats", "standin"):  # request columns need routing statistics
           row.update(request_metrics(cfg, model_name, work.model, cluster, cal, r.placement))
         rows.append(row)
       dm = next((r for r in results if r.method == "dancemoe" and r.placement is not None),

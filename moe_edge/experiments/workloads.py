@@ -8,7 +8,11 @@ to cost on.
   (:func:`moe_edge.workload.streams.make_streams`), its routing recorded
   (:func:`moe_edge.workload.record.record_trace`). The traces are cached as ``.npz`` under
   ``trace_cache`` (reruns are fast and replay the very same routing).
-* any other model (DeepSeek-V2-Lite, Qwen1.5-MoE): the small model's traces mapped to its shape
+* ``deepseek_v2_lite``: statistics-driven traces as above, from OLMoE-1B-7B's real per-domain
+  statistics reshaped to its 26 layers and top-6 (:func:`moe_edge.workload.standin.standin_stats`,
+  :data:`~moe_edge.workload.standin.STANDIN_NOTE`): the same stand-in as the paper experiment
+  (``experiments/paper_table.py``), so one model name means one workload.
+* any other model (Qwen1.5-MoE): the small model's traces mapped to its shape
   (:mod:`moe_edge.experiments.trace_mapping`).
 
 Profiling and evaluation traces come from the same distribution with different seeds
@@ -27,6 +31,7 @@ from moe_edge.experiments.config import ExperimentConfig
 from moe_edge.experiments.trace_mapping import map_trace
 from moe_edge.model.checkpoint import restore_checkpoint
 from moe_edge.workload.record import record_trace
+from moe_edge.workload.standin import STANDIN_NOTE, STANDINS, routing_stats_for
 from moe_edge.workload.stats_traces import STATS_MODELS, sample_stats_trace
 from moe_edge.workload.streams import make_streams
 from moe_edge.workload.traces import ActivationTrace, TraceError
@@ -41,9 +46,12 @@ def repo_path(path: str | Path) -> Path:
 
 
 def workload_kind(model: str) -> str:
-  """``"stats"``, ``"recorded"`` (the small model) or ``"mapped"`` (everything else)."""
+  """``"stats"``, ``"standin"`` (another model's statistics, :data:`STANDINS`), ``"recorded"``
+  (the small model) or ``"mapped"`` (everything else)."""
   if model in STATS_MODELS:
     return "stats"
+  if model in STANDINS:
+    return "standin"
   return "recorded" if model == SMALL_MODEL else "mapped"
 
 
@@ -62,7 +70,7 @@ class Workload:
     model: the served model config.
     profile: ``[T, L, k]`` trace the placements are planned on.
     trace: ``[T, L, k]`` trace the placements are costed on.
-    kind: ``"stats"``, ``"recorded"`` or ``"mapped"``.
+    kind: ``"stats"``, ``"standin"``, ``"recorded"`` or ``"mapped"``.
     note: the caption of this workload in the tables.
   """
   model: ModelConfig
@@ -147,6 +155,12 @@ def build_workload(cfg: ExperimentConfig, name: str, num_servers: int,
         name, num_servers, cfg.tokens_per_server, cfg.alpha, seed, request_len=cfg.request_len)
     note = (f"real routing statistics of {name} (allenai/OLMoE routing counts), one home domain "
             f"per server, alpha {cfg.alpha:g}")
+    return Workload(model, sample(profile_seed), sample(cfg.seed), kind, note)
+  if kind == "standin":
+    stats, _ = routing_stats_for(name)
+    sample = lambda seed: sample_stats_trace(  # noqa: E731
+        stats, num_servers, cfg.tokens_per_server, cfg.alpha, seed, request_len=cfg.request_len)
+    note = f"{STANDIN_NOTE}, one home domain per server, alpha {cfg.alpha:g}"
     return Workload(model, sample(profile_seed), sample(cfg.seed), kind, note)
   if small is None:
     small = (small_trace(cfg, num_servers, profile_seed), small_trace(cfg, num_servers, cfg.seed))

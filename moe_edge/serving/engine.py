@@ -218,7 +218,8 @@ class Engine:
       seconds = 0.0
       if self.cost is not None:
         seconds, model_bytes = self.cost.step(step_routing.expert_ids, step_routing.server,
-                                              self.runtime.placement)
+                                              self.runtime.placement, step_routing.request,
+                                              step_routing.position)
         costed.append(model_bytes)
       if on_step is not None:
         on_step(index, produced)

@@ -82,9 +82,17 @@ def test_engine_equals_single_device_and_bytes_equal_cost_model(model, mesh, req
     assert s.duration_s > 0 and max(np.add(s.prefill_tokens, s.decode_tokens)) <= 10
   for r in recs:
     assert r.arrival_s <= r.first_token_s <= r.finish_s
-  # The simulator on the engine's routing: the same steps, batches, bytes and times, exactly.
-  sim = simulate(requests, rt.placement, engine.cost, OPTS, ReplayRouting.from_engine(res.routing))
-  assert sim.loop == res.loop
+  # The simulator on the engine's routing, the same loop and step cost: step by step the same
+  # steps, batches, bytes and times, exactly; planning ahead (its default) the same steps,
+  # batches and bytes, the start times summed per batch (float rounding only).
+  replay = ReplayRouting.from_engine(res.routing)
+  assert simulate(requests, rt.placement, engine.cost, OPTS, replay, lookahead=1).loop == res.loop
+  sim = simulate(requests, rt.placement, engine.cost, OPTS, replay).loop
+  key = lambda s: (s.step, s.prefill_tokens, s.decode_tokens, s.cross_bytes)  # noqa: E731
+  assert [key(s) for s in sim.steps] == [key(s) for s in steps]
+  np.testing.assert_allclose([s.start_s for s in sim.steps], [s.start_s for s in steps],
+                             rtol=1e-12)
+  assert [(r.request, r.server) for r in sim.requests] == [(r.request, r.server) for r in recs]
   metrics.write_run(tmp_path, recs, steps, N, metrics.summarize(recs, steps))
   assert tuple(metrics.read_requests(tmp_path / "requests.csv")) == recs
   assert tuple(metrics.read_steps(tmp_path / "steps.csv")) == steps
