@@ -285,13 +285,13 @@ GOAL_METHODS = ("prism", "eplb_hetero", "eplb", "uniform_ep", "redundance", "sma
 
 
 def goals_setting(model_name: str, cluster_name: str) -> dict:
-  """Part (e) on one setting of the tables (``paper_tables`` config: real routing statistics,
+  """Part (e) on one setting of the tables (``edge_tables`` config: real routing statistics,
   1 Gbps, 1.5 copies, h100_kernels calibration; planned on the profiling trace, costed on the
   evaluation trace): every method of :data:`GOAL_METHODS`, decode ms/token and prefill
   ms/request on the evaluation trace, the request latency of those step times and the
   expected request latency the search minimises (on the planning problem), plus the lower
   bound. Returns ``{method: row}``."""
-  cfg = load_experiment("paper_tables")
+  cfg = load_experiment("edge_tables")
   work = build_workload(cfg, model_name, cluster_config(cluster_name).num_servers)
   cluster = with_expert_memory(cluster_config(cluster_name, link_gbps=cfg.link_gbps),
                                work.model, cfg.copies)

@@ -3,10 +3,10 @@
 Every experiment script takes its settings from one config file, big_vision style::
 
   python experiments/migration.py --config configs/experiments/migration.py --config.alpha=0.7
-  python experiments/reproduce_tables.py --config paper_tables --config.link_gbps=0.5
+  python experiments/reproduce_tables.py --config edge_tables --config.link_gbps=0.5
 
 ``--config`` is a preset file whose ``get_config()`` returns an ``ml_collections.ConfigDict``
-(or a preset *name*: ``paper_tables`` = ``configs/experiments/paper_tables.py``);
+(or a preset *name*: ``edge_tables`` = ``configs/experiments/edge_tables.py``);
 ``--config.KEY=VALUE`` overrides one setting. The script then builds its validated frozen config
 (``ExperimentConfig``, ``MigrationRun``, ...) from the ConfigDict.
 

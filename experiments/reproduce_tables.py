@@ -9,7 +9,7 @@ real dispatch on 8 host CPU devices; with ``extension_rows`` the routing extensi
 ``timings.json`` and the plots into ``--out``, prints the Markdown and the headline.
 Deterministic under ``--seed`` (the CSV holds no wall times).
 
-  python experiments/reproduce_tables.py --config paper_tables --out results/tables
+  python experiments/reproduce_tables.py --config edge_tables --out results/tables
   python experiments/reproduce_tables.py --config configs/experiments/demo.py --out /tmp/tables
   python experiments/reproduce_tables.py --config.link_gbps=0.5 --config.clusters=edge_hetero_4 \
       --config.methods=dancemoe --config.methods=uniform_ep
@@ -38,7 +38,7 @@ from moe_edge.experiments.tables import (format_headline, headline, ours_present
 
 import _cli  # noqa: E402
 
-CONFIG = _cli.define_config("paper_tables")
+CONFIG = _cli.define_config("edge_tables")
 OUT, OVERWRITE = _cli.define_output("results/tables")
 #: What a tables run writes into --out (the trace cache and README.md are not its files).
 OUTPUTS = ("tables.csv", "tables.md", "crosscheck.csv", "timings.json", "*.png")

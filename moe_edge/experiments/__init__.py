@@ -5,7 +5,7 @@
 Modules
 -------
 * :mod:`~moe_edge.experiments.config`: ``ExperimentConfig`` (typed, frozen), built from the
-  ConfigDicts of its presets in ``configs/experiments/`` (``paper_tables``, ``demo``,
+  ConfigDicts of its presets in ``configs/experiments/`` (``edge_tables``, ``demo``,
   ``ablations``; ``experiment_preset``, ``build_experiment``).
 * :mod:`~moe_edge.experiments.workloads`: profiling / evaluation traces per model
   (statistics-driven, recorded from the small model, or mapped from it).

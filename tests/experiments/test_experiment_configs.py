@@ -45,8 +45,8 @@ def test_extension_settings_reject_bad_values(cls, name, change, message):
 
 
 def test_experiment_presets_are_config_dicts():
-  cfg = _preset("paper_tables")
-  assert build_experiment(cfg) == load_experiment("paper_tables")
+  cfg = _preset("edge_tables")
+  assert build_experiment(cfg) == load_experiment("edge_tables")
   cfg.link_gbps = 0.5  # an override, as --config.link_gbps=0.5 makes it
   assert build_experiment(cfg).link_gbps == 0.5
   cfg.link_gbps = -1.0

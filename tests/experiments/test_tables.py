@@ -138,9 +138,9 @@ def test_demo_tables_take_the_small_model_trace(tmp_path, shared_data):
 
 
 def test_presets_and_bad_names():
-  for name in ("paper_tables", "demo", "ablations"):
+  for name in ("edge_tables", "demo", "ablations"):
     assert isinstance(load_experiment(name), ExperimentConfig)
-  with pytest.raises(ConfigError, match="Unknown experiment config 'nope'.*paper_tables"):
+  with pytest.raises(ConfigError, match="Unknown experiment config 'nope'.*edge_tables"):
     load_preset("experiments", "nope")
   with pytest.raises(ConfigError, match="unknown methods entry 'magic'"):
     with_overrides(load_experiment("demo"), methods=("dancemoe", "magic"))

@@ -17,7 +17,7 @@ from moe_edge.experiments.config import experiment_preset
 
 def get_config() -> config_dict.ConfigDict:
   return experiment_preset(
-      name="paper_tables", description=__doc__.splitlines()[0], seed=0,
+      name="edge_tables", description=__doc__.splitlines()[0], seed=0,
       models=("olmoe_1b_7b", "mixtral_8x7b", "small_moe", "deepseek_v2_lite",
               "qwen1_5_moe_a2_7b"),
       clusters=("edge_hetero_4", "edge_hetero_8"),
