@@ -45,7 +45,7 @@ def _bump(a):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(counts=None), "lacks arrays"),
+    (dict(counts=None), r"lacks the arrays \[.counts.\]"),
     (dict(cross=None), "come together"),
     (dict(counts=_bump), "sum to top_k"),
     (dict(cross=lambda a: np.roll(a, 1, axis=-1)), "marginals"),
