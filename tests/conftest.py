@@ -5,6 +5,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -48,3 +51,30 @@ def load_script(name: str):
   spec.loader.exec_module(module)
   _SCRIPT_FLAGS[name] = sorted(set(flags.FLAGS) - before)
   return module
+
+
+def run_processes(worker: Path, timeout_s: float, num_processes: int = 2,
+                  local_devices: int = 2) -> list[tuple[int, str]]:
+  """Run ``worker`` as ``num_processes`` processes joined by ``jax.distributed`` on a free
+  loopback port (argv: process id, process count, port, local devices); ``[(exit code,
+  output)]`` per process. Processes still running at the timeout are killed."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+  procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(num_processes), str(port),
+                             str(local_devices)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+           for i in range(num_processes)]
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=timeout_s)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  return [(p.returncode, out) for p, out in zip(procs, outputs)]
