@@ -11,9 +11,11 @@ into ``--out``; prints the comparison.
   python experiments/paper_table.py --config paper_testbed_quick --out /tmp/paper
   python experiments/paper_table.py --config paper_testbed_quick --config.duration_s=120
 
-Parts can be run alone with ``--parts table,shift,scaling`` (default: all three); with
+Parts can be run alone with ``--parts table,shift,scaling,calibrated`` (default: all four;
+``calibrated`` serves the placements on a testbed whose times are scaled so eplb_hetero matches
+the paper's EPLB latency, ``moe_edge/experiments/paper_calibrated.py``); with
 ``--reuse`` the parts not run are read back from ``--out`` (``table.csv``, ``latencies.csv``,
-``shift.csv``, ``scaling.csv``, ``summary.json``), so the README covers them all;
+``shift.csv``, ``scaling.csv``, ``calibrated.csv``, ``summary.json``), so the README covers them all;
 ``--parts= --reuse`` only rewrites the README and plots from those files.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from absl import app, flags
 
 import _cli
 from moe_edge.experiments import paper_report as rep
+from moe_edge.experiments.paper_calibrated import run_calibrated
 from moe_edge.experiments.paper_config import paper_config
 from moe_edge.experiments.paper_readme import load_parts, write_outputs
 from moe_edge.experiments.paper_shift import run_shift
@@ -37,8 +40,9 @@ CONFIG = _cli.define_config("paper_testbed")
 OUT, OVERWRITE = _cli.define_output("results/paper")
 #: What a run writes into --out (its README.md is generated, so it is the run's file too).
 OUTPUTS = ("*.csv", "*.png", "summary.json", "README.md")
-PARTS = flags.DEFINE_list("parts", ["table", "shift", "scaling"],
-                          "Which parts to run: table, shift, scaling.")
+ALL_PARTS = ("table", "shift", "scaling", "calibrated")
+PARTS = flags.DEFINE_list("parts", list(ALL_PARTS),
+                          "Which parts to run: table, shift, scaling, calibrated.")
 REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files an earlier run "
                           "wrote into --out (the README and plots then cover every part).")
 
@@ -46,16 +50,16 @@ REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files
 def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
   """Run the parts, write the outputs; returns the comparison text printed at the end."""
   t0 = time.perf_counter()
-  rows, lat, light, shift, scaling = [], {}, {}, None, None
+  rows, lat, light, shift, scaling, calibrated = [], {}, {}, None, None, None
   commands = {p: command for p in parts}
   if reuse:
     old = load_parts(out)
     rows, lat, light = old.get("table", (rows, lat, light))
-    shift, scaling = old.get("shift"), old.get("scaling")
+    shift, scaling, calibrated = old.get("shift"), old.get("scaling"), old.get("calibrated")
     prior = old.get("commands", {})
     if "all" in prior:
       prior = {p: prior["all"] for p in ("table", "shift", "scaling")}
-    commands = {p: prior[p] for p in ("table", "shift", "scaling")
+    commands = {p: prior[p] for p in ALL_PARTS
                 if p in prior and p not in parts and old.get(p) is not None} | commands
   if "table" in parts:
     print(f"table: {len(cfg.models)} models x {len(cfg.table_workloads)} workloads", flush=True)
@@ -66,8 +70,11 @@ def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
   if "scaling" in parts:
     print("scaling:", flush=True)
     scaling = run_scaling(cfg, log=lambda s: print(s, flush=True))
+  if "calibrated" in parts:
+    print("calibrated (time scale fitted to the paper's EPLB latency):", flush=True)
+    calibrated = run_calibrated(cfg, log=lambda s: print(s, flush=True))
   paths = write_outputs(cfg, out, rows, lat, shift, scaling, commands,
-                        time.perf_counter() - t0, light)
+                        time.perf_counter() - t0, light, calibrated)
   comps = rep.compare(rows)
   text = [rep.format_comparison(comps), "",
           rep.format_goals(rep.goals(comps, dict(shift.after) if shift else None, light,
@@ -83,12 +90,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   cfg = paper_config(CONFIG.value)
-  bad = [p for p in PARTS.value if p not in ("table", "shift", "scaling")]
+  bad = [p for p in PARTS.value if p not in ALL_PARTS]
   if not PARTS.value and not REUSE.value:
     raise app.UsageError("no parts to run; give --parts, or --reuse to rewrite the README from "
                          "--out.")
   if bad:
-    raise app.UsageError(f"unknown parts {bad}; use table, shift, scaling.")
+    raise app.UsageError(f"unknown parts {bad}; use {', '.join(ALL_PARTS)}.")
   # The run's identity is its config (not --parts): runs of single parts share one folder;
   # with --reuse the files of the parts not run are kept (they are read back).
   out = Path(OUT.value)

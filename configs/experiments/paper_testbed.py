@@ -60,4 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.scaling_pool = 4096
   c.scaling_loads = ("per_server", "fixed_total")
   c.scaling_fixed_duration_s = 300.0
+  # The calibrated part (moe_edge/experiments/paper_calibrated.py): the testbed's times scaled so
+  # eplb_hetero's mean latency is the paper's EPLB; these methods (plus every `ours` method).
+  c.calibrated_methods = ("eplb_hetero", "prism", "dancemoe")
   return c

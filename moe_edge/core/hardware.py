@@ -117,6 +117,22 @@ class Hardware:
                np.array([s.grouped_kernel for s in cluster.servers], dtype=bool),
                mbw)
 
+  def time_scaled(self, factor: float) -> "Hardware":
+    """This hardware with every modelled time ``factor`` times as long: FLOP/s, memory and link
+    bandwidths divided by ``factor``, per-message latencies and per-unit seconds multiplied.
+    Every formula here is a sum or max of such seconds, so each step, transfer and copy takes
+    exactly ``factor`` times as long (``factor`` > 0 and finite, else :class:`HardwareError`).
+    A one-number calibration of an unmeasured testbed (``moe_edge/experiments/paper_calibrated.py``)."""
+    f = float(factor)
+    if not (np.isfinite(f) and f > 0):
+      raise HardwareError(f"time scale must be a positive finite number, got {factor!r}.")
+    return dataclasses.replace(
+        self, flops=self.flops / f, expert_read=self.expert_read * f,
+        expert_flop=self.expert_flop * f, dense_read=self.dense_read * f,
+        dense_flop=self.dense_flop * f, bw=self.bw / f, inv_bw=self.inv_bw * f,
+        lat=self.lat * f, mem_bw=None if self.mem_bw is None else self.mem_bw / f,
+        source=f"{self.source} x{f:.4g} time")
+
   @property
   def num_servers(self) -> int:
     return int(self.expert_read.shape[0])

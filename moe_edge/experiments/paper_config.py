@@ -39,6 +39,10 @@ here and said so):
   token drawn exactly, as in the table). ``scaling_loads``: ``per_server`` keeps every
   server's arrival rate (``scaling_duration_s`` of arrivals), ``fixed_total`` spreads the
   testbed's total rate over the servers (``scaling_fixed_duration_s``).
+* calibrated (a diagnostic part): every modelled time scaled by one factor per setting, fitted
+  so eplb_hetero's mean latency on the profiling requests is the paper's EPLB latency;
+  ``calibrated_methods`` (plus every ``ours`` method with ``include_ours``) are then served
+  (``moe_edge/experiments/paper_calibrated.py``).
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ from moe_edge.workload.corpus import DOMAINS
 PAPER_MODELS = ("deepseek_v2_lite", "mixtral_8x7b")
 SHIFT_POLICIES = ("none", "paper", "ours")
 NAME_LISTS = ("models", "table_workloads", "methods", "shift_policies", "scaling_methods",
-              "scaling_loads")
+              "scaling_loads", "calibrated_methods")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +138,7 @@ class PaperConfig:
   scaling_pool: int
   scaling_loads: tuple[str, ...]
   scaling_fixed_duration_s: float
+  calibrated_methods: tuple[str, ...]
 
   def __post_init__(self):
     where = f"paper experiment {self.name!r}"
@@ -196,6 +201,9 @@ class PaperConfig:
       raise ConfigError(f"{where}: scaling_link_mbps must be positive.")
     if not self.methods:
       raise ConfigError(f"{where}: methods must not be empty.")
+    if "eplb_hetero" not in self.calibrated_methods or "prism" not in self.calibrated_methods:
+      raise ConfigError(f"{where}: calibrated_methods must include eplb_hetero (the scale is "
+                        f"fitted on it) and prism, got {list(self.calibrated_methods)}.")
 
   def workload(self, name: str) -> WorkloadSpec:
     for w in self.workloads:

@@ -18,6 +18,7 @@ import numpy as np
 
 from moe_edge.config import load_preset
 from moe_edge.experiments import paper_report as rep
+from moe_edge.experiments.paper_calibrated import CALIBRATED_COLUMNS, comparison
 from moe_edge.experiments.paper_config import PaperConfig, paper_config
 from moe_edge.experiments.paper_shift import SHIFT_COLUMNS, ShiftResult
 from moe_edge.experiments.paper_table import run_table
@@ -163,8 +164,35 @@ def light_note(cfg: PaperConfig, light: dict | None) -> str:
           f"{rep._pct(rep.change(light['prism'], light['eplb_hetero']))}.")
 
 
+def calibrated_section(cfg: PaperConfig, calibrated: Sequence[dict]) -> list[str]:
+  """README lines of the calibrated part: per setting the fitted scale and the ratios."""
+  head = ("| setting | time scale | eplb_hetero s (paper EPLB) | prism s (paper Prism) | prism vs "
+          "eplb_hetero | paper | difference (points) | our best | ours vs prism | busy "
+          "(prism / eplb_hetero) |")
+  lines = [head, "|" + "---|" * 10]
+  for c in comparison(calibrated):
+    paper = rep.PAPER_LATENCY[(c["model"], c["workload"])]
+    lines.append(
+        f"| {c['model']} {c['workload']} | {c['time_scale']:.3g} | {c['eplb_s']:.2f} "
+        f"({paper[0]:.2f}) | {c['prism_s']:.2f} ({paper[1]:.2f}) | "
+        f"{rep._pct(c['prism_change'])} | {rep._pct(c['paper_change'])} | "
+        f"{100 * (c['prism_change'] - c['paper_change']):+.1f} | {c['best'] or '-'} | "
+        f"{rep._pct(c['best_vs_prism'])} | {c['busy_prism']:.2f} / {c['busy_eplb']:.2f} |")
+  return ["## Calibrated to the paper's baseline (a diagnostic)", "",
+          "Our testbed's speed is modelled, not measured on the paper's machines. Here every "
+          "modelled time of a setting is multiplied by one factor (the time scale, "
+          "`Hardware.time_scaled`), fitted by bisection so that eplb_hetero's mean latency on "
+          "the profiling requests equals the paper's EPLB latency; the table's placements then "
+          "serve the evaluation requests of the configured workload at that speed "
+          "(`moe_edge/experiments/paper_calibrated.py`). The fit uses the baseline's number "
+          "only, never the paper method's; a scale far from 1, or far apart between two "
+          "settings of one model, says that the paper's workload differs from ours by more "
+          "than a speed (request lengths, routing locality).", "", *lines, ""]
+
+
 def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
-           scaling: Sequence[dict] | None, command, light: dict | None = None) -> str:
+           scaling: Sequence[dict] | None, command, light: dict | None = None,
+           calibrated: Sequence[dict] | None = None) -> str:
   comps = rep.compare(rows)
   shift_means = dict(shift.after) if shift else None
   commands = command if isinstance(command, dict) else {"all": command}
@@ -203,6 +231,8 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
     sat = saturated_notes(rows)
     if sat:
       out += ["Saturated runs:", ""] + sat + [""]
+  if calibrated:
+    out += calibrated_section(cfg, calibrated)
   for model, workload in rep.settings(rows):
     out += [f"## {model}, {workload}", ""]
     if model == "deepseek_v2_lite":
@@ -238,7 +268,8 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
 
 def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
                   latencies: dict, shift: ShiftResult | None, scaling: list[dict] | None,
-                  command, seconds: float, light: dict | None = None) -> list[Path]:
+                  command, seconds: float, light: dict | None = None,
+                  calibrated: list[dict] | None = None) -> list[Path]:
   """Write every file of the module docstring into ``out_dir``; returns their paths.
   ``command``: the command line, or ``{part: command}`` when parts came from several runs."""
   out = Path(out_dir)
@@ -272,8 +303,12 @@ def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
     paths.append(write_csv([{k: _clean(r[k]) for k in SCALING_COLUMNS} for r in scaling],
                            out / "scaling.csv", SCALING_COLUMNS))
     paths.append(rep.plot_scaling(scaling, out / "scaling.png"))
+  if calibrated:
+    paths.append(write_csv([{k: _clean(r[k]) for k in CALIBRATED_COLUMNS} for r in calibrated],
+                           out / "calibrated.csv", CALIBRATED_COLUMNS))
   atomic.write_text(out / "summary.json", json.dumps(summary, indent=1, default=_clean) + "\n")
-  atomic.write_text(out / "README.md", readme(cfg, rows, shift, scaling, command, light) + "\n")
+  atomic.write_text(out / "README.md", readme(cfg, rows, shift, scaling, command, light,
+                                              calibrated) + "\n")
   return paths + [out / "summary.json", out / "README.md"]
 
 
@@ -306,6 +341,8 @@ def load_parts(out_dir: str | Path) -> dict:
                                  sh["decisions"])
   if (out / "scaling.csv").is_file():
     parts["scaling"] = read_rows(out / "scaling.csv")
+  if (out / "calibrated.csv").is_file():
+    parts["calibrated"] = read_rows(out / "calibrated.csv")
   parts["commands"] = summary.get("commands", {})
   return parts
 

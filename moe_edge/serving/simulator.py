@@ -104,6 +104,34 @@ def top_k_sample(log_w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
   return np.argpartition(log_w, e - k, axis=-1)[..., e - k:].astype(np.int32)
 
 
+def _mix32(x: np.ndarray) -> np.ndarray:
+  """A 32-bit integer hash (the "lowbias32" finaliser), elementwise on uint32, in place."""
+  x ^= x >> np.uint32(16)
+  x *= np.uint32(0x7FEB352D)
+  x ^= x >> np.uint32(15)
+  x *= np.uint32(0x846CA68B)
+  x ^= x >> np.uint32(16)
+  return x
+
+
+def token_keys(seed: int, request: np.ndarray, position: np.ndarray) -> np.ndarray:
+  """``[T]`` uint32 key of each token ``(seed, request, position)``: the only input of its
+  draws, so a token's experts do not depend on how or when the steps were batched."""
+  with np.errstate(over="ignore"):
+    x = _mix32(np.full(request.shape, np.uint32(seed & 0xFFFFFFFF)) ^ np.uint32(0x9E3779B9))
+    x = _mix32(x ^ request.astype(np.uint32))
+    return _mix32(x ^ (position.astype(np.uint32) * np.uint32(0x85EBCA6B)))
+
+
+def token_uniforms(keys: np.ndarray, width: int) -> np.ndarray:
+  """``[T, width]`` float32 uniforms in ``(0, 1)`` of tokens with ``keys [T]`` (counter-based:
+  entry ``j`` of token ``t`` is a hash of ``(keys[t], j)``)."""
+  with np.errstate(over="ignore"):
+    x = keys[:, None] ^ (np.arange(1, width + 1, dtype=np.uint32) * np.uint32(0x9E3779B9))[None]
+    x = _mix32(x)
+  return ((x >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+
+
 class SampledRouting:
   """Choices sampled per request from its domain's routing statistics (module docstring).
 
@@ -123,22 +151,33 @@ class SampledRouting:
                            f"{stats.name!r} have only {', '.join(stats.domains)}; draw the "
                            f"requests from those domains or use stats that have them.")
     self.log_w = sampling_log_weights(stats).astype(np.float32)        # [D, L, E]
+    with np.errstate(over="ignore"):
+      self.inv_w = np.exp(-self.log_w)                                  # [D, L, E], inf: never
     self.row = np.array([stats.domain_index(d) for d in domains], dtype=np.int64)
-    self.rng = np.random.default_rng(seed)
+    self.seed = int(seed)
     self.num_layers, self.num_experts, self.top_k = stats.num_layers, stats.num_experts, \
         stats.top_k
     self.pools = None
     if pool > 0:  # [D, L, P, k]
       self.pools = top_k_sample(np.repeat(self.log_w[:, :, None, :], pool, axis=2), self.top_k,
-                                self.rng)
+                                np.random.default_rng(seed))
 
-  def sample(self, request: np.ndarray, position: np.ndarray | None = None) -> np.ndarray:
-    """``[T, L, k]`` experts of tokens of ``request [T]`` (independent draws)."""
-    del position
-    if self.pools is None:
-      return top_k_sample(self.log_w[self.row[request]], self.top_k, self.rng)
-    _, l, p, _ = self.pools.shape
-    pick = self.rng.integers(0, p, size=(request.size, l))
+  def sample(self, request: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``[T, L, k]`` experts of the tokens at ``position [T]`` of ``request [T]``: independent
+    draws, each a function of ``(seed, request, position)`` only (:func:`token_keys`), so the
+    same token gets the same experts under any batching, placement or time scale."""
+    request, position = np.asarray(request), np.asarray(position)
+    if position.shape != request.shape:
+      raise SimulatorError(f"sample needs one position per token, got {position.shape} "
+                           f"positions for {request.shape} requests.")
+    keys = token_keys(self.seed, request, position)
+    l, e = self.num_layers, self.num_experts
+    if self.pools is None:  # the k largest log(u) / w: Gumbel-top-k on log w (Efraimidis-Spirakis)
+      key = np.log(token_uniforms(keys, l * e)).reshape(request.size, l, e)
+      key *= self.inv_w[self.row[request]]
+      return np.argpartition(key, e - self.top_k, axis=-1)[..., e - self.top_k:].astype(np.int32)
+    p = self.pools.shape[2]
+    pick = (token_uniforms(keys, l) * p).astype(np.int64).clip(0, p - 1)
     return self.pools[self.row[request][:, None], np.arange(l)[None, :], pick]
 
 

@@ -54,7 +54,7 @@ def test_step_cost_equals_cost_model(name, cluster):
 def test_sampled_routing_matches_measured_inclusion():
   stats = load_routing_stats("olmoe_1b_7b")
   r = SampledRouting(stats, ["github"] * 2, seed=1, pool=4096)  # pool noise < atol / 4
-  ids = r.sample(np.repeat(np.arange(2), 20000))                        # [T, L, k]
+  ids = r.sample(np.repeat(np.arange(2), 20000), np.tile(np.arange(20000), 2))  # [T, L, k]
   assert ids.shape == (40000, OLMOE.n_moe_layers, OLMOE.top_k)
   assert all(len(set(row)) == OLMOE.top_k for row in ids[:50, 0])       # k distinct experts
   d = stats.domains.index("github")
@@ -259,6 +259,27 @@ def test_request_longer_than_the_kv_budget_is_refused(setting):
              kv_tokens="placement")
 
 
+def test_a_tokens_draw_depends_on_the_token_only(setting):
+  """Counter-based draws: a token's experts are the same whichever tokens share its step, in
+  whatever order; another position, request or seed draws anew; positions must be given."""
+  model, cluster, stats, cost, problem = setting
+  req = _requests(3, 4, np.random.default_rng(0))
+  routing = SampledRouting(stats, req.domain, seed=7)
+  request = np.repeat(np.arange(3), 50)
+  position = np.tile(np.arange(50), 3)
+  ids = np.sort(routing.sample(request, position), -1)
+  order = np.random.default_rng(1).permutation(request.size)[:60]
+  again = np.sort(SampledRouting(stats, req.domain, seed=7).sample(request[order],
+                                                                    position[order]), -1)
+  np.testing.assert_array_equal(again, ids[order])
+  other = np.sort(SampledRouting(stats, req.domain, seed=8).sample(request, position), -1)
+  assert (other != ids).any(axis=(1, 2)).mean() > 0.9
+  shifted = np.sort(routing.sample(request, position + 1), -1)
+  assert (shifted != ids).any(axis=(1, 2)).mean() > 0.9
+  with pytest.raises(SimulatorError, match="one position per token"):
+    routing.sample(request, position[:-1])
+
+
 def test_pooled_routing_keeps_the_inclusion_frequencies(setting):
   model, cluster, stats, cost, problem = setting
   req = _requests(3, 4, np.random.default_rng(0))
@@ -266,7 +287,7 @@ def test_pooled_routing_keeps_the_inclusion_frequencies(setting):
   pooled = SampledRouting(stats, req.domain, seed=0, pool=2048)
   r = np.zeros(6000, np.int64)                       # request 0: github
   for c in (exact, pooled):
-    ids = c.sample(r)
+    ids = c.sample(r, np.arange(r.size))
     assert ids.shape == (r.size, model.n_moe_layers, model.top_k)
     assert np.all(np.sort(ids, -1)[..., 1:] != np.sort(ids, -1)[..., :-1])  # distinct
     freq = np.bincount(ids[:, 12].ravel(), minlength=64) / r.size
