@@ -29,7 +29,7 @@ from absl import app, flags
 
 import _cli
 from moe_edge.experiments import paper_report as rep
-from moe_edge.experiments.paper_calibrated import run_calibrated
+from moe_edge.experiments.paper_calibrated import ratios, run_calibrated
 from moe_edge.experiments.paper_config import paper_config
 from moe_edge.experiments.paper_readme import load_parts, write_outputs
 from moe_edge.experiments.paper_shift import run_shift
@@ -78,7 +78,7 @@ def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
   comps = rep.compare(rows)
   text = [rep.format_comparison(comps), "",
           rep.format_goals(rep.goals(comps, dict(shift.after) if shift else None, light,
-                                     cfg.light_load_factor))]
+                                     cfg.light_load_factor, ratios(calibrated)))]
   if shift:
     text += ["", rep.format_shift(shift)]
   print(f"wrote {', '.join(p.name for p in paths)} into {out} "

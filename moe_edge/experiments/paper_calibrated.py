@@ -144,3 +144,9 @@ def comparison(rows: Sequence[dict]) -> list[dict]:
                     busy_eplb=sel[rep.BASELINE]["busy_fraction"],
                     busy_prism=sel[rep.PAPER_METHOD]["busy_fraction"]))
   return out
+
+
+def ratios(rows: Sequence[dict] | None) -> dict:
+  """``{(model, workload): (time scale, prism vs eplb_hetero)}``: what the goals judge."""
+  return {(c["model"], c["workload"]): (c["time_scale"], c["prism_change"])
+          for c in comparison(rows or [])}

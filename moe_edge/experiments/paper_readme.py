@@ -18,7 +18,7 @@ import numpy as np
 
 from moe_edge.config import load_preset
 from moe_edge.experiments import paper_report as rep
-from moe_edge.experiments.paper_calibrated import CALIBRATED_COLUMNS, comparison
+from moe_edge.experiments.paper_calibrated import CALIBRATED_COLUMNS, comparison, ratios
 from moe_edge.experiments.paper_config import PaperConfig, paper_config
 from moe_edge.experiments.paper_shift import SHIFT_COLUMNS, ShiftResult
 from moe_edge.experiments.paper_table import run_table
@@ -207,7 +207,7 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
          f"`PAPER.md` summarises them (approximate per setting).", ""]
   out += [f"- {line}" for line in setup_lines(cfg)] + [""]
   out += ["## Goals (issue 17)", "", rep.format_goals(rep.goals(
-      comps, shift_means, light, cfg.light_load_factor)), ""]
+      comps, shift_means, light, cfg.light_load_factor, ratios(calibrated))), ""]
   out += ["## Our ratios beside the paper's", "",
           "Each ratio is within one table (our prism vs our eplb_hetero, the paper's Prism vs "
           "its EPLB); 'our best' is the registered `ours` method with the least mean latency.",
@@ -290,7 +290,7 @@ def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
                  light_load={f"{m} {w}": v for (m, w), v in (light or {}).items()},
                  goals=[dict(goal=g, met=bool(ok), measured=m) for g, ok, m in
                         rep.goals(rep.compare(rows), dict(shift.after) if shift else None,
-                                  light, cfg.light_load_factor)])
+                                  light, cfg.light_load_factor, ratios(calibrated))])
   if shift:
     paths.append(write_csv([{k: _clean(r[k]) for k in SHIFT_COLUMNS} for r in shift.rows],
                            out / "shift.csv", SHIFT_COLUMNS))
