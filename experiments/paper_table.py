@@ -11,11 +11,13 @@ into ``--out``; prints the comparison.
   python experiments/paper_table.py --config paper_testbed_quick --out /tmp/paper
   python experiments/paper_table.py --config paper_testbed_quick --config.duration_s=120
 
-Parts can be run alone with ``--parts table,shift,scaling,calibrated`` (default: all four;
+Parts can be run alone with ``--parts table,shift,scaling,calibrated,sweep`` (default: all;
 ``calibrated`` serves the placements on a testbed whose times are scaled so eplb_hetero matches
-the paper's EPLB latency, ``moe_edge/experiments/paper_calibrated.py``); with
+the paper's EPLB latency, ``moe_edge/experiments/paper_calibrated.py``; ``sweep`` varies the
+workload's locality, prompt and output lengths one at a time there,
+``moe_edge/experiments/paper_sweep.py``); with
 ``--reuse`` the parts not run are read back from ``--out`` (``table.csv``, ``latencies.csv``,
-``shift.csv``, ``scaling.csv``, ``calibrated.csv``, ``summary.json``), so the README covers them all;
+``shift.csv``, ``scaling.csv``, ``calibrated.csv``, ``sweep.csv``, ``summary.json``), so the README covers them all;
 ``--parts= --reuse`` only rewrites the README and plots from those files.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from moe_edge.experiments.paper_calibrated import ratios, run_calibrated
 from moe_edge.experiments.paper_config import paper_config
 from moe_edge.experiments.paper_readme import load_parts, write_outputs
 from moe_edge.experiments.paper_shift import run_shift
+from moe_edge.experiments.paper_sweep import run_sweep
 from moe_edge.experiments.paper_table import run_scaling, run_table
 from moe_edge.io import OutputFolder, RunIdentity
 
@@ -40,9 +43,9 @@ CONFIG = _cli.define_config("paper_testbed")
 OUT, OVERWRITE = _cli.define_output("results/paper")
 #: What a run writes into --out (its README.md is generated, so it is the run's file too).
 OUTPUTS = ("*.csv", "*.png", "summary.json", "README.md")
-ALL_PARTS = ("table", "shift", "scaling", "calibrated")
+ALL_PARTS = ("table", "shift", "scaling", "calibrated", "sweep")
 PARTS = flags.DEFINE_list("parts", list(ALL_PARTS),
-                          "Which parts to run: table, shift, scaling, calibrated.")
+                          "Which parts to run: table, shift, scaling, calibrated, sweep.")
 REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files an earlier run "
                           "wrote into --out (the README and plots then cover every part).")
 
@@ -50,12 +53,13 @@ REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files
 def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
   """Run the parts, write the outputs; returns the comparison text printed at the end."""
   t0 = time.perf_counter()
-  rows, lat, light, shift, scaling, calibrated = [], {}, {}, None, None, None
+  rows, lat, light, shift, scaling, calibrated, sweep = [], {}, {}, None, None, None, None
   commands = {p: command for p in parts}
   if reuse:
     old = load_parts(out)
     rows, lat, light = old.get("table", (rows, lat, light))
     shift, scaling, calibrated = old.get("shift"), old.get("scaling"), old.get("calibrated")
+    sweep = old.get("sweep")
     prior = old.get("commands", {})
     if "all" in prior:
       prior = {p: prior["all"] for p in ("table", "shift", "scaling")}
@@ -73,8 +77,11 @@ def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
   if "calibrated" in parts:
     print("calibrated (time scale fitted to the paper's EPLB latency):", flush=True)
     calibrated = run_calibrated(cfg, log=lambda s: print(s, flush=True))
+  if "sweep" in parts:
+    print("sweep (one workload knob at a time, calibrated testbed):", flush=True)
+    sweep = run_sweep(cfg, log=lambda s: print(s, flush=True))
   paths = write_outputs(cfg, out, rows, lat, shift, scaling, commands,
-                        time.perf_counter() - t0, light, calibrated)
+                        time.perf_counter() - t0, light, calibrated, sweep)
   comps = rep.compare(rows)
   text = [rep.format_comparison(comps), "",
           rep.format_goals(rep.goals(comps, dict(shift.after) if shift else None, light,

@@ -63,4 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The calibrated part (moe_edge/experiments/paper_calibrated.py): the testbed's times scaled so
   # eplb_hetero's mean latency is the paper's EPLB; these methods (plus every `ours` method).
   c.calibrated_methods = ("eplb_hetero", "prism", "dancemoe")
+  # The ablation of the workload's knobs (moe_edge/experiments/paper_sweep.py), one at a time,
+  # on the calibrated testbed; the table's workloads above stay fixed.
+  c.sweep_settings = ("deepseek_v2_lite:specialised", "mixtral_8x7b:specialised")
+  c.sweep_alphas = (0.6, 0.8)
+  c.sweep_prompt_tokens = ((32, 128),)
+  c.sweep_output_tokens = (32,)
+  c.sweep_methods = ("eplb_hetero", "prism", "dancemoe")
+  c.sweep_duration_s = 600.0
   return c

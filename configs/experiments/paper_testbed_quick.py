@@ -37,4 +37,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.scaling_methods = ("eplb_hetero", "prism")
   c.scaling_duration_s = 60.0
   c.scaling_loads = ("per_server",)
+  c.sweep_settings = ("deepseek_v2_lite:specialised",)
+  c.sweep_duration_s = 240.0
   return c

@@ -43,6 +43,10 @@ here and said so):
   so eplb_hetero's mean latency on the profiling requests is the paper's EPLB latency;
   ``calibrated_methods`` (plus every ``ours`` method with ``include_ours``) are then served
   (``moe_edge/experiments/paper_calibrated.py``).
+* sweep (the ablation of the workload's knobs): for each ``sweep_settings`` entry
+  ``"model:workload"``, ``sweep_alphas``, ``sweep_prompt_tokens`` and ``sweep_output_tokens``
+  one at a time, ``sweep_methods`` re-planned and served for ``sweep_duration_s`` on the
+  calibrated testbed (``moe_edge/experiments/paper_sweep.py``).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ from moe_edge.workload.corpus import DOMAINS
 PAPER_MODELS = ("deepseek_v2_lite", "mixtral_8x7b")
 SHIFT_POLICIES = ("none", "paper", "ours")
 NAME_LISTS = ("models", "table_workloads", "methods", "shift_policies", "scaling_methods",
-              "scaling_loads", "calibrated_methods")
+              "scaling_loads", "calibrated_methods", "sweep_settings", "sweep_methods")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +143,12 @@ class PaperConfig:
   scaling_loads: tuple[str, ...]
   scaling_fixed_duration_s: float
   calibrated_methods: tuple[str, ...]
+  sweep_settings: tuple[str, ...]
+  sweep_alphas: tuple[float, ...]
+  sweep_prompt_tokens: tuple[tuple[int, int], ...]
+  sweep_output_tokens: tuple[int, ...]
+  sweep_methods: tuple[str, ...]
+  sweep_duration_s: float
 
   def __post_init__(self):
     where = f"paper experiment {self.name!r}"
@@ -204,6 +214,27 @@ class PaperConfig:
     if "eplb_hetero" not in self.calibrated_methods or "prism" not in self.calibrated_methods:
       raise ConfigError(f"{where}: calibrated_methods must include eplb_hetero (the scale is "
                         f"fitted on it) and prism, got {list(self.calibrated_methods)}.")
+    self._check_sweep(where, names)
+
+  def _check_sweep(self, where: str, workloads: list[str]) -> None:
+    for entry in self.sweep_settings:
+      model, _, workload = entry.partition(":")
+      if model not in available("models") or workload not in workloads:
+        raise ConfigError(f"{where}: sweep_settings entry {entry!r} must be 'model:workload' "
+                          f"with a known model and one of the workloads {workloads}.")
+    if "eplb_hetero" not in self.sweep_methods or "prism" not in self.sweep_methods:
+      raise ConfigError(f"{where}: sweep_methods must include eplb_hetero and prism, got "
+                        f"{list(self.sweep_methods)}.")
+    if any(not 0.0 <= a <= 1.0 for a in self.sweep_alphas):
+      raise ConfigError(f"{where}: sweep_alphas must lie in [0, 1], got "
+                        f"{list(self.sweep_alphas)}.")
+    if any(len(p) != 2 or not 1 <= p[0] <= p[1] for p in self.sweep_prompt_tokens):
+      raise ConfigError(f"{where}: sweep_prompt_tokens must be (lo, hi) pairs with 1 <= lo <= "
+                        f"hi, got {list(self.sweep_prompt_tokens)}.")
+    if any(t < 1 for t in self.sweep_output_tokens) or not (
+        self.sweep_duration_s > 0 and math.isfinite(self.sweep_duration_s)):
+      raise ConfigError(f"{where}: sweep_output_tokens must be >= 1 and sweep_duration_s a "
+                        f"positive number of seconds.")
 
   def workload(self, name: str) -> WorkloadSpec:
     for w in self.workloads:

@@ -21,6 +21,7 @@ from moe_edge.experiments import paper_report as rep
 from moe_edge.experiments.paper_calibrated import CALIBRATED_COLUMNS, comparison, ratios
 from moe_edge.experiments.paper_config import PaperConfig, paper_config
 from moe_edge.experiments.paper_shift import SHIFT_COLUMNS, ShiftResult
+from moe_edge.experiments.paper_sweep import SWEEP_COLUMNS, format_sweep
 from moe_edge.experiments.paper_table import run_table
 from moe_edge.experiments.tables import read_rows, write_csv
 from moe_edge.io import atomic
@@ -192,7 +193,8 @@ def calibrated_section(cfg: PaperConfig, calibrated: Sequence[dict]) -> list[str
 
 def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
            scaling: Sequence[dict] | None, command, light: dict | None = None,
-           calibrated: Sequence[dict] | None = None) -> str:
+           calibrated: Sequence[dict] | None = None, sweep: Sequence[dict] | None = None
+           ) -> str:
   comps = rep.compare(rows)
   shift_means = dict(shift.after) if shift else None
   commands = command if isinstance(command, dict) else {"all": command}
@@ -233,6 +235,13 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
       out += ["Saturated runs:", ""] + sat + [""]
   if calibrated:
     out += calibrated_section(cfg, calibrated)
+  if sweep:
+    out += ["## Ablation: the workload's knobs one at a time (calibrated testbed)", "",
+            "Each variant changes one knob of the setting's configured workload (locality "
+            "alpha, prompt length range, output length), is planned afresh and served "
+            f"({cfg.sweep_duration_s:g} s of arrivals) at the time scale that gives eplb_hetero "
+            "the paper's EPLB latency on the configured workload "
+            "(`moe_edge/experiments/paper_sweep.py`).", "", format_sweep(list(sweep)), ""]
   for model, workload in rep.settings(rows):
     out += [f"## {model}, {workload}", ""]
     if model == "deepseek_v2_lite":
@@ -269,7 +278,8 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
 def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
                   latencies: dict, shift: ShiftResult | None, scaling: list[dict] | None,
                   command, seconds: float, light: dict | None = None,
-                  calibrated: list[dict] | None = None) -> list[Path]:
+                  calibrated: list[dict] | None = None,
+                  sweep: list[dict] | None = None) -> list[Path]:
   """Write every file of the module docstring into ``out_dir``; returns their paths.
   ``command``: the command line, or ``{part: command}`` when parts came from several runs."""
   out = Path(out_dir)
@@ -306,9 +316,12 @@ def write_outputs(cfg: PaperConfig, out_dir: str | Path, rows: list[dict],
   if calibrated:
     paths.append(write_csv([{k: _clean(r[k]) for k in CALIBRATED_COLUMNS} for r in calibrated],
                            out / "calibrated.csv", CALIBRATED_COLUMNS))
+  if sweep:
+    paths.append(write_csv([{k: _clean(r[k]) for k in SWEEP_COLUMNS} for r in sweep],
+                           out / "sweep.csv", SWEEP_COLUMNS))
   atomic.write_text(out / "summary.json", json.dumps(summary, indent=1, default=_clean) + "\n")
   atomic.write_text(out / "README.md", readme(cfg, rows, shift, scaling, command, light,
-                                              calibrated) + "\n")
+                                              calibrated, sweep) + "\n")
   return paths + [out / "summary.json", out / "README.md"]
 
 
@@ -343,6 +356,8 @@ def load_parts(out_dir: str | Path) -> dict:
     parts["scaling"] = read_rows(out / "scaling.csv")
   if (out / "calibrated.csv").is_file():
     parts["calibrated"] = read_rows(out / "calibrated.csv")
+  if (out / "sweep.csv").is_file():
+    parts["sweep"] = [dict(r, value=str(r["value"])) for r in read_rows(out / "sweep.csv")]
   parts["commands"] = summary.get("commands", {})
   return parts
 

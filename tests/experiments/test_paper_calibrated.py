@@ -81,3 +81,39 @@ def test_calibrated_methods_without_the_baseline_are_refused():
   cd.calibrated_methods = ("prism",)
   with pytest.raises(ConfigError, match="calibrated_methods must include eplb_hetero"):
     paper_config(cd)
+
+
+def test_sweep_varies_one_knob_at_a_time_and_reports_it(tiny, tmp_path):
+  from moe_edge.experiments import paper_sweep as sw
+  cfg = dataclasses.replace(tiny, sweep_settings=("deepseek_v2_lite:specialised",),
+                            sweep_alphas=(1.0, 0.5), sweep_prompt_tokens=((32, 64),),
+                            sweep_output_tokens=(), sweep_methods=("eplb_hetero", "prism"),
+                            sweep_duration_s=30.0)
+  knobs = [(k, v) for k, v, _ in sw.variants(cfg, "specialised")]
+  assert knobs == [("base", "configured"), ("alpha", "0.5"), ("prompt_tokens", "32-64")]
+  rows = sw.run_sweep(cfg, log=lambda s: None)
+  assert len(rows) == 3 * 2
+  alpha = {r["value"]: r["alpha"] for r in rows}
+  assert alpha == {"configured": 1.0, "0.5": 0.5, "32-64": 1.0}
+  assert all(r["vs_eplb_hetero"] == 0.0 for r in rows if r["method"] == "eplb_hetero")
+  assert {r["prompt_hi"] for r in rows if r["knob"] == "prompt_tokens"} == {64}
+  write_outputs(cfg, tmp_path, [], {}, None, None, "cmd", 1.0, None, None, rows)
+  text = (tmp_path / "README.md").read_text()
+  assert "## Ablation: the workload's knobs" in text
+  assert "| deepseek_v2_lite specialised | alpha | 0.5 |" in text
+  assert len(load_parts(tmp_path)["sweep"]) == len(rows)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("sweep_settings", ("deepseek_v2_lite",), "must be 'model:workload'"),
+    ("sweep_settings", ("deepseek_v2_lite:bogus",), "must be 'model:workload'"),
+    ("sweep_methods", ("prism",), "sweep_methods must include eplb_hetero"),
+    ("sweep_alphas", (1.5,), "sweep_alphas must lie in"),
+    ("sweep_prompt_tokens", ((64, 32),), "sweep_prompt_tokens must be"),
+    ("sweep_output_tokens", (0,), "sweep_output_tokens must be"),
+])
+def test_bad_sweep_config_is_one_line(key, value, match):
+  cd = load_preset("experiments", "paper_testbed_quick")
+  cd[key] = value
+  with pytest.raises(ConfigError, match=match):
+    paper_config(cd)
