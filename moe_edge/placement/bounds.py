@@ -4,34 +4,49 @@ The latency search's objective (``search.py``) is an increasing function ``f(T_d
 expected decode and prefill step times (``cost/request_latency.py``), so lower bounds
 ``T_p >= B_p`` of each phase give ``f(B_d, B_p) <= f(T_d, T_p)`` for every placement. Per phase
 (``x[n, l, e]`` expected token-choices per step, as in ``layer_state.py``), a step is
-``dense + sum_l (dispatch_l + combine_l + max_m P[m, l])``; each term is bounded from below by a
-relaxation that keeps only what no placement can avoid:
+``dense + sum_l (dispatch_l + combine_l + max_m P[m, l])``; the dense part is exact and the rest
+is bounded per layer by a relaxation that keeps only what no placement can avoid. Call ``S[n]``
+the experts whose choices from ``n`` are served on ``n`` itself (``k[n] = |S[n]|`` slots) and
+``R[n] = sum_{e not in S[n]} x[n, e]`` its remote choices:
 
-* **Expert compute** (independent of the placement): expert ``(l, e)``'s ``X = sum_n x[n, l, e]``
-  choices are computed somewhere, split ``y[m]`` over servers; a part ``c <= X`` on ``m`` costs at
-  least ``c r[m]``, ``r[m] = max(read[m] (1 - exp(-X)) / X, flop[m])`` (``1 - exp(-c)`` is
-  concave, so ``(1 - exp(-c)) / c`` falls with ``c``). ``max_m P[m, l]`` is at least the optimum
-  of the LP ``min t : sum_e r[m, e] y[m, e] <= t, sum_m y[m, e] = X_e, y >= 0`` (HiGHS, via
-  ``scipy.optimize.linprog``; above ``lp_max_size`` variables the weaker
-  ``max_e X_e / sum_m 1 / r[m, e]`` is used instead).
-* **Exchange**, given that server ``n`` holds ``k[n, l]`` experts of layer ``l``: at least
-  ``R[n](k) = sum_e x[n, l, e] - (its k largest)`` of its choices are remote. Server ``n``'s
-  sends take at least ``a R[n] min_m inv_bw[n, m]`` plus, as its busiest link carries at least
-  ``R[n] / (N - 1)``, ``min_m lat[n, m] (1 - exp(-R[n] / (N - 1)))``: ``dispatch_l >= max_n D[n]``.
-  The combine's busiest receiver takes at least the mean of all: ``combine_l >= (a / N) sum_n
-  R[n] min_m inv_bw[m, n]``.
+* **Expert compute** (a floor independent of the placement): expert ``(l, e)``'s ``X = sum_n
+  x[n, l, e]`` choices are computed somewhere; a part ``c <= X`` on ``m`` costs at least
+  ``c r[m]``, ``r[m] = max(read[m] (1 - exp(-X)) / X, flop[m])``, so ``max_m P[m, l]`` is at
+  least the LP ``min t : sum_e r[m, e] y[m, e] <= t, sum_m y[m, e] = X_e, y >= 0`` (HiGHS;
+  above ``lp_max_size`` variables the weaker ``max_e X_e / sum_m 1 / r[m, e]``): ``comp[l]``.
+* **Coupling of compute and exchange**: ``P[n] >= sum_{e in S[n]} t_n(x[n, e])`` (its own
+  choices of the experts it serves locally, ``t_n = hw.expert_time`` on ``n``, increasing in
+  the count; the dense-over-slots kernel costs at least as much). So if ``max_m P`` lies in
+  ``[pi_j, pi_{j+1}]`` (segments from ``comp[l]`` up), ``n``'s local choices are at most the
+  fractional knapsack ``min(top_k, G_n(pi_{j+1}))``: its ``k`` largest, and the most it can hold
+  with own work ``<= pi_{j+1}`` (greedy in descending ``x``, which is also the order of
+  ``x / t_n(x)``); the layer costs at least ``pi_j`` plus the exchange of those remote choices.
+* **Dispatch**: ``dispatch >= max_n D[n]``, ``D[n] = a R[n] min_m inv_bw[n, m] + min_m lat[n,
+  m] (1 - exp(-R[n] / (N - 1)))`` (its sends, and its busiest link carries ``>= R / (N - 1)``).
+* **Combine**, two bounds mixed by ``lambda`` in ``LAMBDAS`` (``combine >= lambda A + (1 -
+  lambda) max_n H[n]``): ``H[n]``, the host of ``n``'s busiest link returns ``>= R[n] / (N - 1)``
+  choices and pays its latency; ``A``, the busiest host returns ``>= s / N`` of the ``s = sum_n
+  R[n]`` remote choices: ``A = a s / N min inv_bw + psi(s)``, ``psi(s) = min lat (1 - exp(-s /
+  (N (N - 1))))``. ``psi`` is concave, so ``min_c (alpha_c + beta_c s)`` over its secants of a
+  grid (extended, each lies above ``psi`` outside its interval) is below it and linear in ``s``:
+  the minimum over ``c`` commutes with the minimum over placements, and ``A`` splits over the
+  servers.
 * **Memory** couples the layers: ``sum_l k[n, l] <= C[n]``, ``0 <= k <= min(E, C[n])``. It is
-  relaxed by Lagrange multipliers ``mu[n] >= 0``: for every ``mu``
-  ``sum_l min_k [max_n D + combine + sum_n mu[n] k[n, l]] - sum_n mu[n] C[n]`` is a lower bound
-  (weak duality). Each layer's inner minimum is exact: over every threshold ``tau`` of
-  ``max_n D``, each server takes its cheapest ``k`` with ``D[n](k) <= tau``. ``mu`` is improved by
-  projected subgradient steps (Polyak steps towards ``upper``, the best known phase time); the
-  best bound seen is kept, so any number of steps leaves a valid bound.
+  relaxed by Lagrange multipliers ``mu[n] >= 0``: for every ``mu``, ``sum_l min [layer bound +
+  sum_n mu[n] k[n, l]] - sum_n mu[n] C[n]`` is a lower bound (weak duality). Each layer's inner
+  minimum is exact over ``k`` for each segment of ``max_m P`` and of ``max_n (D[n] + (1 -
+  lambda) H[n])`` (a grid: within segment ``[tau_i, tau_{i+1}]`` every server keeps
+  ``D + (1 - lambda) H <= tau_{i+1}`` and the layer pays ``tau_i``), each server then taking its
+  cheapest allowed ``k``; a layer takes its best ``lambda``. ``mu`` is chosen by Kelley's
+  cutting planes (HiGHS) on the dual of ``lambda = 1``; the best value seen is kept, so any
+  number of iterations leaves a valid bound.
 
-Dropped (so the bound stays valid and may be loose): the constraint that every expert is hosted
-somewhere, that remote choices go to a server that holds the expert, replica reads on several
-servers, link latencies beyond the busiest link of each sender, and the coupling of decode and
-prefill through one placement.
+Dropped (so the bound stays valid and may be loose): that every expert is hosted somewhere,
+that remote choices go to a server that holds the expert and its weight reads there, replica
+reads beyond each server's own choices, link latencies beyond the busiest link, and the
+coupling of decode and prefill through one placement. ``tests/placement/test_bounds.py`` checks
+it against exhaustive optima of tiny instances, every registered method and the previous
+(uncoupled) bound.
 """
 from __future__ import annotations
 
@@ -54,8 +69,9 @@ class PhaseBound:
   Attributes:
     step: the bound of ``T``: ``dense + compute + exchange``.
     dense: the dense part (exact: no placement changes it).
-    compute: ``sum_l`` of the compute bounds.
-    exchange: the Lagrangian bound of ``sum_l (dispatch + combine)``.
+    compute: ``sum_l comp[l]``, the compute floor (the LP, independent of the placement).
+    exchange: what the coupled Lagrangian bound adds above that floor: exchange plus the
+      compute that keeping choices local forces (``step - dense - compute``).
     compute_exact: every layer's compute bound came from the LP (not the weaker fallback).
   """
   step: float
@@ -232,8 +248,16 @@ def _layer_tables(hw, x: np.ndarray, kmax: np.ndarray, comp: np.ndarray, pis: in
 
 
 def coupled_bound(hw, x: np.ndarray, capacity: np.ndarray, comp: np.ndarray,
-                  steps: int = 40, pis: int = 32, taus: int = 64, chords: int = 6) -> float:
-  """The Lagrangian lower bound of ``sum_l (dispatch_l + combine_l + max_m P[m, l])``."""
+                  upper: float | None = None, steps: int = 40, pis: int = 24, taus: int = 48,
+                  chords: int = 5) -> float:
+  """The Lagrangian lower bound of ``sum_l (dispatch_l + combine_l + max_m P[m, l])`` (module
+  docstring) for ``x [N, L, E]``, ``capacity [N]`` and the compute bounds ``comp [L]``.
+
+  Args:
+    upper: a known value of the sum (caps the multipliers' model; any value keeps validity).
+    steps: cutting-plane iterations at most; pis / taus: segments of the compute maximum and of
+      the dispatch threshold per layer; chords: secants of the combine's latency.
+  """
   n, l, e = x.shape
   cap = np.asarray(capacity, dtype=np.float64)
   kmax = np.minimum(cap, e).astype(np.int64)
@@ -253,56 +277,55 @@ def coupled_bound(hw, x: np.ndarray, capacity: np.ndarray, comp: np.ndarray,
     vals = base + suf.ravel()[gather].sum(axis=4)                        # [L, J, V, I]
     flat = vals.transpose(0, 2, 1, 3).reshape(l, vq.size, -1)
     per_v = flat.min(axis=2)                                             # [L, V]
-    per_q = (per_v[:, None, :] + mask[None]).min(axis=2)                 # [L, Q]: min of chords
-    grads = []
-    for q in range(LAMBDAS.size):                                        # each mix's own dual
-      v = (per_v + mask[q]).argmin(axis=1)
-      j, i = np.divmod(flat[la, v].argmin(axis=1), base.shape[3])
-      km = kmin[la, j, v, i]                                             # [L, N]
-      row = np.where(karr[None, None, :] >= km[..., None], h[la, j, v], np.inf)  # [L, N, K]
-      grads.append(row.argmin(axis=2).sum(axis=0) - cap)                 # slots each server uses
-    return (float(per_q.max(axis=1).sum() - mu @ cap), per_q.sum(axis=0) - mu @ cap,
-            np.array(grads))
+    per_q = (per_v[:, None, :] + mask[None]).min(axis=2)                 # [L, Q]: min of secants
+    # the supergradient of mix 0's own (concave) dual: the slots its minimisers use
+    v = (per_v + mask[0]).argmin(axis=1)
+    j, i = np.divmod(flat[la, v].argmin(axis=1), base.shape[3])
+    km = kmin[la, j, v, i]                                               # [L, N]
+    row = np.where(karr[None, None, :] >= km[..., None], h[la, j, v], np.inf)  # [L, N, K]
+    return (float(per_q.max(axis=1).sum() - mu @ cap), float(per_q[:, 0].sum() - mu @ cap),
+            row.argmin(axis=2).sum(axis=0) - cap)
 
   # a slot is worth at most what it saves in one layer when all of a server's traffic is remote
-  top = float(np.nanmax(np.where(np.isfinite(base), base, np.nan))) + float(cost.max()) * n
-  return _maximise(dual, 0, n, top, steps)
+  top = float(base[np.isfinite(base)].max()) + float(cost.max()) * n
+  return _maximise(dual, n, top, steps, upper)
 
 
-def _maximise(dual, q: int, n: int, top: float, steps: int) -> float:
-  """Kelley's cutting planes on the concave dual of mix ``q`` (``dual(mu) -> (value, values
-  [Q], supergradients [Q, N])``) over ``mu in [0, top]^N``; returns the best ``value`` seen
-  (the per-layer best of every mix, valid at every visited ``mu``)."""
+def _maximise(dual, n: int, top: float, steps: int, upper: float | None) -> float:
+  """The best ``value`` of ``dual(mu) -> (value, own, supergradient of own)`` over the prices
+  ``mu in [0, top]^N`` that Kelley's cutting planes visit on the concave ``own``; ``upper``
+  (a known primal value) caps the cutting-plane model. Every visited value is a valid bound."""
   mu = np.zeros(n)
-  best = -np.inf
+  best = own_best = -np.inf
   cuts_a, cuts_b = [], []
-  own_best = -np.inf
+  cap_t = (None, None if upper is None else float(upper))
   for _ in range(steps):
-    value, values, grads = dual(mu)
-    best = max(best, value)
-    own, grad = float(values[q]), grads[q]
-    own_best = max(own_best, own)
+    value, own, grad = dual(mu)
+    best, own_best = max(best, value), max(own_best, own)
     if np.all((grad <= 0) & (mu == 0) | (grad == 0)):
       break                                   # complementary slackness: mu is optimal
     # cut: t <= own + grad (nu - mu)  ->  t - grad nu <= own - grad mu
     cuts_a.append(np.concatenate([[1.0], -grad]))
     cuts_b.append(own - float(grad @ mu))
     res = linprog(np.concatenate([[-1.0], np.zeros(n)]), A_ub=np.array(cuts_a),
-                  b_ub=np.array(cuts_b), bounds=[(None, None)] + [(0.0, top)] * n,
-                  method="highs")
+                  b_ub=np.array(cuts_b), bounds=[cap_t] + [(0.0, top)] * n, method="highs")
     if res.status != 0 or res.x is None:
       break
     if -res.fun - own_best <= 1e-6 * abs(own_best) + 1e-15:
       break                                   # the cutting-plane model proves no gain
     mu = res.x[1:]
   return float(best)
+
+
 def phase_bound(hw, freq: np.ndarray, batch: np.ndarray, capacity: np.ndarray,
                 upper: float | None = None) -> PhaseBound:
-  """:class:`PhaseBound` of one phase with ``batch [N]`` tokens per server and step."""
+  """:class:`PhaseBound` of one phase with ``batch [N]`` tokens per server and step;
+  ``upper``: a known step time (caps the multipliers' model; any value keeps the bound valid)."""
   x = np.asarray(batch, dtype=np.float64)[:, None, None] * freq
   dense = float(hw.dense_time(np.asarray(batch, dtype=np.float64)))
   comp, exact = compute_bound(hw, x)
-  both = max(coupled_bound(hw, x, capacity, comp), float(comp.sum()))
+  up = None if upper is None else upper - dense
+  both = max(coupled_bound(hw, x, capacity, comp, up), float(comp.sum()))
   return PhaseBound(dense + both, dense, float(comp.sum()), both - float(comp.sum()), exact)
 
 
@@ -312,7 +335,8 @@ def latency_lower_bound(problem, hw, workload, upper: tuple[float, float] | None
   Args:
     hw: the ``Hardware`` the objective is priced on.
     workload: the ``WorkloadSummary`` of the objective.
-    upper: best known ``(T_d, T_p)`` (steers the multipliers; any value keeps the bound valid).
+    upper: best known ``(T_d, T_p)`` (caps the multipliers' cutting-plane model; any value keeps
+      the bound valid).
   """
   if problem.capacity.sum() < problem.shape[1] * problem.shape[2]:
     raise PlacementError("lower bound: the cluster cannot hold every expert once.")
