@@ -14,11 +14,14 @@ Two views of one placement (docs/DESIGN.md, "Experiments"):
 
 A setting is *unreachable* for a goal "``r`` below the best baseline" when the bound of the
 planned value is above ``(1 - r)`` times the best baseline's planned value: no placement can meet
-it under the cost model.
+it under the cost model. :func:`format_goal_table` states it per setting ("unreachable
+(bound)") with the largest reduction the bound leaves; :func:`format_goals` gives the geometric
+means over every setting and over the settings the bound does not rule out.
 """
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 import numpy as np
@@ -39,7 +42,7 @@ def _ms(seconds: float) -> float:
 
 
 def setting_gaps(problem: PlacementProblem, results, hw, workload,
-                 bound: bool = True) -> dict[str, dict]:
+                 bound: bool = True, timings: dict | None = None) -> dict[str, dict]:
   """``{method: {column of GAP_COLUMNS: value}}`` of one setting's placed methods.
 
   Args:
@@ -48,6 +51,7 @@ def setting_gaps(problem: PlacementProblem, results, hw, workload,
     hw: the ``Hardware`` of the cost model.
     workload: the ``WorkloadSummary`` every method planned for.
     bound: also compute the lower bound and the gaps to it.
+    timings: when given, ``timings["lower_bound"]`` receives the bound's seconds.
   """
   batches = np.stack(workload_batches(workload))
   out, steps = {}, {}
@@ -69,7 +73,10 @@ def setting_gaps(problem: PlacementProblem, results, hw, workload,
   try:
     best = min(steps, key=lambda m: out[m]["planned_request_ms"])
     if bound:
+      t0 = time.perf_counter()
       lower = latency_lower_bound(problem, hw, workload, tuple(float(v) for v in steps[best]))
+      if timings is not None:
+        timings["lower_bound"] = time.perf_counter() - t0
   except PlacementError:  # the cluster cannot hold every expert once: no bound
     pass
   for row in out.values():
@@ -120,6 +127,29 @@ def format_gap_table(rows: Sequence[dict], model: str) -> str:
   return "\n".join(lines)
 
 
+def _goal_setting(by: dict, model: str, cluster: str, ours: str, pool: Sequence[str], key: str,
+                  planned_key: str, bound_key: str):
+  """``(ratio, allowed)`` of one setting or None: ``ours``' ``key`` over the best of ``pool``'s,
+  and the largest reduction the lower bound allows below the best planned value of ``pool``
+  (``1 - bound / planned``; None without a bound)."""
+  mine = by.get((model, cluster, ours))
+  base = [by[(model, cluster, b)] for b in pool if (model, cluster, b) in by]
+  if mine is None or not base or not all(_finite(b.get(key)) for b in base):
+    return None
+  if not _finite(mine.get(key)):
+    return None
+  best = min(base, key=lambda b: b[key])
+  lb = mine.get(bound_key)
+  bp = min(base, key=lambda b: b.get(planned_key, float("inf"))).get(planned_key)
+  allowed = 1.0 - lb / bp if _finite(lb) and _finite(bp) and bp > 0 else None
+  return mine[key] / best[key], allowed
+
+
+def _by_setting(rows: Sequence[dict]) -> dict:
+  return {(r["model"], r["cluster"], r["method"]): r for r in rows
+          if r.get("status") == "ok" and not r.get("extension")}
+
+
 def goal_summary(rows: Sequence[dict], ours: str, baselines: Sequence[str], target: float,
                  key: str, planned_key: str, bound_key: str,
                  against: str | None = None) -> dict:
@@ -130,23 +160,16 @@ def goal_summary(rows: Sequence[dict], ours: str, baselines: Sequence[str], targ
   Returns ``{"all": (reduction, settings), "reachable": (reduction, settings),
   "unreachable": [setting labels]}``.
   """
-  by = {(r["model"], r["cluster"], r["method"]): r for r in rows
-        if r.get("status") == "ok" and not r.get("extension")}
+  by = _by_setting(rows)
   ratios, reach, out_of = [], [], []
   for model, cluster in dict.fromkeys((r["model"], r["cluster"]) for r in rows):
-    mine = by.get((model, cluster, ours))
-    pool = [against] if against else baselines
-    base = [by[(model, cluster, b)] for b in pool if (model, cluster, b) in by]
-    if mine is None or not base or not all(_finite(b.get(key)) for b in base):
+    got = _goal_setting(by, model, cluster, ours, [against] if against else baselines, key,
+                        planned_key, bound_key)
+    if got is None:
       continue
-    if not _finite(mine.get(key)):
-      continue
-    best = min(base, key=lambda b: b[key])
-    ratio = mine[key] / best[key]
+    ratio, allowed = got
     ratios.append(ratio)
-    lb = mine.get(bound_key)
-    bp = min(base, key=lambda b: b.get(planned_key, float("inf"))).get(planned_key)
-    if _finite(lb) and _finite(bp) and lb > (1.0 - target) * bp:
+    if allowed is not None and allowed < target:
       out_of.append(f"{model}/{cluster}")
     else:
       reach.append(ratio)
@@ -154,6 +177,46 @@ def goal_summary(rows: Sequence[dict], ours: str, baselines: Sequence[str], targ
   def red(x):
     return (float(1.0 - np.exp(np.log(x).mean())) if x else float("nan"), len(x))
   return {"all": red(ratios), "reachable": red(reach), "unreachable": out_of}
+
+
+GOALS = (("decode", "decode_ms", "planned_decode_ms", "bound_decode_ms"),
+         ("request", "request_ms", "planned_request_ms", "bound_request_ms"))
+TARGETS = ((0.2, None, "the best baseline"), (0.3, "prism", "prism"))
+
+
+def format_goal_table(rows: Sequence[dict], ours: str, baselines: Sequence[str]) -> str:
+  """Markdown table, one row per setting: ``ours``' decode and request latency against the best
+  baseline (goal 20% below) and prism (30% below), each with the largest reduction the lower
+  bound allows and "unreachable (bound)" where it is below the goal; and the gap of
+  ``best_known`` to the bound (planned request latency and decode step)."""
+  by = _by_setting(rows)
+  targets = [t for t in TARGETS if not t[1] or any(r.get("method") == t[1] for r in rows)]
+  head = [f"{g} vs {'best baseline' if a is None else a} (goal -{100 * t:.0f}%)"
+          for g, *_ in GOALS for t, a, _ in targets]
+  lines = ["| setting | " + " | ".join(head) + " | best_known gap to bound (request / decode) |",
+           "|" + "---|" * (len(head) + 2)]
+  for model, cluster in dict.fromkeys((r["model"], r["cluster"]) for r in rows):
+    cells = []
+    for _, key, planned, bound in GOALS:
+      for target, against, _ in targets:
+        got = _goal_setting(by, model, cluster, ours, [against] if against else baselines, key,
+                            planned, bound)
+        if got is None:
+          cells.append("-")
+          continue
+        ratio, allowed = got
+        cell = _pct(ratio - 1.0)
+        if allowed is not None:
+          cell += (f"; **unreachable (bound)**: at most -{100 * allowed:.1f}%"
+                   if allowed < target else f"; bound allows -{100 * allowed:.1f}%")
+        cells.append(cell)
+    if all(c == "-" for c in cells):
+      continue
+    bk = by.get((model, cluster, REFERENCE), {})
+    gap = (f"{_pct(bk.get('gap_to_bound'))} / {_pct(bk.get('decode_gap_to_bound'))}"
+           if _finite(bk.get("gap_to_bound")) else "-")
+    lines.append(f"| {model}/{cluster} | " + " | ".join(cells) + f" | {gap} |")
+  return "\n".join(lines)
 
 
 def _finite(v) -> bool:
@@ -170,19 +233,22 @@ def format_goals(rows: Sequence[dict], ours: str, baselines: Sequence[str]) -> s
   at least 20% below the best baseline and 30% below prism (geometric means, with and without
   the settings the lower bound shows unreachable)."""
   lines = []
-  for label, key, planned, bound in (
-      ("decode latency per token", "decode_ms", "planned_decode_ms", "bound_decode_ms"),
-      ("request latency", "request_ms", "planned_request_ms", "bound_request_ms")):
-    for target, against, who in ((0.2, None, "the best baseline"), (0.3, "prism", "prism")):
+  for label, (_, key, planned, bound) in zip(("decode latency per token", "request latency"),
+                                             GOALS):
+    for target, against, who in TARGETS:
       if against and not any(r.get("method") == against for r in rows):
         continue
       g = goal_summary(rows, ours, baselines, target, key, planned, bound, against)
       (a, n), (b, m) = g["all"], g["reachable"]
       if n == 0:
         continue
-      un = (f"; without the {len(g['unreachable'])} setting(s) whose lower bound rules out "
-            f"{100 * target:.0f}% ({', '.join(g['unreachable'])}): {_lower(b)} over {m}"
-            if g["unreachable"] else "; the lower bound rules out no setting")
+      if not g["unreachable"]:
+        un = "; the lower bound rules out no setting"
+      elif m == 0:
+        un = f"; the lower bound rules out {100 * target:.0f}% in every setting"
+      else:
+        un = (f"; without the {len(g['unreachable'])} setting(s) whose lower bound rules out "
+              f"{100 * target:.0f}% ({', '.join(g['unreachable'])}): {_lower(b)} over {m}")
       ok = "met" if a >= target else "missed"
       lines.append(f"- **{label}** (goal: {100 * target:.0f}% below {who}): {ours} is "
                    f"{_lower(a)} than {who} (geometric mean over {n} settings: {ok}){un}.")
