@@ -25,9 +25,15 @@ frequencies; ``tokens`` = tokens per step).
   (two-fold over the window's alternate bins, :func:`~moe_edge.migration.
   cross_validated_savings`; :func:`~moe_edge.migration.choose_prefix`), the saving weighed
   over the same horizon as the paper's rule (``paper_replan_s`` of serving steps at the
-  window's step rate).
+  window's step rate). The step latency is scored as ``ours_scoring`` says
+  (:func:`~moe_edge.migration.trigger_score`): ``"serving"`` (the paper presets) prices the
+  window's own step mix (:meth:`Window.mix <moe_edge.serving.window.Window.mix>`: decode steps
+  and the prefill steps each server led, at the batches the scheduler formed), so the saving is
+  the change of the serving seconds this prefill-heavy workload pays; ``"decode"`` is the mean
+  batch of ``tokens / steps`` (the repository's default trigger). ``ours_safety`` and
+  ``ours_interference`` are the trigger's factors.
 
-Serving stalls while weights move (the trigger's conservative ``interference = 1``), for both.
+Serving stalls while weights move, for both (so ``interference = 1`` is exact here).
 """
 from __future__ import annotations
 

@@ -10,7 +10,13 @@ candidate placement, ``S`` steps per interval and ``tau`` the transfer time::
 
 ``interference`` is the fraction of serving time lost while weights are in flight (copies share
 the links with the dispatch). The default 1.0 is the conservative bound "serving stalls for the
-whole transfer"; the true value is smaller because copies run beside serving. The saving
+whole transfer"; the true value is smaller because copies run beside serving (where serving
+does stop for the copy, as in the request-level simulator's migrations, 1.0 is exact).
+``safety`` is a margin for what the formula leaves out (the horizon ``S`` is a guess of how
+long the new statistics last; an in-sample saving is optimistic). With held-out savings and
+the serving scoring below, ``safety = 1`` is the break-even rule: gain and cost are both
+serving seconds of the same cluster, and a stall delays the queued requests as a slower step
+does. The default 2.0 stays for the decode-only scoring, whose experiments were made with it. The saving
 ``t_cur - t_new`` is best estimated on statistics the candidate was not fitted to
 (:func:`cross_validated_saving`): fitted and scored on one noisy window, a plan always looks
 better than it is.
