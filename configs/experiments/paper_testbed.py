@@ -49,6 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.paper_replan_s = 300.0
   c.ours_check_s = 60.0
   c.ours_max_moves = 256
+  # The trigger scores what serving pays: the window's decode and prefill steps at the batches
+  # the scheduler formed (most link traffic here is prefill); break-even safety 1 on held-out
+  # savings; interference 1: the simulator stops serving for the whole copy (exact here).
+  c.ours_scoring = "serving"
+  c.ours_safety = 1.0
+  c.ours_interference = 1.0
   c.stats_window_s = 300.0
   c.shift_bin_s = 120.0
   c.scaling_model = "deepseek_v2_lite"

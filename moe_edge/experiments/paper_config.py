@@ -31,7 +31,9 @@ here and said so):
   ``prism`` every ``paper_replan_s`` on the last window's statistics, migrate when the
   candidate's communication cost plus the move cost is below the current communication cost)
   and ``ours`` (the repository's migration trigger on incremental plans of at most
-  ``ours_max_moves`` copies, judged every ``ours_check_s``). Weights move over the links (the
+  ``ours_max_moves`` copies, judged every ``ours_check_s``; ``ours_scoring``, ``ours_safety``
+  and ``ours_interference`` are the trigger's scoring, safety factor and interference,
+  :mod:`moe_edge.migration.trigger`). Weights move over the links (the
   repository's copy schedule) and serving stalls meanwhile.
 * scaling: the paper's simulation, ``scaling_gpus`` GPUs (the 1-1-2 pattern repeated) x
   ``scaling_link_mbps``, ``scaling_methods`` on ``scaling_model`` with ``scaling_workload``;
@@ -55,6 +57,7 @@ import math
 from typing import Any, Mapping
 
 from moe_edge.config import ConfigError, available
+from moe_edge.migration.trigger import SCORINGS
 from moe_edge.workload.corpus import DOMAINS
 
 PAPER_MODELS = ("deepseek_v2_lite", "mixtral_8x7b")
@@ -131,6 +134,9 @@ class PaperConfig:
   paper_replan_s: float
   ours_check_s: float
   ours_max_moves: int
+  ours_scoring: str
+  ours_safety: float
+  ours_interference: float
   stats_window_s: float
   shift_bin_s: float
   scaling_model: str
@@ -195,6 +201,12 @@ class PaperConfig:
       raise ConfigError(f"{where}: latency_s must be >= 0 and kv_reserve_requests >= 1.")
     if self.max_waiting < 1 or self.ours_max_moves < 1:
       raise ConfigError(f"{where}: max_waiting and ours_max_moves must be >= 1.")
+    if self.ours_scoring not in SCORINGS:
+      raise ConfigError(f"{where}: ours_scoring={self.ours_scoring!r}; use one of {SCORINGS}.")
+    for key in ("ours_safety", "ours_interference"):
+      v = getattr(self, key)
+      if not (v >= 0 and math.isfinite(v)):
+        raise ConfigError(f"{where}: {key} must be a finite number >= 0, got {v!r}.")
     if self.shift_at_s >= self.shift_duration_s:
       raise ConfigError(f"{where}: shift_at_s ({self.shift_at_s}) must come before "
                         f"shift_duration_s ({self.shift_duration_s}).")

@@ -151,9 +151,12 @@ def shift_notes(cfg: PaperConfig, shift: ShiftResult) -> list[str]:
     if not lines:
       continue
     after = [x for x in lines if float(x.split("s ")[0][2:]) >= cfg.shift_at_s]
+    moved = {f"t={t:.0f}s" for t, _, _ in shift.migrations[policy]}
+    made = [x for x in lines if x.split(" ")[0] in moved]
     out.append(f"- `{policy}`: {len(lines)} decisions, {len(shift.migrations[policy])} "
                f"migrations; the first after the shift: " +
-               "; ".join(f"`{x}`" for x in after[:3]) + ".")
+               "; ".join(f"`{x}`" for x in after[:3]) + "." +
+               (" Migrated: " + "; ".join(f"`{x}`" for x in made) + "." if made else ""))
   return out
 
 
@@ -256,7 +259,9 @@ def readme(cfg: PaperConfig, rows: Sequence[dict], shift: ShiftResult | None,
             f"{cfg.shift_model}, one initial placement (`{cfg.shift_method}` planned on "
             f"`{cfg.shift_from}`), the shift at {cfg.shift_at_s:g} s of {cfg.shift_duration_s:g} "
             f"s; `paper` re-plans with prism every {cfg.paper_replan_s:g} s, `ours` judges "
-            f"incremental plans every {cfg.ours_check_s:g} s (`moe_edge/experiments/"
+            f"incremental plans every {cfg.ours_check_s:g} s (trigger scoring "
+            f"`{cfg.ours_scoring}`, safety {cfg.ours_safety:g}, interference "
+            f"{cfg.ours_interference:g}; `moe_edge/experiments/"
             f"paper_shift.py`); weights move over the links and serving stalls meanwhile.", "",
             rep.format_shift(shift), "", "![shift](shift.png)", "",
             *shift_notes(cfg, shift), ""]

@@ -25,9 +25,15 @@ frequencies; ``tokens`` = tokens per step).
   (two-fold over the window's alternate bins, :func:`~moe_edge.migration.
   cross_validated_savings`; :func:`~moe_edge.migration.choose_prefix`), the saving weighed
   over the same horizon as the paper's rule (``paper_replan_s`` of serving steps at the
-  window's step rate).
+  window's step rate). The step latency is scored as ``ours_scoring`` says
+  (:func:`~moe_edge.migration.trigger_score`): ``"serving"`` (the paper presets) prices the
+  window's own step mix (:meth:`Window.mix <moe_edge.serving.window.Window.mix>`: decode steps
+  and the prefill steps each server led, at the batches the scheduler formed), so the saving is
+  the change of the serving seconds this prefill-heavy workload pays; ``"decode"`` is the mean
+  batch of ``tokens / steps`` (the repository's default trigger). ``ours_safety`` and
+  ``ours_interference`` are the trigger's factors.
 
-Serving stalls while weights move (the trigger's conservative ``interference = 1``), for both.
+Serving stalls while weights move, for both (so ``interference = 1`` is exact here).
 """
 from __future__ import annotations
 
@@ -41,8 +47,8 @@ from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.experiments.paper_config import PaperConfig
 from moe_edge.experiments.paper_table import Planned, plan_setting, serve
 from moe_edge.experiments.paper_workload import shift_requests
-from moe_edge.migration import (choose_prefix, cross_validated_savings, move_cost,
-                                move_sequence, plan_incremental, plan_prefix)
+from moe_edge.migration import (StepMix, choose_prefix, cross_validated_savings, move_cost,
+                                move_sequence, plan_incremental, plan_prefix, trigger_score)
 from moe_edge.placement import registry
 from moe_edge.serving.simulator import SimResult, Window
 
@@ -125,11 +131,17 @@ class OursPolicy(_Policy):
       return None, 0.0
     _, _, steps = window.totals(t - self.cfg.stats_window_s, t)
     steps_per_interval = self.cfg.paper_replan_s * steps / self.cfg.stats_window_s
+    mix = None
+    if self.cfg.ours_scoring == "serving":
+      mix = StepMix.from_totals(*window.mix(t - self.cfg.stats_window_s, t))
+    score = trigger_score(self.cfg.ours_scoring, mix)
     def plan(p):
       return plan_incremental(p, current, self.cfg.ours_max_moves)
     whole = plan(prob)
-    savings = cross_validated_savings(halves[0], halves[1], current, plan)
-    choice = choose_prefix(prob, current, whole, steps_per_interval, savings)
+    savings = cross_validated_savings(halves[0], halves[1], current, plan, score)
+    choice = choose_prefix(prob, current, whole, steps_per_interval, savings,
+                           safety=self.cfg.ours_safety,
+                           interference=self.cfg.ours_interference, score=score)
     self.log.append(f"t={t:.0f}s {choice.decision.reason}")
     if not choice.migrate:
       return None, 0.0

@@ -30,7 +30,8 @@ from moe_edge.migration.schedule import (Move, MovePlan, MoveStep, apply_steps,
                                          hosted_at_every_moment, move_cost, move_sequence)
 from moe_edge.migration.slots import (MigrationError, assign_slots_stable, changed_experts,
                                       placement_with_slots)
-from moe_edge.migration.trigger import (Decision, PrefixChoice, choose_prefix,
-                                        cross_validated_saving, cross_validated_savings,
-                                        expected_latency, plan_prefix, prefix_grid,
-                                        should_migrate)
+from moe_edge.migration.trigger import (SCORINGS, Decision, PrefixChoice, StepMix,
+                                        choose_prefix, cross_validated_saving,
+                                        cross_validated_savings, expected_latency, mix_latency,
+                                        plan_prefix, prefix_grid, should_migrate,
+                                        trigger_score)

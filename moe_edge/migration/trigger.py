@@ -10,7 +10,13 @@ candidate placement, ``S`` steps per interval and ``tau`` the transfer time::
 
 ``interference`` is the fraction of serving time lost while weights are in flight (copies share
 the links with the dispatch). The default 1.0 is the conservative bound "serving stalls for the
-whole transfer"; the true value is smaller because copies run beside serving. The saving
+whole transfer"; the true value is smaller because copies run beside serving (where serving
+does stop for the copy, as in the request-level simulator's migrations, 1.0 is exact).
+``safety`` is a margin for what the formula leaves out (the horizon ``S`` is a guess of how
+long the new statistics last; an in-sample saving is optimistic). With held-out savings and
+the serving scoring below, ``safety = 1`` is the break-even rule: gain and cost are both
+serving seconds of the same cluster, and a stall delays the queued requests as a slower step
+does. The default 2.0 stays for the decode-only scoring, whose experiments were made with it. The saving
 ``t_cur - t_new`` is best estimated on statistics the candidate was not fitted to
 (:func:`cross_validated_saving`): fitted and scored on one noisy window, a plan always looks
 better than it is.
@@ -21,6 +27,28 @@ prefix (``k = step, 2 step, ..., all``; savings held out per prefix by
 :func:`cross_validated_savings`) and makes the approved one with the largest net gain
 ``gain_s - safety * cost_s``: a budget is an upper bound, not a quota, and copies whose saving
 does not pay for their transfer are not made.
+
+**What a step costs** (:data:`SCORINGS`, :func:`trigger_score`). ``t_cur``/``t_new`` come from a
+*score*, a step-latency function of the placement:
+
+* ``"decode"`` (the default; what ``results/migration`` and its ablations use):
+  :func:`expected_latency`, one step of ``problem.tokens`` tokens per server -- the mean
+  batch, as if every step were alike.
+* ``"serving"``: :func:`mix_latency`, the mean expected step time over the step mix the
+  scheduler formed (:class:`StepMix`: decode steps and prefill steps, counted and with their
+  mean tokens per server, from the serving window), so the saving is the change of the
+  serving seconds the workload pays::
+
+    t(x) = sum_g n_g T(x, b_g) / sum_g n_g
+
+  with ``n_g`` steps of group ``g`` (no server prefills; server ``m``'s prompt chunk is the
+  largest), ``b_g [N]`` their mean tokens per server and ``T(x, b)`` the expected step latency
+  (:func:`moe_edge.cost.model.expected_cost`) of ``x`` with ``b`` tokens per server. Then
+  ``(t_cur - t_new) * S`` is the expected change of the serving time of the window's steps
+  (prefill included), and ``tau / t_cur`` the steps lost while copying. A prompt chunk of 512
+  tokens on one server makes that server's exchange the step's slowest: the mean batch of
+  ``"decode"`` spreads it over every step and every server and underrates what the links cost
+  (and what a replica saves) when prompts dominate the traffic.
 
 """
 from __future__ import annotations
@@ -39,11 +67,74 @@ from moe_edge.core.problem import Placement, PlacementProblem
 Score = Callable[[PlacementProblem, Placement], float]
 
 
+SCORINGS = ("decode", "serving")
+
+
 def expected_latency(problem: PlacementProblem, placement: Placement,
                      phase: str = "decode") -> float:
   """Expected step latency (s) of ``placement`` with ``problem.tokens`` tokens per server per
   step, from :func:`moe_edge.cost.model.expected_cost`."""
   return expected_cost(problem, placement, problem.tokens, phase).latency
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMix:
+  """The steps a scheduler formed, in groups that cost alike (module docstring, ``"serving"``).
+
+  Attributes:
+    steps: ``[G]`` steps per group (>= 0, not all 0).
+    batches: ``[G, N]`` mean tokens per server of a step of each group (>= 0).
+  """
+  steps: np.ndarray
+  batches: np.ndarray
+
+  def __post_init__(self):
+    steps = np.asarray(self.steps, dtype=np.float64)
+    batches = np.asarray(self.batches, dtype=np.float64)
+    if steps.ndim != 1 or batches.ndim != 2 or batches.shape[0] != steps.shape[0]:
+      raise MigrationError(f"a step mix needs steps [G] and batches [G, N], got shapes "
+                           f"{list(steps.shape)} and {list(batches.shape)}.")
+    if not (np.all(np.isfinite(steps)) and np.all(steps >= 0) and steps.sum() > 0):
+      raise MigrationError("a step mix needs finite steps >= 0 per group, not all 0; give it "
+                           "a window in which something was served.")
+    if not (np.all(np.isfinite(batches)) and np.all(batches >= 0)):
+      raise MigrationError("a step mix needs finite tokens >= 0 per server and group.")
+    object.__setattr__(self, "steps", steps)
+    object.__setattr__(self, "batches", batches)
+
+  @classmethod
+  def from_totals(cls, steps: np.ndarray, tokens: np.ndarray) -> "StepMix":
+    """From ``steps [G]`` and their summed ``tokens [G, N]`` (:meth:`Window.mix
+    <moe_edge.serving.window.Window.mix>`); groups without steps are dropped."""
+    steps, tokens = np.asarray(steps, np.float64), np.asarray(tokens, np.float64)
+    if steps.ndim != 1 or tokens.shape[:1] != steps.shape:
+      raise MigrationError(f"a step mix needs steps [G] and tokens [G, N], got shapes "
+                           f"{list(steps.shape)} and {list(tokens.shape)}.")
+    keep = steps > 0
+    return cls(steps[keep], tokens[keep] / np.where(keep, steps, 1.0)[keep, None])
+
+
+def mix_latency(problem: PlacementProblem, placement: Placement, mix: StepMix) -> float:
+  """Mean expected step latency (s) of ``placement`` over ``mix``:
+  ``sum_g n_g T(x, b_g) / sum_g n_g`` (module docstring); ``problem.tokens`` is not used."""
+  if mix.batches.shape[1] != problem.shape[0]:
+    raise MigrationError(f"the step mix has batches for {mix.batches.shape[1]} servers, the "
+                         f"problem {problem.shape[0]}.")
+  times = np.array([expected_cost(problem, placement, b).latency for b in mix.batches])
+  return float(np.dot(mix.steps, times) / mix.steps.sum())
+
+
+def trigger_score(scoring: str, mix: StepMix | None = None) -> Score:
+  """The step-latency score of ``scoring`` (:data:`SCORINGS`, module docstring); ``"serving"``
+  needs the window's ``mix``."""
+  if scoring == "decode":
+    return lambda p, x: expected_latency(p, x, "decode")
+  if scoring == "serving":
+    if not isinstance(mix, StepMix):
+      raise MigrationError("scoring 'serving' needs the window's StepMix (the steps the "
+                           "scheduler formed); pass mix=StepMix(...).")
+    return lambda p, x: mix_latency(p, x, mix)
+  raise MigrationError(f"unknown trigger scoring {scoring!r}; use one of {SCORINGS}.")
 
 
 @dataclasses.dataclass(frozen=True)

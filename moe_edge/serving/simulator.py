@@ -268,15 +268,18 @@ class _Executor:
     ids = self.routing.sample(request, position)                       # [T, L, k]
     seconds, remote = self.cost.steps(self.placement, step, server, ids, len(plans), request,
                                       position)
-    self._last = (step, server, ids, remote)
+    batches = np.array([[(st.prefill_tokens, st.decode_tokens) for st in plan] for plan in plans],
+                       dtype=np.int64).reshape(len(plans), -1, 2)          # [S, N, 2]
+    self._last = (step, server, ids, remote, batches)
     return loop_lib.StepOutcome(seconds, 2 * self.cost.cost.hardware.act * remote)
 
   def commit(self, kept: int, start_s) -> None:
-    step, server, ids, remote = self._last
+    step, server, ids, remote, batches = self._last
     start_s = np.asarray(start_s)
     sel = step < kept
     self.window.add(start_s, step[sel], server[sel], ids[sel])
     self.window.add_steps(start_s)
+    self.window.add_mix(start_s, batches[:kept, :, 0], batches[:kept, :, 1])
     k_choices = ids.shape[1] * ids.shape[2]
     self.total += int(sel.sum()) * k_choices
     self.local += int(sel.sum()) * k_choices - int(remote[:kept].sum())
