@@ -44,6 +44,7 @@ from moe_edge.core.problem import Placement, PlacementProblem
 from moe_edge.cost.request_latency import (latency_gradient, request_latency,
                                            workload_batches)
 from moe_edge.placement import registry
+from moe_edge.placement.anneal import AnnealOptions, anneal
 from moe_edge.placement.common import finish
 from moe_edge.placement.layer_state import LayerState
 from moe_edge.placement.registry import PlacementContext, WorkloadSummary, register
@@ -75,15 +76,18 @@ class SearchOptions:
     widen: times the neighbourhood doubles (candidates and exact checks per layer) when
       ``patience`` rounds bring nothing, before the search stops.
     restarts: also search from the next-best ``restarts`` starts and keep the best result.
+    anneal_sweeps: then anneal the best result (``anneal.py``: single changes of hosts and
+      routes, Metropolis acceptance) with this many changes per expert column; 0 skips it.
   """
   starts: tuple[str, ...] = SEARCH_STARTS
-  candidates: int = 24
-  max_rounds: int = 60
+  candidates: int = 48
+  max_rounds: int = 100
   patience: int = 3
-  verify: int = 6
-  per_layer: int = 3
+  verify: int = 12
+  per_layer: int = 6
   widen: int = 0
   restarts: int = 0
+  anneal_sweeps: float = 0.0
 
   def __post_init__(self):
     if not self.starts:
@@ -94,20 +98,24 @@ class SearchOptions:
                         ("restarts", self.restarts, 0)):
       if int(v) != v or v < lo:
         raise PlacementError(f"latency_search: {name}={v!r} must be an integer >= {lo}.")
+    if not self.anneal_sweeps >= 0:
+      raise PlacementError(f"latency_search: anneal_sweeps={self.anneal_sweeps!r} must be a "
+                           f"number >= 0.")
 
 
 @dataclasses.dataclass(frozen=True)
 class BestKnownOptions(SearchOptions):
-  """Options of :func:`best_known`: the search's, long (four times the candidates, twice the
-  exact checks per layer, up to 400 rounds, patience 8, the neighbourhood widened twice) and
-  from every start."""
+  """Options of :func:`best_known`: the search's, long (twice the candidates and exact checks
+  per layer, up to 400 rounds, patience 8, the neighbourhood widened twice), from every start,
+  then annealed (100 changes per expert column)."""
   starts: tuple[str, ...] = FAST_STARTS
   candidates: int = 96
   max_rounds: int = 400
   patience: int = 8
-  verify: int = 12
+  verify: int = 24
   widen: int = 2
   restarts: int = len(FAST_STARTS) - 1
+  anneal_sweeps: float = 100.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,6 +457,15 @@ def run_search(problem: PlacementProblem, options: SearchOptions, context, metho
       best = (stats["score"], st.hosts.copy(), st.route.copy(), name)
   info = dict(seed=seed, start=best[3], score=best[0], start_score=starts[0][0], runs=runs,
               starts={name: s for s, name, _ in starts})
+  if options.anneal_sweeps > 0:
+    st = LayerState.build(hw, problem.freq, batches, best[1], best[2])
+    stats = anneal(st, problem.capacity, lambda t: objective_score(t, workload),
+                   AnnealOptions(sweeps=options.anneal_sweeps),
+                   np.random.default_rng([seed, len(runs_from)]))
+    info["anneal"] = stats
+    if stats["score"] < best[0]:
+      best = (stats["score"], st.hosts.copy(), st.route.copy(), best[3])
+      info["score"] = best[0]
   return finish(problem, best[1], method, t0, info, route=best[2])
 
 
