@@ -19,8 +19,8 @@ A change picks a layer ``l`` and an expert ``e`` (uniformly) and one of five kin
   (memory neutral, so full servers still change).
 
 "Nearest" is ``hw.route_cost()`` order, as in ``layer_state.py``. The layer's time is the
-cost model's expected layer time (``LayerState.layer_times`` on the layer's recomputed ``on``
-and ``flows``), the score the objective of ``search.py`` on the step times. Memory (each
+cost model's expected layer time, from the layer's cached ``on``, ``flows`` and per-server sums
+updated by the changed columns (``LayerState``'s caches; all recomputed at the end), the score the objective of ``search.py`` on the step times. Memory (each
 server's ``capacity``), hosting (every expert at least once) and local routing (a held expert
 is served locally) hold after every change. Deterministic for the generator given.
 """
@@ -55,15 +55,40 @@ class AnnealOptions:
                            f"{self.t_start}.")
 
 
-def _layer_time(st: LayerState, layer: int, hosts: np.ndarray, route: np.ndarray) -> np.ndarray:
-  """``[P]`` expected time of ``layer`` with ``hosts``/``route [N, E]``."""
+def _price(st: LayerState, layer: int, columns: list[int], hosts: np.ndarray,
+           route: np.ndarray) -> tuple[np.ndarray, tuple]:
+  """``([P] time, caches)`` of ``layer`` after its ``columns`` change to ``hosts``/``route
+  [N, E]``: the cached ``on``, ``flows``, ``per`` and ``rows`` of the layer updated by the
+  columns' change (as :meth:`LayerState.apply`, for any route), then the exact layer time."""
   n = st.shape[0]
-  eye = np.eye(n)
-  x = st.x[:, :, layer]                                                # [P, N, E]
-  to = eye[route]                                                      # [N, E, M]
-  on = np.einsum("pne,nem->pme", x, to)
-  flows = np.einsum("pne,nem->pnm", x, to) * (1.0 - eye)
-  return st.layer_times(on, flows, hosts.sum(axis=-1))[2]
+  src = np.arange(n)
+  flows, per, rows = st.flows[:, layer].copy(), st.per[:, layer].copy(), st.rows[:, layer].copy()
+  on = []
+  for e in columns:
+    x = st.x[:, :, layer, e]                                           # [P, N]
+    old, new = st.route[:, layer, e], route[:, e]
+    on_old = st.on[:, layer, :, e]                                     # [P, M]
+    on_new = x @ np.eye(n)[new]
+    t = lambda c: st.hw.expert_time(c, server_axis=-1, expected=True)  # noqa: E731
+    per += t(on_new) - t(on_old)
+    rows += on_new - on_old
+    flows[:, src, old] -= x
+    flows[:, src, new] += x
+    on.append(on_new)
+  flows[:, src, src] = 0.0
+  flows = np.maximum(flows, 0.0)
+  disp, comb = st.hw.exchange_times(flows, -np.expm1(-flows))
+  time = disp + comb + st.compute(per, rows, hosts.sum(axis=-1)).max(axis=-1)
+  return time, (on, flows, per, rows)
+
+
+def _commit(st: LayerState, layer: int, columns: list[int], hosts: np.ndarray,
+            route: np.ndarray, time: np.ndarray, caches: tuple) -> None:
+  on, flows, per, rows = caches
+  for e, col in zip(columns, on):
+    st.on[:, layer, :, e] = col
+  st.flows[:, layer], st.per[:, layer], st.rows[:, layer] = flows, per, rows
+  st.hosts[:, layer], st.route[:, layer], st.time[:, layer] = hosts, route, time
 
 
 class _Proposer:
@@ -88,8 +113,9 @@ class _Proposer:
     r[m] = m
 
   def propose(self, room: np.ndarray):
-    """``(layer, hosts [N, E], route [N, E], take, give)`` or None: a change and the servers
-    whose room falls (``take``) and grows (``give``) by one (-1: none)."""
+    """``(layer, columns, hosts [N, E], route [N, E], take, give)`` or None: a change (the
+    layer's new tables, ``columns`` the experts it changes) and the servers whose room falls
+    (``take``) and grows (``give``) by one (-1: none)."""
     st, rng = self.st, self.rng
     _, n_layers, n_exp = st.shape
     layer, e = int(rng.integers(n_layers)), int(rng.integers(n_exp))
@@ -98,6 +124,7 @@ class _Proposer:
     h, r = hosts[:, e], route[:, e]                                    # views into the copies
     free = np.flatnonzero(~h & (room > 0))
     take = give = -1
+    columns = [e]
     if kind in (0, 3, 4) and h.sum() < 2:
       return None
     if kind == 0:                                                      # drop
@@ -126,7 +153,8 @@ class _Proposer:
       self._drop(h, r, m)
       e2 = int(rng.choice(lack))
       self._add(hosts[:, e2], route[:, e2], m)
-    return layer, hosts, route, take, give
+      columns.append(e2)
+    return layer, columns, hosts, route, take, give
 
 
 def anneal(st: LayerState, capacity: np.ndarray, score_fn: Callable[[np.ndarray], float],
@@ -155,14 +183,14 @@ def anneal(st: LayerState, capacity: np.ndarray, score_fn: Callable[[np.ndarray]
     change = proposer.propose(room)
     if change is None:
       continue
-    layer, hosts, route, take, give = change
-    t = _layer_time(st, layer, hosts, route)
+    layer, columns, hosts, route, take, give = change
+    t, caches = _price(st, layer, columns, hosts, route)
     new_step = step - st.time[:, layer] + t
     new = score_fn(new_step)
     temp = score * options.t_start * np.exp(decay * it)
     if new >= score and rng.random() >= np.exp(-(new - score) / temp):
       continue
-    st.hosts[:, layer], st.route[:, layer], st.time[:, layer] = hosts, route, t
+    _commit(st, layer, columns, hosts, route, t, caches)
     step, score = new_step, new
     accepted += 1
     if take >= 0:
@@ -172,6 +200,6 @@ def anneal(st: LayerState, capacity: np.ndarray, score_fn: Callable[[np.ndarray]
     if score < best[0]:
       best = (score, st.hosts.copy(), st.route.copy())
   st.hosts[...], st.route[...] = best[1], best[2]
-  st.refresh(np.arange(n_layers))
+  st.refresh(np.arange(n_layers))  # every cache recomputed from the route (no drift)
   return dict(start_score=start, score=score_fn(st.step_times()), tried=iters,
               accepted=accepted)

@@ -105,14 +105,15 @@ class SearchOptions:
 
 @dataclasses.dataclass(frozen=True)
 class BestKnownOptions(SearchOptions):
-  """Options of :func:`best_known`: the search's, long (twice the candidates and exact checks
-  per layer, up to 400 rounds, patience 8, the neighbourhood widened twice), from every start,
-  then annealed (100 changes per expert column)."""
+  """Options of :func:`best_known`: the search's, long (twice the candidates per layer, up to
+  400 rounds, patience 8, the neighbourhood widened twice; 3 changes per layer and round), from
+  every start, then annealed (100 changes per expert column)."""
   starts: tuple[str, ...] = FAST_STARTS
   candidates: int = 96
   max_rounds: int = 400
   patience: int = 8
-  verify: int = 24
+  verify: int = 12
+  per_layer: int = 3
   widen: int = 2
   restarts: int = len(FAST_STARTS) - 1
   anneal_sweeps: float = 100.0
