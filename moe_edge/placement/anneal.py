@@ -15,8 +15,9 @@ A change picks a layer ``l`` and an expert ``e`` (uniformly) and one of five kin
 * *route*: a source without ``e`` sends it to another of ``e``'s copies -- routes need not be
   nearest (the cost model prices any route to a host; load and link latency terms may prefer
   another copy);
-* *swap* on a server: drop its copy of ``e`` (``e`` has another) and add an expert it lacks
-  (memory neutral, so full servers still change).
+* *swap* on a server: drop its copy of ``e`` (``e`` has another) and add an expert it lacks;
+* *exchange*: server ``n``'s copy of ``e`` moves to ``m``, ``m``'s copy of an expert ``n``
+  lacks moves to ``n`` (swaps and exchanges are memory neutral, so full servers still change).
 
 "Nearest" is ``hw.route_cost()`` order, as in ``layer_state.py``. The layer's time is the
 cost model's expected layer time, from the layer's cached ``on``, ``flows`` and per-server sums
@@ -112,6 +113,28 @@ class _Proposer:
       r[self.rank[src, m] < self.rank[src, r]] = m
     r[m] = m
 
+  def _exchange(self, layer: int, e: int, hosts: np.ndarray, route: np.ndarray,
+                columns: list[int]):
+    """An exchange of ``e``'s copy on a random holder with a copy of another expert (module
+    docstring), or None when no server can take part."""
+    rng = self.rng
+    h = hosts[:, e]
+    n = int(rng.choice(np.flatnonzero(h)))
+    others = np.flatnonzero(~h)
+    if others.size == 0:
+      return None
+    m = int(rng.choice(others))
+    give = np.flatnonzero(hosts[m] & ~hosts[n])
+    if give.size == 0:
+      return None
+    e2 = int(rng.choice(give))
+    self._add(h, route[:, e], m)
+    self._drop(h, route[:, e], n)
+    self._add(hosts[:, e2], route[:, e2], n)
+    self._drop(hosts[:, e2], route[:, e2], m)
+    columns.append(e2)
+    return layer, columns, hosts, route, -1, -1
+
   def propose(self, room: np.ndarray):
     """``(layer, columns, hosts [N, E], route [N, E], take, give)`` or None: a change (the
     layer's new tables, ``columns`` the experts it changes) and the servers whose room falls
@@ -119,7 +142,7 @@ class _Proposer:
     st, rng = self.st, self.rng
     _, n_layers, n_exp = st.shape
     layer, e = int(rng.integers(n_layers)), int(rng.integers(n_exp))
-    kind = int(rng.integers(5))
+    kind = int(rng.integers(6))
     hosts, route = st.hosts[:, layer].copy(), st.route[:, layer].copy()
     h, r = hosts[:, e], route[:, e]                                    # views into the copies
     free = np.flatnonzero(~h & (room > 0))
@@ -145,6 +168,8 @@ class _Proposer:
         return None
       s = int(rng.choice(srcs))
       r[s] = int(rng.choice(np.flatnonzero(h & (np.arange(self.n) != r[s]))))
+    elif kind == 5:                                                    # exchange
+      return self._exchange(layer, e, hosts, route, columns)
     else:                                                              # swap on a server
       m = int(rng.choice(np.flatnonzero(h)))
       lack = np.flatnonzero(~hosts[m])
