@@ -81,7 +81,8 @@ class SearchOptions:
       ``patience`` rounds bring nothing, before the search stops.
     restarts: also search from the next-best ``restarts`` starts and keep the best result.
     anneal_sweeps: then anneal the best result (``anneal.py``: single changes of hosts and
-      routes, Metropolis acceptance) with this many changes per expert column; 0 skips it.
+      routes, Metropolis acceptance) with this many changes per expert column (scaled by
+      ``(8 / N)^2`` above 8 servers, like the budgets); 0 skips it.
   """
   starts: tuple[str, ...] = SEARCH_STARTS
   candidates: int = 48
@@ -467,7 +468,8 @@ def run_search(problem: PlacementProblem, options: SearchOptions, context, metho
   if options.anneal_sweeps > 0:
     st = LayerState.build(hw, problem.freq, batches, best[1], best[2])
     stats = anneal(st, problem.capacity, lambda t: objective_score(t, workload),
-                   AnnealOptions(sweeps=options.anneal_sweeps),
+                   AnnealOptions(sweeps=options.anneal_sweeps
+                                 * min(1.0, (_REF_SERVERS / problem.shape[0]) ** 2)),
                    np.random.default_rng([seed, len(runs_from)]))
     info["anneal"] = stats
     if stats["score"] < best[0]:
