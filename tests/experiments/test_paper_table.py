@@ -106,11 +106,16 @@ def test_unknown_method_is_one_line(tiny):
     pt.table_methods(bad)
 
 
-def test_latency_search_ends_with_the_judges_fastest_candidate(tiny):
+@pytest.fixture(scope="module")
+def judged_plan(tiny):
+  return pt.plan_setting(tiny, "deepseek_v2_lite", "specialised", 0, judge=True)
+
+
+def test_latency_search_ends_with_the_judges_fastest_candidate(judged_plan):
   """With the pilot's judge (a simulation on the profiling requests), latency_search returns
   the candidate that simulation finds fastest, never one it finds slower than the search's own
   result or than prism (one of its starts); without a judge it is the plain search."""
-  planned = pt.plan_setting(tiny, "deepseek_v2_lite", "specialised", 0, judge=True)
+  planned = judged_plan
   ctx = planned.context
   chosen = registry.place("latency_search", planned.problem, context=ctx)
   judged = chosen.info["judged"]
@@ -127,8 +132,8 @@ def test_latency_search_ends_with_the_judges_fastest_candidate(tiny):
   assert "judged" not in again.info
 
 
-def test_a_judge_that_returns_nan_is_one_line(tiny):
-  planned = pt.plan_setting(tiny, "deepseek_v2_lite", "specialised", 0)
+def test_a_judge_that_returns_nan_is_one_line(judged_plan):
+  planned = judged_plan
   ctx = dataclasses.replace(planned.context, judge=lambda p: math.nan)
   with pytest.raises(PlacementError, match="the judge returned NaN"):
     registry.place("latency_search", planned.problem, context=ctx)
