@@ -400,8 +400,11 @@ def expected_cost(problem: PlacementProblem, placement: Placement,
 
 def _expected(problem: PlacementProblem, placement: Placement,
               batch_tokens: Sequence[float] | np.ndarray, phase: str,
-              hw: Hardware) -> CostReport:
-  """:func:`expected_cost` on a built :class:`Hardware`."""
+              hw: Hardware, attention: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> CostReport:
+  """:func:`expected_cost` on a built :class:`Hardware`; ``attention``: ``(bytes [N], flops
+  [N])`` attention work of the step's requests, in the dense roofline as the simulator prices
+  it (``Hardware.dense_time``)."""
   model, cluster = problem.model, problem.cluster
   n_srv, n_lay, n_exp = problem.shape
   _check_placement(placement, problem.shape, "the problem")
@@ -418,7 +421,16 @@ def _expected(problem: PlacementProblem, placement: Placement,
                         on.sum(axis=2), placement.hosts.sum(axis=2), server_axis=0,
                         expected=True)                                 # [M, L]
   dispatch, combine = hw.exchange_times(flows, -np.expm1(-flows))
-  dense = hw.dense_time(b[None, :])
+  if attention is None:
+    dense = hw.dense_time(b[None, :])
+  else:
+    ab, af = (np.asarray(a, dtype=np.float64) for a in attention)
+    if ab.shape != (n_srv,) or af.shape != (n_srv,) or not (
+        np.all(np.isfinite(ab)) and np.all(np.isfinite(af)) and np.all(ab >= 0)
+        and np.all(af >= 0)):
+      raise CostError(f"attention must be (bytes [N], flops [N]) = [{n_srv}] finite "
+                      f"non-negative work per server, got shapes {ab.shape}, {af.shape}.")
+    dense = hw.dense_time(b[None, :], ab[None, :], af[None, :])
   step = dense + (dispatch + per.max(axis=0) + combine).sum()
   total = b * problem.freq.sum(axis=(1, 2))
   local = np.einsum("nle,nlen->n", x, to)
@@ -493,15 +505,20 @@ class CostModel:
 
   def expected(self, problem: PlacementProblem, placement: Placement,
                batch_tokens: Sequence[float] | np.ndarray,
-               phase: str = "decode") -> CostReport:
-    """:func:`expected_cost` of one step with ``batch_tokens [N]`` tokens per server."""
+               phase: str = "decode",
+               attention: tuple[np.ndarray, np.ndarray] | None = None) -> CostReport:
+    """:func:`expected_cost` of one step with ``batch_tokens [N]`` tokens per server; with
+    ``attention = (bytes [N], flops [N])`` the step also pays its requests' attention work
+    (:func:`moe_edge.cost.attention.step_attention_work` of a real step,
+    :func:`moe_edge.cost.request_latency.workload_attention` of a workload's mean step) in the
+    dense roofline, as the simulator's steps do."""
     _check_phase(phase)
     if problem.cluster.num_servers != self.cluster.num_servers or (
         problem.model.name != self.model.name):
       raise CostError(f"the problem is model {problem.model.name!r} on "
                       f"{problem.cluster.num_servers} servers but this cost model prices "
                       f"{self.model.name!r} on {self.cluster.num_servers}.")
-    return _expected(problem, placement, batch_tokens, phase, self.hardware)
+    return _expected(problem, placement, batch_tokens, phase, self.hardware, attention)
 
   def problem(self, freq: np.ndarray, tokens: np.ndarray | None = None,
               capacity: np.ndarray | None = None) -> PlacementProblem:

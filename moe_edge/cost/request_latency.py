@@ -23,6 +23,21 @@ servers waiting for each other's steps beyond the step times, variance of length
 ``rho[n] >= 1`` that server's queue diverges: its latency (and the mean) is ``inf`` and
 ``stable`` is False.
 
+Attention over the context (``attention=True`` in :func:`expected_request_latency`, as the
+simulator prices every step; :mod:`moe_edge.cost.attention`): a decode step of server ``n``
+holds ``decode_batch[n]`` requests at the mean context ``P[n] + O[n] / 2`` (a request's decode
+steps see contexts ``P + 1 .. P + O - 1``), one new token each; a prefill step holds
+``prefill_tokens[n]`` prompt tokens of whole prompts of ``P[n]`` tokens (one chunk each, the
+testbed's prompts fit a chunk), ``(P[n] + 1) / 2`` keys per token::
+
+  decode:  bytes = kv * B_d (P + O/2)   flops = L f_kv B_d (P + O/2)
+  prefill: bytes = kv * B_p             flops = L f_kv B_p (P + 1) / 2
+
+(:func:`workload_attention`; ``kv`` the KV bytes per token, ``L f_kv`` the FLOPs of one
+query-key pair over all layers). The work is placement-independent, so it moves both step times
+by a constant of the workload (the roofline of weights plus caches, ``Hardware.dense_time``);
+it matters for the queueing through ``rho``, not for a layer's time.
+
 Both step times enter through the placement (the dense part does not depend on it), and the mean
 is increasing and convex in ``(T_d, T_p)`` while stable; :func:`latency_gradient` gives its
 partial derivatives, which the latency search (``placement/search.py``) uses to weigh a layer's
@@ -34,8 +49,10 @@ import dataclasses
 
 import numpy as np
 
+from moe_edge.config import ModelConfig
 from moe_edge.core.errors import MoeEdgeError
 from moe_edge.core.problem import Placement, PlacementProblem
+from moe_edge.cost.attention import flops_per_key, kv_bytes_per_token
 
 
 class RequestLatencyError(MoeEdgeError):
@@ -133,15 +150,30 @@ def workload_batches(workload) -> tuple[np.ndarray, np.ndarray]:
           np.asarray(workload.prefill_tokens, dtype=np.float64))
 
 
+def workload_attention(model: ModelConfig, workload
+                       ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """``((bytes [N], flops [N]) of a decode step, (bytes [N], flops [N]) of a prefill step)``:
+  the attention work of the workload's mean steps (module docstring)."""
+  _terms(workload)
+  prompt = np.asarray(workload.prompt_tokens, dtype=np.float64)
+  out = np.asarray(workload.output_tokens, dtype=np.float64)
+  dec, pre = workload_batches(workload)
+  kv, fk = float(kv_bytes_per_token(model)), float(model.n_layers * flops_per_key(model))
+  context = dec * (prompt + 0.5 * out)                   # decode: summed contexts = keys
+  return (kv * context, fk * context), (kv * pre, fk * pre * 0.5 * (prompt + 1.0))
+
+
 def expected_request_latency(cost, problem: PlacementProblem, placement: Placement,
-                             workload) -> RequestLatency:
+                             workload, attention: bool = False) -> RequestLatency:
   """:func:`request_latency` with the step times of ``placement`` from ``cost.expected``.
 
   Args:
     cost: a ``CostModel``; its expected decode step at ``decode_batch`` tokens per server and
       prefill step at ``prefill_tokens`` tokens per server give ``T_d`` and ``T_p``.
+    attention: the steps also pay :func:`workload_attention` (as the simulator's steps do).
   """
   dec, pre = workload_batches(workload)
-  t_d = cost.expected(problem, placement, dec, phase="decode").latency
-  t_p = cost.expected(problem, placement, pre, phase="prefill").latency
+  att_d, att_p = workload_attention(cost.model, workload) if attention else (None, None)
+  t_d = cost.expected(problem, placement, dec, phase="decode", attention=att_d).latency
+  t_p = cost.expected(problem, placement, pre, phase="prefill", attention=att_p).latency
   return request_latency(t_d, t_p, workload)

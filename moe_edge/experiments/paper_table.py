@@ -12,7 +12,9 @@ Per (model, workload) setting (:func:`run_setting`):
    method's problem is scaled by;
 3. every method places experts on the expected problem (with the cost model and the summary in
    its :class:`~moe_edge.placement.registry.PlacementContext`) and serves the same evaluation
-   requests; a method whose queue diverges gets ``inf`` latency and a note.
+   requests; a method whose queue diverges gets ``inf`` latency and a note. The context also
+   carries a judge, a simulation on the pilot's profiling requests (:func:`profile_latency`),
+   with which ``latency_search`` makes its final choice among its result and its starts.
 
 The shift (:func:`run_shift`) serves ``shift_from`` then ``shift_to`` from one initial
 placement (``shift_method`` planned on ``shift_from``) under the policies ``none``, ``paper``
@@ -22,6 +24,7 @@ and ``ours`` (:mod:`moe_edge.experiments.paper_shift`). The scaling sweep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable
@@ -104,10 +107,24 @@ class Planned:
   context: PlacementContext
 
 
+def profile_latency(cfg: PaperConfig, setting: Setting, cost: CostModel, requests: Requests,
+                    seed: int, pool: int, placement: Placement) -> float:
+  """Mean request latency (s) of ``placement`` serving the profiling ``requests`` (``inf`` when
+  its queue diverges): the judge of :class:`PlacementContext` (``placement/judged.py``)."""
+  try:
+    return float(serve(cfg, setting, cost, placement, requests, seed, pool=pool)
+                 .latencies().mean())
+  except QueueDivergesError:
+    return math.inf
+
+
 def plan_setting(cfg: PaperConfig, model: str, workload: str, seed: int, num_gpus: int = 4,
-                 link_mbps: float | None = None, pool: int = 0) -> Planned:
+                 link_mbps: float | None = None, pool: int = 0, judge: bool = False) -> Planned:
   """Steps 1-2 of the module docstring (``pool``: the pilot's routing sampler, see
-  :class:`~moe_edge.serving.simulator.SampledRouting`)."""
+  :class:`~moe_edge.serving.simulator.SampledRouting`). ``judge``: the context also carries
+  :func:`profile_latency` on the pilot's profiling requests (seed ``seed +
+  PROFILE_SEED_OFFSET``, never the evaluation's), so ``latency_search`` ends with a simulated
+  choice among its result and its starts."""
   setting = build_setting(cfg, model, workload, num_gpus, link_mbps)
   cost = cost_model(cfg, setting)
   n = setting.cluster.num_servers
@@ -121,8 +138,10 @@ def plan_setting(cfg: PaperConfig, model: str, workload: str, seed: int, num_gpu
   summary, per_step = measured_summary(pilot, cfg, 1.0 / setting.workload.interarrival_s, n)
   problem = PlacementProblem.build(setting.model, setting.cluster, setting.problem.freq,
                                    per_step, calibration=cost.calibration)
+  judge_fn = functools.partial(profile_latency, cfg, setting, cost, pilot_req,
+                               seed + PROFILE_SEED_OFFSET, pool) if judge else None
   return Planned(setting, cost, problem, PlacementContext(seed=seed, cost=cost,
-                                                          workload=summary))
+                                                          workload=summary, judge=judge_fn))
 
 
 def result_row(planned: Planned, method: str, result: SimResult | None,
@@ -158,7 +177,7 @@ def run_setting(cfg: PaperConfig, model: str, workload: str, methods: list[str],
   setting (module docstring): ``{method: mean latency}`` of :data:`LIGHT_LOAD_METHODS` with the
   same placements and arrivals ``light_load_factor`` times sparser (what the ratio is without
   the queueing of the configured load)."""
-  planned = plan_setting(cfg, model, workload, seed)
+  planned = plan_setting(cfg, model, workload, seed, judge=True)
   s = planned.setting
   n = s.cluster.num_servers
   requests = workload_requests(cfg, s.workload, n, cfg.duration_s, seed)

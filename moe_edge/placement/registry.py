@@ -75,10 +75,15 @@ class PlacementContext:
     seed: randomness of randomised methods (deterministic methods ignore it).
     cost: the cost model of the deployment (latency-driven methods need it).
     workload: per-server request rates and the batches the scheduler forms.
+    judge: ``judge(placement) -> seconds``, the mean request latency of a short simulation of
+      the deployment on *profiling* requests (not the evaluation's); methods that end with a
+      choice among candidates may use it (``latency_search``: ``SearchOptions.judge_final``).
+      None: no simulation is available and methods choose on the cost model alone.
   """
   seed: int = 0
   cost: CostModel | None = None
   workload: WorkloadSummary | None = None
+  judge: Callable[[Placement], float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

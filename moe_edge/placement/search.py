@@ -49,6 +49,7 @@ from moe_edge.cost.request_latency import (latency_gradient, request_latency,
 from moe_edge.placement import registry
 from moe_edge.placement.anneal import AnnealOptions, anneal
 from moe_edge.placement.common import finish
+from moe_edge.placement.judged import judged_choice
 from moe_edge.placement.layer_state import LayerState
 from moe_edge.placement.registry import PlacementContext, WorkloadSummary, register
 
@@ -83,6 +84,10 @@ class SearchOptions:
     anneal_sweeps: then anneal the best result (``anneal.py``: single changes of hosts and
       routes, Metropolis acceptance) with this many changes per expert column (scaled by
       ``(8 / N)^2`` above 8 servers, like the budgets); 0 skips it.
+    judge_final: when the context carries a judge (``PlacementContext.judge``: a short
+      simulation on profiling requests), return whichever of the search's result and the start
+      methods' placements the judge finds fastest (``placement/judged.py``); without a judge,
+      or with False, the search's result.
   """
   starts: tuple[str, ...] = SEARCH_STARTS
   candidates: int = 48
@@ -93,6 +98,7 @@ class SearchOptions:
   widen: int = 0
   restarts: int = 0
   anneal_sweeps: float = 0.0
+  judge_final: bool = True
 
   def __post_init__(self):
     if not self.starts:
@@ -481,8 +487,13 @@ def run_search(problem: PlacementProblem, options: SearchOptions, context, metho
 @register("latency_search", "ours", SearchOptions, label="LatencySearch")
 def latency_search(problem: PlacementProblem, options: SearchOptions = SearchOptions(),
                    context: PlacementContext = PlacementContext()) -> Placement:
-  """The fast latency search (module docstring)."""
-  return run_search(problem, options, context, "latency_search")
+  """The fast latency search (module docstring); with a judge in the context (and
+  ``options.judge_final``) the judged fastest of its result and its starts' placements."""
+  found = run_search(problem, options, context, "latency_search")
+  if not (options.judge_final and context.judge is not None):
+    return found
+  starts = [registry.place(m, problem, context=context) for m in options.starts]
+  return judged_choice([found] + starts, context.judge, "latency_search")
 
 
 @register("best_known", "oracle", BestKnownOptions)
@@ -490,5 +501,5 @@ def best_known(problem: PlacementProblem, options: BestKnownOptions = BestKnownO
                context: PlacementContext = PlacementContext()) -> Placement:
   """The long search from the fast search's result and from every start: the best latency
   this project knows per instance (never worse than ``latency_search`` with its defaults)."""
-  fast = latency_search(problem, SearchOptions(), context)
+  fast = latency_search(problem, SearchOptions(judge_final=False), context)
   return run_search(problem, options, context, "best_known", first=fast)

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from moe_edge.config import ConfigError, load_preset, model_config
+from moe_edge.core.errors import PlacementError
 from moe_edge.experiments import paper_report as rep
 from moe_edge.experiments import paper_table as pt
 from moe_edge.experiments.paper_config import paper_config
 from moe_edge.experiments.paper_readme import load_parts, write_outputs
 from moe_edge.experiments import paper_workload as pw
+from moe_edge.placement import registry
 from moe_edge.workload.standin import routing_stats_for
 from moe_edge.workload.stats_traces import layer_distributions
 
@@ -102,3 +104,36 @@ def test_unknown_method_is_one_line(tiny):
   bad = dataclasses.replace(tiny, methods=("uniform_ep", "magic"))
   with pytest.raises(ConfigError, match=r"methods \['magic'\] are not registered"):
     pt.table_methods(bad)
+
+
+@pytest.fixture(scope="module")
+def judged_plan(tiny):
+  return pt.plan_setting(tiny, "deepseek_v2_lite", "specialised", 0, judge=True)
+
+
+def test_latency_search_ends_with_the_judges_fastest_candidate(judged_plan):
+  """With the pilot's judge (a simulation on the profiling requests), latency_search returns
+  the candidate that simulation finds fastest, never one it finds slower than the search's own
+  result or than prism (one of its starts); without a judge it is the plain search."""
+  planned = judged_plan
+  ctx = planned.context
+  chosen = registry.place("latency_search", planned.problem, context=ctx)
+  judged = chosen.info["judged"]
+  assert set(judged) == {"latency_search", "dancemoe", "eplb_hetero", "eplb", "uniform_ep",
+                         "prism"}
+  assert judged[chosen.info["judged_from"]] == min(judged.values())
+  assert math.isclose(ctx.judge(chosen), min(judged.values()))
+  assert ctx.judge(chosen) <= ctx.judge(registry.place("prism", planned.problem, context=ctx))
+  plain = registry.place("latency_search", planned.problem, {"judge_final": False}, ctx)
+  assert ctx.judge(chosen) <= ctx.judge(plain)
+  no_judge = dataclasses.replace(ctx, judge=None)
+  again = registry.place("latency_search", planned.problem, context=no_judge)
+  np.testing.assert_array_equal(again.hosts, plain.hosts)
+  assert "judged" not in again.info
+
+
+def test_a_judge_that_returns_nan_is_one_line(judged_plan):
+  planned = judged_plan
+  ctx = dataclasses.replace(planned.context, judge=lambda p: math.nan)
+  with pytest.raises(PlacementError, match="the judge returned NaN"):
+    registry.place("latency_search", planned.problem, context=ctx)

@@ -5,8 +5,11 @@ import pytest
 
 from _placement_cases import make_problem
 from moe_edge.cost import CostModel
+from moe_edge.core.errors import CostError
 from moe_edge.cost.request_latency import (RequestLatencyError, expected_request_latency,
-                                           latency_gradient, request_latency)
+                                           latency_gradient, request_latency,
+                                           workload_attention)
+from moe_edge.serving.step_cost import StepCost
 from moe_edge.placement import place
 from moe_edge.placement.registry import WorkloadSummary
 
@@ -92,3 +95,55 @@ def test_bad_workloads_are_refused(field, value, match):
 def test_negative_step_times_are_refused():
   with pytest.raises(RequestLatencyError, match="step times"):
     request_latency(-1.0, 0.3, _workload())
+
+
+def _fed_tokens(problem, per_server: list[list[tuple[int, int]]], seed: int = 0):
+  """Tokens of one step: server n's requests ``(context, new)`` each feed their ``new`` last
+  positions; experts drawn at random (the attention increment does not depend on them)."""
+  rng = np.random.default_rng(seed)
+  server, request, position = [], [], []
+  rid = 0
+  for n, reqs in enumerate(per_server):
+    for context, new in reqs:
+      server += [n] * new
+      request += [rid] * new
+      position += list(range(context - new, context))
+      rid += 1
+  _, n_lay, n_exp = problem.shape
+  ids = np.stack([rng.choice(n_exp, (n_lay, problem.model.top_k), replace=False)
+                  for _ in server])
+  return ids, np.array(server), np.array(request), np.array(position)
+
+
+def test_attention_in_the_expected_step_equals_the_simulators():
+  """The workload's mean decode and prefill steps pay the same attention seconds in
+  CostModel.expected as the simulator's StepCost pays for a real step of those requests."""
+  problem = make_problem(n=3, l=2, e=6)
+  cost = CostModel.build(problem.model, problem.cluster)
+  placement = place("dancemoe", problem)
+  n = problem.shape[0]
+  wl = WorkloadSummary(request_rate=np.full(n, 0.1), prompt_tokens=np.full(n, 3000.0),
+                       output_tokens=np.full(n, 200.0), decode_batch=np.array([3.0, 1.0, 2.0]),
+                       prefill_tokens=np.full(n, 3000.0))
+  (dec_w, pre_w) = workload_attention(problem.model, wl)
+  steps = {"decode": ([[(3100, 1)] * 3, [(3100, 1)], [(3100, 1)] * 2], wl.decode_batch, dec_w),
+           "prefill": ([[(3000, 3000)]] * 3, wl.prefill_tokens, pre_w)}
+  for phase, (reqs, batch, work) in steps.items():
+    ids, server, request, position = _fed_tokens(problem, reqs)
+    sim = [StepCost.of(cost, attention=a).step(ids, server, placement, request, position)[0]
+           for a in (False, True)]
+    exp = [cost.expected(problem, placement, batch, phase, attention=w).latency
+           for w in (None, work)]
+    assert sim[1] - sim[0] > 0
+    np.testing.assert_allclose(exp[1] - exp[0], sim[1] - sim[0], rtol=1e-9)
+  lat = expected_request_latency(cost, problem, placement, wl, attention=True)
+  plain = expected_request_latency(cost, problem, placement, wl)
+  assert lat.decode_step > plain.decode_step and lat.prefill_step > plain.prefill_step
+
+
+def test_attention_work_of_the_wrong_shape_is_one_line():
+  problem = make_problem(n=3, l=2, e=6)
+  cost = CostModel.build(problem.model, problem.cluster)
+  with pytest.raises(CostError, match=r"attention must be \(bytes \[N\], flops \[N\]\)"):
+    cost.expected(problem, place("uniform_ep", problem), np.ones(3), "decode",
+                  attention=(np.ones(2), np.ones(2)))
