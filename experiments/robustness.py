@@ -43,7 +43,7 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments {argv[1:]}")
   t0 = time.perf_counter()
-  cfg = _cli.build(build, CONFIG.value)
+  cfg = build(CONFIG.value)
   out = Path(OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   rows = []

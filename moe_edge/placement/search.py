@@ -84,6 +84,8 @@ class SearchOptions:
     anneal_sweeps: then anneal the best result (``anneal.py``: single changes of hosts and
       routes, Metropolis acceptance) with this many changes per expert column (scaled by
       ``(8 / N)^2`` above 8 servers, like the budgets); 0 skips it.
+    small_size, small_widen: on problems of at most ``small_size`` cells ``N * L * E`` (where a
+      round is cheap) the neighbourhood may widen ``max(widen, small_widen)`` times.
     judge_final: when the context carries a judge (``PlacementContext.judge``: a short
       simulation on profiling requests), return whichever of the search's result and the start
       methods' placements the judge finds fastest (``placement/judged.py``); without a judge,
@@ -99,6 +101,8 @@ class SearchOptions:
   restarts: int = 0
   anneal_sweeps: float = 0.0
   judge_final: bool = True
+  small_size: int = 4096
+  small_widen: int = 2
 
   def __post_init__(self):
     if not self.starts:
@@ -106,7 +110,8 @@ class SearchOptions:
     for name, v, lo in (("candidates", self.candidates, 1), ("max_rounds", self.max_rounds, 0),
                         ("patience", self.patience, 1), ("verify", self.verify, 1),
                         ("per_layer", self.per_layer, 1), ("widen", self.widen, 0),
-                        ("restarts", self.restarts, 0)):
+                        ("restarts", self.restarts, 0), ("small_size", self.small_size, 0),
+                        ("small_widen", self.small_widen, 0)):
       if int(v) != v or v < lo:
         raise PlacementError(f"latency_search: {name}={v!r} must be an integer >= {lo}.")
     if not self.anneal_sweeps >= 0:
@@ -390,6 +395,8 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
   scale = lambda v, lo: max(lo, -(-v * ref // max(n, _REF_SERVERS) ** 2))  # noqa: E731
   per_kind, per_verify = scale(options.candidates, 4), scale(options.verify, 2)
   widened = 0
+  max_widen = max(options.widen, options.small_widen) if st.hosts.size <= options.small_size \
+      else options.widen
   for _ in range(options.max_rounds):
     g = objective_weights(st.step_times(), workload)
     c = candidates(st, room, heat, rng, per_kind)
@@ -417,7 +424,7 @@ def improve(st: LayerState, capacity: np.ndarray, workload, options: SearchOptio
       new = _try(st, c, changes, workload, score, capacity)
     if new is None:
       stall += 1
-      if stall >= options.patience and widened < options.widen:
+      if stall >= options.patience and widened < max_widen:
         widened, stall = widened + 1, 0                # a local optimum of this neighbourhood:
         per_kind, per_verify = 2 * per_kind, 2 * per_verify  # search a wider one
       elif stall >= options.patience:

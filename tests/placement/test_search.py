@@ -182,3 +182,20 @@ def test_a_diverging_workload_still_ranks_placements():
   assert not request_latency(*_state(problem, slow, wl).step_times(), wl).stable
   s_slow, s_fast = placement_score(problem, slow, hw, wl), placement_score(problem, fast, hw, wl)
   assert 1e6 < s_fast <= s_slow                          # the no-wait latency still orders them
+
+
+def test_small_problems_search_a_wider_neighbourhood():
+  """On a problem of at most ``small_size`` cells the neighbourhood may widen ``small_widen``
+  times: never worse than without, and the rule is off above the size; bad values refused."""
+  problem = make_problem(**CASES[2])
+  ctx = _ctx(problem)
+  size = int(np.prod(problem.shape))
+  narrow = registry.place("latency_search", problem, SearchOptions(small_widen=0), ctx)
+  wide = registry.place("latency_search", problem, SearchOptions(small_size=size), ctx)
+  off = registry.place("latency_search", problem, SearchOptions(small_size=size - 1), ctx)
+  assert wide.info["score"] < narrow.info["score"]          # CASES[2]: the wider one finds more
+  assert off.hosts.tolist() == narrow.hosts.tolist()
+  assert wide.info["runs"][0]["rounds"] > narrow.info["runs"][0]["rounds"]
+  for bad in (dict(small_size=-1), dict(small_widen=1.5)):
+    with pytest.raises(PlacementError, match="must be an integer"):
+      SearchOptions(**bad)
