@@ -43,9 +43,19 @@ CONFIG = _cli.define_config("paper_testbed")
 OUT, OVERWRITE = _cli.define_output("results/paper")
 #: What a run writes into --out (its README.md is generated, so it is the run's file too).
 OUTPUTS = ("*.csv", "*.png", "summary.json", "README.md")
-ALL_PARTS = ("table", "shift", "scaling", "calibrated", "sweep")
+#: Each part, in run order: the line printed before it runs, and its runner.
+PART_RUNNERS = {
+    "table": (lambda cfg: f"table: {len(cfg.models)} models x {len(cfg.table_workloads)} "
+                          f"workloads", run_table),
+    "shift": (lambda cfg: "shift:", run_shift),
+    "scaling": (lambda cfg: "scaling:", run_scaling),
+    "calibrated": (lambda cfg: "calibrated (time scale fitted to the paper's EPLB latency):",
+                   run_calibrated),
+    "sweep": (lambda cfg: "sweep (one workload knob at a time, calibrated testbed):", run_sweep),
+}
+ALL_PARTS = tuple(PART_RUNNERS)
 PARTS = flags.DEFINE_list("parts", list(ALL_PARTS),
-                          "Which parts to run: table, shift, scaling, calibrated, sweep.")
+                          f"Which parts to run: {', '.join(ALL_PARTS)}.")
 REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files an earlier run "
                           "wrote into --out (the README and plots then cover every part).")
 
@@ -53,33 +63,22 @@ REUSE = flags.DEFINE_bool("reuse", False, "Keep the parts not run from the files
 def run(cfg, out: Path, parts, command: str, reuse: bool = False) -> str:
   """Run the parts, write the outputs; returns the comparison text printed at the end."""
   t0 = time.perf_counter()
-  rows, lat, light, shift, scaling, calibrated, sweep = [], {}, {}, None, None, None, None
+  got = {}
   commands = {p: command for p in parts}
   if reuse:
     old = load_parts(out)
-    rows, lat, light = old.get("table", (rows, lat, light))
-    shift, scaling, calibrated = old.get("shift"), old.get("scaling"), old.get("calibrated")
-    sweep = old.get("sweep")
+    got = {p: old[p] for p in ALL_PARTS if old.get(p) is not None}
     prior = old.get("commands", {})
     if "all" in prior:
       prior = {p: prior["all"] for p in ("table", "shift", "scaling")}
     commands = {p: prior[p] for p in ALL_PARTS
-                if p in prior and p not in parts and old.get(p) is not None} | commands
-  if "table" in parts:
-    print(f"table: {len(cfg.models)} models x {len(cfg.table_workloads)} workloads", flush=True)
-    rows, lat, light = run_table(cfg, log=lambda s: print(s, flush=True))
-  if "shift" in parts:
-    print("shift:", flush=True)
-    shift = run_shift(cfg, log=lambda s: print(s, flush=True))
-  if "scaling" in parts:
-    print("scaling:", flush=True)
-    scaling = run_scaling(cfg, log=lambda s: print(s, flush=True))
-  if "calibrated" in parts:
-    print("calibrated (time scale fitted to the paper's EPLB latency):", flush=True)
-    calibrated = run_calibrated(cfg, log=lambda s: print(s, flush=True))
-  if "sweep" in parts:
-    print("sweep (one workload knob at a time, calibrated testbed):", flush=True)
-    sweep = run_sweep(cfg, log=lambda s: print(s, flush=True))
+                if p in prior and p not in parts and p in got} | commands
+  for p, (title, runner) in PART_RUNNERS.items():
+    if p in parts:
+      print(title(cfg), flush=True)
+      got[p] = runner(cfg, log=lambda s: print(s, flush=True))
+  rows, lat, light = got.get("table", ([], {}, {}))
+  shift, scaling, calibrated, sweep = (got.get(p) for p in ALL_PARTS[1:])
   paths = write_outputs(cfg, out, rows, lat, shift, scaling, commands,
                         time.perf_counter() - t0, light, calibrated, sweep)
   comps = rep.compare(rows)

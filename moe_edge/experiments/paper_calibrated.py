@@ -32,10 +32,10 @@ import numpy as np
 from moe_edge.cost.model import CostModel
 from moe_edge.experiments import paper_report as rep
 from moe_edge.experiments.paper_config import PaperConfig
-from moe_edge.experiments.paper_table import PROFILE_SEED_OFFSET, Planned, plan_setting, serve
+from moe_edge.experiments.paper_table import (PROFILE_SEED_OFFSET, Planned, mean_and_busy,
+                                              plan_setting)
 from moe_edge.experiments.paper_workload import workload_requests
 from moe_edge.placement import registry
-from moe_edge.serving.simulator import QueueDivergesError
 from moe_edge.workload.requests import Requests
 
 CALIBRATED_COLUMNS = ("model", "workload", "method", "time_scale", "paper_eplb_s",
@@ -51,11 +51,8 @@ def mean_latency(cfg: PaperConfig, planned: Planned, placement, requests: Reques
                  factor: float) -> tuple[float, float]:
   """``(mean request latency s, busy fraction)`` of ``placement`` on ``requests`` with times
   scaled by ``factor``; ``(inf, 1.0)`` when the queue diverges."""
-  try:
-    res = serve(cfg, planned.setting, scaled(planned.cost, factor), placement, requests, seed)
-  except QueueDivergesError:
-    return math.inf, 1.0
-  return float(res.latencies().mean()), float(res.busy_fraction)
+  return mean_and_busy(cfg, planned.setting, scaled(planned.cost, factor), placement, requests,
+                       seed)
 
 
 def fit_time_scale(latency_at: Callable[[float], float], target_s: float, lo: float = 1e-3,
@@ -84,6 +81,19 @@ def fit_time_scale(latency_at: Callable[[float], float], target_s: float, lo: fl
   return mid, f_mid
 
 
+def fit_to_paper(cfg: PaperConfig, planned: Planned, target_s: float, seed: int,
+                 baseline=None) -> tuple[float, float]:
+  """Step 1 of the module docstring: ``(s, eplb_hetero's mean latency at s)`` on the profiling
+  requests (seed ``seed + PROFILE_SEED_OFFSET``); ``baseline``: eplb_hetero's placement when
+  already made."""
+  if baseline is None:
+    baseline = registry.place(rep.BASELINE, planned.problem, context=planned.context)
+  profile = workload_requests(cfg, planned.setting.workload, planned.setting.cluster.num_servers,
+                              cfg.profile_duration_s, seed + PROFILE_SEED_OFFSET)
+  return fit_time_scale(lambda f: mean_latency(cfg, planned, baseline, profile,
+                                               seed + PROFILE_SEED_OFFSET, f)[0], target_s)
+
+
 def run_calibrated_setting(cfg: PaperConfig, model: str, workload: str, methods: Sequence[str],
                            seed: int) -> list[dict]:
   """The rows of one setting (module docstring): the fitted scale, then every method."""
@@ -91,14 +101,10 @@ def run_calibrated_setting(cfg: PaperConfig, model: str, workload: str, methods:
   if paper is None:
     return []
   planned = plan_setting(cfg, model, workload, seed)
-  n = planned.setting.cluster.num_servers
-  profile = workload_requests(cfg, planned.setting.workload, n, cfg.profile_duration_s,
-                              seed + PROFILE_SEED_OFFSET)
-  evaluation = workload_requests(cfg, planned.setting.workload, n, cfg.duration_s, seed)
+  evaluation = workload_requests(cfg, planned.setting.workload,
+                                 planned.setting.cluster.num_servers, cfg.duration_s, seed)
   place = {m: registry.place(m, planned.problem, context=planned.context) for m in methods}
-  base = place[rep.BASELINE]
-  s, fit = fit_time_scale(lambda f: mean_latency(cfg, planned, base, profile,
-                                                 seed + PROFILE_SEED_OFFSET, f)[0], paper[0])
+  s, fit = fit_to_paper(cfg, planned, paper[0], seed, place[rep.BASELINE])
   rows = []
   for m in methods:
     lat, busy = mean_latency(cfg, planned, place[m], evaluation, seed, s)

@@ -230,7 +230,7 @@ class PaperConfig:
 
   def _check_sweep(self, where: str, workloads: list[str]) -> None:
     for entry in self.sweep_settings:
-      model, _, workload = entry.partition(":")
+      model, workload = sweep_setting(entry)
       if model not in available("models") or workload not in workloads:
         raise ConfigError(f"{where}: sweep_settings entry {entry!r} must be 'model:workload' "
                           f"with a known model and one of the workloads {workloads}.")
@@ -264,6 +264,12 @@ class PaperConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def sweep_setting(entry: str) -> tuple[str, str]:
+  """``"model:workload"`` -> ``(model, workload)`` (``PaperConfig`` checks that both exist)."""
+  model, _, workload = entry.partition(":")
+  return model, workload
 
 
 def _tuple(v):

@@ -17,26 +17,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
-from moe_edge.config import ConfigError
 from moe_edge.experiments import paper_report as rep
-from moe_edge.experiments.paper_calibrated import fit_time_scale, mean_latency
-from moe_edge.experiments.paper_config import PaperConfig
-from moe_edge.experiments.paper_table import PROFILE_SEED_OFFSET, plan_setting
+from moe_edge.experiments.paper_calibrated import fit_to_paper, mean_latency
+from moe_edge.experiments.paper_config import PaperConfig, sweep_setting
+from moe_edge.experiments.paper_table import plan_setting
 from moe_edge.experiments.paper_workload import workload_requests
 from moe_edge.placement import registry
 
 SWEEP_COLUMNS = ("model", "workload", "knob", "value", "alpha", "prompt_lo", "prompt_hi",
                  "output_tokens", "time_scale", "method", "mean_latency_s", "busy_fraction",
                  "vs_eplb_hetero")
-
-
-def parse_setting(entry: str) -> tuple[str, str]:
-  """``"model:workload"`` -> ``(model, workload)`` (ConfigError naming the form otherwise)."""
-  parts = entry.split(":")
-  if len(parts) != 2 or not all(parts):
-    raise ConfigError(f"sweep_settings entry {entry!r} must be 'model:workload', e.g. "
-                      f"'deepseek_v2_lite:specialised'.")
-  return parts[0], parts[1]
 
 
 def variants(cfg: PaperConfig, workload: str) -> Iterator[tuple[str, str, PaperConfig]]:
@@ -60,20 +50,6 @@ def variants(cfg: PaperConfig, workload: str) -> Iterator[tuple[str, str, PaperC
       yield "output_tokens", f"{t}", dataclasses.replace(cfg, output_tokens=int(t))
 
 
-def _fit(cfg: PaperConfig, model: str, workload: str, seed: int) -> float:
-  """The calibrated time scale of the configured setting (1.0 where the paper has no number)."""
-  paper = rep.PAPER_LATENCY.get((model, workload))
-  if paper is None:
-    return 1.0
-  planned = plan_setting(cfg, model, workload, seed)
-  base = registry.place(rep.BASELINE, planned.problem, context=planned.context)
-  profile = workload_requests(cfg, planned.setting.workload, planned.setting.cluster.num_servers,
-                              cfg.profile_duration_s, seed + PROFILE_SEED_OFFSET)
-  s, _ = fit_time_scale(lambda f: mean_latency(cfg, planned, base, profile,
-                                               seed + PROFILE_SEED_OFFSET, f)[0], paper[0])
-  return s
-
-
 def run_sweep(cfg: PaperConfig, seed: int | None = None,
               log: Callable[[str], None] = print) -> list[dict]:
   """Rows of :data:`SWEEP_COLUMNS` for every setting, variant and method (module docstring)."""
@@ -82,11 +58,13 @@ def run_sweep(cfg: PaperConfig, seed: int | None = None,
                               profile_duration_s=cfg.sweep_duration_s)
   rows = []
   for entry in cfg.sweep_settings:
-    model, workload = parse_setting(entry)
-    scale = _fit(short, model, workload, seed)
-    log(f"  {model} {workload}: time scale {scale:.3g}")
+    model, workload = sweep_setting(entry)
+    paper = rep.PAPER_LATENCY.get((model, workload))
     for knob, value, var in variants(short, workload):
       planned = plan_setting(var, model, workload, seed)
+      if knob == "base":  # the first variant: the configured workload the scale is fitted on
+        scale = fit_to_paper(var, planned, paper[0], seed)[0] if paper else 1.0
+        log(f"  {model} {workload}: time scale {scale:.3g}")
       spec = planned.setting.workload
       req = workload_requests(var, spec, planned.setting.cluster.num_servers, var.duration_s,
                               seed)

@@ -107,15 +107,22 @@ class Planned:
   context: PlacementContext
 
 
+def mean_and_busy(cfg: PaperConfig, setting: Setting, cost: CostModel, placement: Placement,
+                  requests: Requests, seed: int, pool: int = 0) -> tuple[float, float]:
+  """``(mean request latency s, busy fraction)`` of ``placement`` serving ``requests``
+  (:func:`serve`); ``(inf, 1.0)`` when its queue diverges."""
+  try:
+    res = serve(cfg, setting, cost, placement, requests, seed, pool=pool)
+  except QueueDivergesError:
+    return math.inf, 1.0
+  return float(res.latencies().mean()), float(res.busy_fraction)
+
+
 def profile_latency(cfg: PaperConfig, setting: Setting, cost: CostModel, requests: Requests,
                     seed: int, pool: int, placement: Placement) -> float:
   """Mean request latency (s) of ``placement`` serving the profiling ``requests`` (``inf`` when
   its queue diverges): the judge of :class:`PlacementContext` (``placement/judged.py``)."""
-  try:
-    return float(serve(cfg, setting, cost, placement, requests, seed, pool=pool)
-                 .latencies().mean())
-  except QueueDivergesError:
-    return math.inf
+  return mean_and_busy(cfg, setting, cost, placement, requests, seed, pool)[0]
 
 
 def plan_setting(cfg: PaperConfig, model: str, workload: str, seed: int, num_gpus: int = 4,
