@@ -66,6 +66,9 @@ class ExperimentConfig:
       kernel efficiency applied to the edge GPUs' datasheet numbers) or ``"h200_grouped"``
       (the H200-measured grouped expert FFN's, see ``moe_edge/cost/ffn_calibration.py``).
     ilp_time_limit: seconds HiGHS may search per ILP instance.
+    bound_lp_max_cells: the lower bound also solves the facility-location LP
+      (``placement/lp_bound.py``) on settings of at most this many routing variables ``N (N -
+      1) L E`` (0: never; about a minute per 5 x 10^4 on two cores).
     request_duration_s, request_rate, request_output_tokens: the request-level columns
       (``request_rows.py``): every placement also serves ``request_duration_s`` seconds of
       Poisson arrivals at ``request_rate`` per server (prompts of ``request_len``, outputs of
@@ -127,6 +130,7 @@ class ExperimentConfig:
   prefill_requests: int = 1
   calibration: str = "h200_grouped"
   ilp_time_limit: float = 60.0
+  bound_lp_max_cells: int = 0
   request_duration_s: float = 0.0
   request_rate: float = 0.1
   request_output_tokens: int = 64
@@ -194,6 +198,9 @@ class ExperimentConfig:
       if not getattr(self, key) > 0:
         raise ConfigError(f"experiment {self.name!r}: {key} must be positive, got "
                           f"{getattr(self, key)!r}.")
+    if not (isinstance(self.bound_lp_max_cells, int) and self.bound_lp_max_cells >= 0):
+      raise ConfigError(f"experiment {self.name!r}: bound_lp_max_cells must be an integer >= 0 "
+                        f"(0 turns the LP bound off), got {self.bound_lp_max_cells!r}.")
     for t in (self.substitution_threshold, self.budget_remote_choices) + tuple(
         self.extension_thresholds):
       if not (t >= 0 and math.isfinite(t)):

@@ -42,7 +42,8 @@ def _ms(seconds: float) -> float:
 
 
 def setting_gaps(problem: PlacementProblem, results, hw, workload,
-                 bound: bool = True, timings: dict | None = None) -> dict[str, dict]:
+                 bound: bool = True, timings: dict | None = None,
+                 lp_max_cells: int = 0) -> dict[str, dict]:
   """``{method: {column of GAP_COLUMNS: value}}`` of one setting's placed methods.
 
   Args:
@@ -52,6 +53,7 @@ def setting_gaps(problem: PlacementProblem, results, hw, workload,
     workload: the ``WorkloadSummary`` every method planned for.
     bound: also compute the lower bound and the gaps to it.
     timings: when given, ``timings["lower_bound"]`` receives the bound's seconds.
+    lp_max_cells: the bound's facility-location LP size limit (``latency_lower_bound``).
   """
   batches = np.stack(workload_batches(workload))
   out, steps = {}, {}
@@ -74,7 +76,8 @@ def setting_gaps(problem: PlacementProblem, results, hw, workload,
     best = min(steps, key=lambda m: out[m]["planned_request_ms"])
     if bound:
       t0 = time.perf_counter()
-      lower = latency_lower_bound(problem, hw, workload, tuple(float(v) for v in steps[best]))
+      lower = latency_lower_bound(problem, hw, workload, tuple(float(v) for v in steps[best]),
+                                  lp_max_cells=lp_max_cells)
       if timings is not None:
         timings["lower_bound"] = time.perf_counter() - t0
   except PlacementError:  # the cluster cannot hold every expert once: no bound
@@ -158,10 +161,12 @@ def goal_summary(rows: Sequence[dict], ours: str, baselines: Sequence[str], targ
   does not rule out for a reduction of ``target``.
 
   Returns ``{"all": (reduction, settings), "reachable": (reduction, settings),
-  "unreachable": [setting labels]}``.
+  "unreachable": [setting labels], "bound": the largest geometric-mean reduction the lower
+  bound allows over every setting (None unless every setting has a bound)}``: when ``bound``
+  is below ``target`` no placement meets the mean goal under the cost model.
   """
   by = _by_setting(rows)
-  ratios, reach, out_of = [], [], []
+  ratios, reach, out_of, allow = [], [], [], []
   for model, cluster in dict.fromkeys((r["model"], r["cluster"]) for r in rows):
     got = _goal_setting(by, model, cluster, ours, [against] if against else baselines, key,
                         planned_key, bound_key)
@@ -169,6 +174,7 @@ def goal_summary(rows: Sequence[dict], ours: str, baselines: Sequence[str], targ
       continue
     ratio, allowed = got
     ratios.append(ratio)
+    allow.append(allowed)
     if allowed is not None and allowed < target:
       out_of.append(f"{model}/{cluster}")
     else:
@@ -176,7 +182,9 @@ def goal_summary(rows: Sequence[dict], ours: str, baselines: Sequence[str], targ
 
   def red(x):
     return (float(1.0 - np.exp(np.log(x).mean())) if x else float("nan"), len(x))
-  return {"all": red(ratios), "reachable": red(reach), "unreachable": out_of}
+  bound = (red([1.0 - a for a in allow])[0] if allow and all(a is not None and a < 1.0
+                                                             for a in allow) else None)
+  return {"all": red(ratios), "reachable": red(reach), "unreachable": out_of, "bound": bound}
 
 
 GOALS = (("decode", "decode_ms", "planned_decode_ms", "bound_decode_ms"),
@@ -250,6 +258,10 @@ def format_goals(rows: Sequence[dict], ours: str, baselines: Sequence[str]) -> s
         un = (f"; without the {len(g['unreachable'])} setting(s) whose lower bound rules out "
               f"{100 * target:.0f}% ({', '.join(g['unreachable'])}): {_lower(b)} over {m}")
       ok = "met" if a >= target else "missed"
+      if g["bound"] is not None:
+        un += (f"; the lower bound allows at most {_lower(g['bound'])} as a geometric mean over "
+               f"all {n}" + (f", so **the goal is unreachable (bound)**"
+                             if g["bound"] < target else ""))
       lines.append(f"- **{label}** (goal: {100 * target:.0f}% below {who}): {ours} is "
                    f"{_lower(a)} than {who} (geometric mean over {n} settings: {ok}){un}.")
   return "\n".join(lines)

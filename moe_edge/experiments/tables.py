@@ -140,7 +140,7 @@ def compute_rows(cfg: ExperimentConfig, small: dict | None = None,
       bound_time: dict = {}
       gaps = setting_gaps(problem, results, CostModel.build(work.model, cluster, cal).hardware,
                           workload_summary(problem, phases, cfg.decode_batch, **_requests(cfg)),
-                          timings=bound_time)
+                          timings=bound_time, lp_max_cells=cfg.bound_lp_max_cells)
       if "lower_bound" in bound_time:
         timings[f"{model_name}/{cluster_name}/lower_bound"] = bound_time["lower_bound"]
       opt = next((r for r in results if r.method == "ilp" and r.placement is not None), None)

@@ -57,6 +57,7 @@ from scipy.optimize import linprog
 
 from moe_edge.cost.request_latency import request_latency
 from moe_edge.core.errors import PlacementError
+from moe_edge.placement.lp_bound import lp_phase_bound
 
 # mixes lambda of the two combine bounds (module docstring)
 LAMBDAS = np.array([1.0, 0.5, 0.0])
@@ -73,12 +74,14 @@ class PhaseBound:
     exchange: what the coupled Lagrangian bound adds above that floor: exchange plus the
       compute that keeping choices local forces (``step - dense - compute``).
     compute_exact: every layer's compute bound came from the LP (not the weaker fallback).
+    facility_lp: the facility-location LP (``lp_bound.py``) was solved and gave the value.
   """
   step: float
   dense: float
   compute: float
   exchange: float
   compute_exact: bool
+  facility_lp: bool = False
 
 
 def compute_bound(hw, x: np.ndarray, lp_max_size: int = 1 << 15) -> tuple[np.ndarray, bool]:
@@ -317,19 +320,31 @@ def _maximise(dual, n: int, top: float, steps: int, upper: float | None) -> floa
   return float(best)
 
 
+def lp_cells(shape: tuple[int, int, int]) -> int:
+  """Routing variables ``N (N - 1) L E`` of the facility-location LP of a ``[N, L, E]`` problem
+  (what ``lp_max_cells`` is compared with; the LP takes seconds per 10^4 of them)."""
+  n, l, e = shape
+  return n * (n - 1) * l * e
+
+
 def phase_bound(hw, freq: np.ndarray, batch: np.ndarray, capacity: np.ndarray,
-                upper: float | None = None) -> PhaseBound:
+                upper: float | None = None, lp_max_cells: int = 0) -> PhaseBound:
   """:class:`PhaseBound` of one phase with ``batch [N]`` tokens per server and step;
-  ``upper``: a known step time (caps the multipliers' model; any value keeps the bound valid)."""
+  ``upper``: a known step time (caps the multipliers' model; any value keeps the bound valid);
+  ``lp_max_cells``: also solve the facility-location LP (``lp_bound.py``) when the problem has
+  at most this many routing variables (:func:`lp_cells`) and keep the larger bound."""
   x = np.asarray(batch, dtype=np.float64)[:, None, None] * freq
   dense = float(hw.dense_time(np.asarray(batch, dtype=np.float64)))
   comp, exact = compute_bound(hw, x)
   up = None if upper is None else upper - dense
   both = max(coupled_bound(hw, x, capacity, comp, up), float(comp.sum()))
-  return PhaseBound(dense + both, dense, float(comp.sum()), both - float(comp.sum()), exact)
+  lp = lp_phase_bound(hw, x, capacity, comp) if lp_cells(x.shape) <= lp_max_cells else -np.inf
+  return PhaseBound(dense + max(both, lp), dense, float(comp.sum()),
+                    max(both, lp) - float(comp.sum()), exact, bool(lp > both))
 
 
-def latency_lower_bound(problem, hw, workload, upper: tuple[float, float] | None = None):
+def latency_lower_bound(problem, hw, workload, upper: tuple[float, float] | None = None,
+                        lp_max_cells: int = 0):
   """``(bound on the mean request latency, decode PhaseBound, prefill PhaseBound)``.
 
   Args:
@@ -337,11 +352,16 @@ def latency_lower_bound(problem, hw, workload, upper: tuple[float, float] | None
     workload: the ``WorkloadSummary`` of the objective.
     upper: best known ``(T_d, T_p)`` (caps the multipliers' cutting-plane model; any value keeps
       the bound valid).
+    lp_max_cells: solve the facility-location LP too on problems of at most this many routing
+      variables (:func:`lp_cells`; 0: never), keeping the larger bound per phase.
   """
   if problem.capacity.sum() < problem.shape[1] * problem.shape[2]:
     raise PlacementError("lower bound: the cluster cannot hold every expert once.")
+  if lp_max_cells < 0:
+    raise PlacementError(f"lower bound: lp_max_cells must be >= 0 (0 turns the LP off), got "
+                         f"{lp_max_cells!r}.")
   dec = phase_bound(hw, problem.freq, workload.decode_batch, problem.capacity,
-                    None if upper is None else upper[0])
+                    None if upper is None else upper[0], lp_max_cells)
   pre = phase_bound(hw, problem.freq, workload.prefill_tokens, problem.capacity,
-                    None if upper is None else upper[1])
+                    None if upper is None else upper[1], lp_max_cells)
   return request_latency(dec.step, pre.step, workload).mean, dec, pre

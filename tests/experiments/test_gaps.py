@@ -41,3 +41,18 @@ def test_goal_means_with_and_without_ruled_out_settings():
   assert "rules out no setting" in best
   only_b = [r for r in ROWS if r["model"] == "b"]
   assert "in every setting" in format_goals(only_b, "ours", ("b1",))
+
+
+def test_the_mean_goal_is_unreachable_when_the_bound_allows_less_on_average():
+  """b alone allows 25% (reachable), c only 10%: the geometric mean allows 1 - sqrt(0.75 x 0.9)
+  = 17.8% < 20%, so no placement meets the mean goal although b is not ruled out by itself."""
+  rows = [r for r in ROWS if r["model"] == "b"] + [
+      _row("c", "ours", 95.0, 95.0, 90.0), _row("c", "b1", 100.0, 100.0, 90.0),
+      _row("c", "prism", 100.0, 100.0, 90.0), _row("c", "best_known", 94.0, 94.0, 90.0)]
+  best = next(line for line in format_goals(rows, "ours", ("b1",)).splitlines()
+              if "decode" in line and "best baseline" in line)
+  assert "allows at most 17.8% lower as a geometric mean over all 2" in best
+  assert "**the goal is unreachable (bound)**" in best
+  ok = next(line for line in format_goals(ROWS, "ours", ("b1",)).splitlines()
+            if "decode" in line and "best baseline" in line)
+  assert "as a geometric mean" in ok and "unreachable (bound)**" not in ok

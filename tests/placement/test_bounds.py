@@ -10,13 +10,16 @@ import pytest
 
 from _old_bound import old_latency_bound, old_phase_step
 from _placement_cases import make_problem, small_cluster, small_model, zipf_freq
-from moe_edge.config import cluster_config, model_config, with_expert_memory
+from moe_edge.config import cluster_config, model_config, with_expert_memory, with_grouped_kernel
+from moe_edge.core.errors import PlacementError
 from moe_edge.core.problem import PlacementProblem
 from moe_edge.cost import CostModel
 from moe_edge.cost.request_latency import request_latency, workload_batches
 from moe_edge.experiments import calibration as calib
 from moe_edge.placement import registry
-from moe_edge.placement.bounds import coupled_bound, compute_bound, latency_lower_bound
+from moe_edge.placement.bounds import (compute_bound, coupled_bound, latency_lower_bound,
+                                       lp_cells, phase_bound)
+from moe_edge.placement.lp_bound import _greedy_weights, lp_phase_bound
 from moe_edge.placement.layer_state import LayerState, nearest_route
 from moe_edge.placement.registry import PlacementContext, WorkloadSummary
 from moe_edge.placement.search import placement_score
@@ -131,3 +134,102 @@ def test_coupled_bound_without_exchange_is_the_compute_bound():
   comp, _ = compute_bound(one, x)
   v = coupled_bound(one, x, np.array([12]), comp)
   assert np.isclose(v, comp.sum(), rtol=1e-9)
+
+
+# ---- the facility-location LP (placement/lp_bound.py) ---------------------------------------
+def test_greedy_weights_under_estimate_every_subset_and_are_tight_on_prefixes():
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    xs = rng.exponential(1.0, 6) * (rng.random(6) > 0.2)
+    w = _greedy_weights(xs)
+    for bits in itertools.product((False, True), repeat=6):
+      a = np.array(bits)
+      assert w[a].sum() <= -np.expm1(-xs[a].sum()) + 1e-12
+    assert np.allclose(np.cumsum(w), -np.expm1(-np.cumsum(xs)))
+
+
+def _slow_links(cluster, factor: float = 100.0):
+  """``cluster`` with every link ``factor`` times slower in bandwidth (bytes dominate)."""
+  return dataclasses.replace(cluster, bandwidth=tuple(tuple(v / factor for v in row)
+                                                      for row in cluster.bandwidth))
+
+
+def _variant(seed: int, variant: str):
+  """The tiny instance of ``seed``; ``dense_ffn``: on servers without a grouped kernel (dense
+  over slots); ``slow_links``: bandwidth 100x lower, so bytes dominate the exchange."""
+  problem, wl = _tiny(seed)
+  if variant == "grouped":
+    return problem, wl
+  cluster = (with_grouped_kernel(problem.cluster, False) if variant == "dense_ffn"
+             else _slow_links(problem.cluster))
+  return PlacementProblem.build(problem.model, cluster, problem.freq, tokens=problem.tokens,
+                                capacity=problem.capacity), wl
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("variant", ["grouped", "dense_ffn", "slow_links"])
+def test_lp_below_the_exhaustive_optimum(seed, variant):
+  problem, wl = _variant(seed, variant)
+  hw = problem.hardware
+  assert bool(hw.grouped.all()) is (variant != "dense_ffn")
+  steps, req = _exhaustive(problem, wl)
+  for p, b in enumerate(workload_batches(wl)):
+    x = b[:, None, None] * problem.freq
+    v = lp_phase_bound(hw, x, problem.capacity, compute_bound(hw, x)[0])
+    assert np.isfinite(v) and v > 0
+    assert hw.dense_time(b) + v <= steps[p] * (1 + 1e-9), (p, v, steps)
+  bound, dec, pre = latency_lower_bound(problem, hw, wl, lp_max_cells=10 ** 6)
+  assert bound <= req * (1 + 1e-9)
+  assert bound >= latency_lower_bound(problem, hw, wl)[0] * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("variant", ["grouped", "slow_links"])
+def test_lp_is_close_to_the_exhaustive_optimum_somewhere(variant):
+  """Validity above is only a check if the LP comes near the optimum on some instances."""
+  ratios = []
+  for seed in range(8):
+    problem, wl = _variant(seed, variant)
+    hw = problem.hardware
+    steps, _ = _exhaustive(problem, wl)
+    b = workload_batches(wl)[0]
+    x = b[:, None, None] * problem.freq
+    v = lp_phase_bound(hw, x, problem.capacity, compute_bound(hw, x)[0])
+    ratios.append((hw.dense_time(b) + v) / steps[0])
+  assert max(ratios) > 0.97, ratios
+
+
+def test_lp_is_tighter_than_the_coupled_bound_across_racks():
+  """Two racks, half the bandwidth across, bytes dominating the exchange (as on edge_hetero_8),
+  no rack holding a whole layer: the LP sees the forced cross-rack traffic and where each
+  remote choice goes, which the coupled bound prices at the cheapest link."""
+  p0 = make_problem(n=6, l=2, e=16, seed=0, copies=1.2, racks=True)
+  problem = PlacementProblem.build(p0.model, _slow_links(p0.cluster), p0.freq, p0.tokens,
+                                   capacity=p0.capacity)
+  hw = problem.hardware
+  b = np.full(6, 8.0)
+  x = b[:, None, None] * problem.freq
+  comp, _ = compute_bound(hw, x)
+  lp = lp_phase_bound(hw, x, problem.capacity, comp)
+  coupled = coupled_bound(hw, x, problem.capacity, comp)
+  assert lp > 1.3 * coupled, (lp, coupled)
+  dec = phase_bound(hw, problem.freq, b, problem.capacity, lp_max_cells=lp_cells(x.shape))
+  assert dec.facility_lp and np.isclose(dec.step, hw.dense_time(b) + lp)
+  off = phase_bound(hw, problem.freq, b, problem.capacity, lp_max_cells=lp_cells(x.shape) - 1)
+  assert not off.facility_lp and off.step < dec.step
+
+
+def test_lp_below_every_method_on_a_table_like_instance(table_like):
+  problem, ctx = table_like
+  hw, wl = ctx.cost.hardware, ctx.workload
+  batches = np.stack(workload_batches(wl))
+  _, dec, pre = latency_lower_bound(problem, hw, wl, lp_max_cells=10 ** 6)
+  for m in ("latency_search", "prism", "eplb", "dancemoe"):
+    p = registry.place(m, problem, None, ctx)
+    t = LayerState.build(hw, problem.freq, batches, p.hosts, p.route).step_times()
+    assert dec.step <= t[0] and pre.step <= t[1], (m, dec.step, pre.step, t)
+
+
+def test_negative_lp_size_limit_is_refused(table_like):
+  problem, ctx = table_like
+  with pytest.raises(PlacementError, match="lp_max_cells must be >= 0"):
+    latency_lower_bound(problem, ctx.cost.hardware, ctx.workload, lp_max_cells=-1)
