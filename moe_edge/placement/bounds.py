@@ -57,7 +57,7 @@ from scipy.optimize import linprog
 
 from moe_edge.cost.request_latency import request_latency
 from moe_edge.core.errors import PlacementError
-from moe_edge.placement.lp_bound import lp_phase_bound
+from moe_edge.placement.lp_bound import lp_cells, lp_phase_bound
 
 # mixes lambda of the two combine bounds (module docstring)
 LAMBDAS = np.array([1.0, 0.5, 0.0])
@@ -318,13 +318,6 @@ def _maximise(dual, n: int, top: float, steps: int, upper: float | None) -> floa
       break                                   # the cutting-plane model proves no gain
     mu = res.x[1:]
   return float(best)
-
-
-def lp_cells(shape: tuple[int, int, int]) -> int:
-  """Routing variables ``N (N - 1) L E`` of the facility-location LP of a ``[N, L, E]`` problem
-  (what ``lp_max_cells`` is compared with; the LP takes seconds per 10^4 of them)."""
-  n, l, e = shape
-  return n * (n - 1) * l * e
 
 
 def phase_bound(hw, freq: np.ndarray, batch: np.ndarray, capacity: np.ndarray,

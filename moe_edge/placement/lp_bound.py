@@ -55,13 +55,65 @@ registered method on a table-like instance, and the coupled bound across racks.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from scipy import sparse
 from scipy.optimize import linprog
 
+from moe_edge.core.errors import PlacementError
+
 # Relative margin under the LP's reported optimum (HiGHS' optimality tolerance is 1e-7).
 _MARGIN = 1e-6
 _METHOD = "highs-ipm"
+# solved LPs by the digest of their inputs (the tables' best_known and lower bound share one)
+_SOLVED: dict[str, tuple[float, np.ndarray | None, dict | None]] = {}
+_SOLVED_MAX = 8
+
+
+def lp_cells(shape: tuple[int, int, int]) -> int:
+  """Routing variables ``N (N - 1) L E`` of the LP of a ``[N, L, E]`` problem (what the size
+  limits ``lp_max_cells`` are compared with; the LP takes about 2 s per 10^3 on two cores)."""
+  n, l, e = shape
+  return n * (n - 1) * l * e
+
+
+def rounded_hosts(h: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+  """``[N, L, E]`` bool hosts from the LP's fractional ``h [N, L, E]``: each expert, the most
+  decided (largest ``max_m h``) first, on its largest-``h`` server with room; then every further
+  ``h >= 1/2`` in descending order where the server has room. Feasible whenever ``capacity
+  [N]`` holds every expert once."""
+  n, l, e = h.shape
+  flat = h.reshape(n, -1)                                                # [N, K]
+  room = np.asarray(capacity, dtype=np.int64).copy()
+  hosts = np.zeros(flat.shape, dtype=bool)
+  for k in np.argsort(-flat.max(axis=0), kind="stable"):
+    pref = np.argsort(-flat[:, k], kind="stable")
+    m = pref[np.argmax(room[pref] > 0)]
+    if room[m] <= 0:
+      raise PlacementError(f"LP start: capacities {np.asarray(capacity).tolist()} cannot hold "
+                           f"the {l * e} experts once; give the servers more expert memory.")
+    hosts[m, k] = True
+    room[m] -= 1
+  for idx in np.argsort(-flat.ravel(), kind="stable"):
+    m, k = divmod(int(idx), flat.shape[1])
+    if flat[m, k] < 0.5:
+      break
+    if not hosts[m, k] and room[m] > 0:
+      hosts[m, k] = True
+      room[m] -= 1
+  return hosts.reshape(n, l, e)
+
+
+def _digest(hw, x: np.ndarray, capacity, comp, top_experts: int) -> str:
+  d = hashlib.sha256()
+  for a in (x, np.asarray(capacity, np.float64), hw.expert_read, hw.expert_flop, hw.inv_bw,
+            hw.lat, np.zeros(0) if comp is None else np.asarray(comp, np.float64),
+            np.zeros(0) if hw.grouped is None else np.asarray(hw.grouped, np.float64)):
+    d.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    d.update(b"|")
+  d.update(f"{hw.act}|{top_experts}".encode())
+  return d.hexdigest()
 
 
 class _Rows:
@@ -181,9 +233,22 @@ def lp_phase_bound(hw, x: np.ndarray, capacity: np.ndarray, comp: np.ndarray | N
       unsolved).
   Returns:
     the bound in seconds; ``-inf`` when HiGHS does not solve the LP (never an invalid value);
-    ``(bound, h)`` with ``solution``.
+    ``(bound, solution)`` with ``solution``: ``{"h": [N, L, E], "compute" / "dispatch" /
+    "combine": [L] seconds}`` (None when unsolved). The last few solved LPs are remembered by
+    their inputs, so asking again costs nothing.
   """
   x = np.asarray(x, dtype=np.float64)
+  key = _digest(hw, x, capacity, comp, top_experts)
+  if key not in _SOLVED:
+    if len(_SOLVED) >= _SOLVED_MAX:
+      _SOLVED.pop(next(iter(_SOLVED)))
+    _SOLVED[key] = _solve(hw, x, capacity, comp, top_experts, time_limit)
+  value, sol = _SOLVED[key]
+  return (value, sol) if solution else value
+
+
+def _solve(hw, x: np.ndarray, capacity, comp, top_experts: int, time_limit: float):
+  """``(bound, solution or None)`` of :func:`lp_phase_bound`."""
   n, l, e = x.shape
   k = l * e
   xf = x.reshape(n, k)                                                  # [N, K]
@@ -319,9 +384,7 @@ def lp_phase_bound(hw, x: np.ndarray, capacity: np.ndarray, comp: np.ndarray | N
                 b_eq=np.ones(eq.n), bounds=np.stack([lo, hi], axis=1), method=_METHOD,
                 options=dict(time_limit=float(time_limit)))
   if res.status != 0:
-    return (-np.inf, None) if solution else -np.inf
-  value = float(res.fun) * unit * (1.0 - _MARGIN)
-  if not solution:
-    return value
-  return value, dict(h=res.x[:n * k].reshape(n, l, e), compute=unit * res.x[p_id],
-                     dispatch=unit * res.x[d_id], combine=unit * res.x[c_id])
+    return -np.inf, None
+  return float(res.fun) * unit * (1.0 - _MARGIN), dict(
+      h=res.x[:n * k].reshape(n, l, e), compute=unit * res.x[p_id],
+      dispatch=unit * res.x[d_id], combine=unit * res.x[c_id])
