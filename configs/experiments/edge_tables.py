@@ -7,8 +7,10 @@ expert memory, Mixtral at 4-bit; the ILP where it solves; the cost-model cross-c
 CPU devices; the routing extensions as extra rows (substitution and budgeted selection with their
 loss change on small_moe, the weight-free drop on the others); the request-level columns
 (the statistics-driven models' placements serving 120 s of Poisson arrivals, 0.05 per server
-and second, on the request-level simulator). About 3-4 minutes on two CPU cores once the
-small-model traces are cached.
+and second, on the request-level simulator); the lower bound with the facility-location LP on
+every setting (at most 100,000 routing variables; DeepSeek-V2-Lite on 8 servers has 93,184),
+whose rounded hosting also starts best_known. About 25 minutes on two CPU cores once the
+small-model traces are cached (the LPs take most of it).
 """
 from ml_collections import config_dict
 
@@ -25,7 +27,8 @@ def get_config() -> config_dict.ConfigDict:
       link_gbps=1.0, copies=1.5, bytes_per_param=(("mixtral_8x7b", 0.5),), alpha=0.8,
       tokens_per_server=8192, request_len=128, small_requests_per_server=32, small_seq_len=128,
       trace_cache="results/tables/traces", decode_batch=8, prefill_requests=1,
-      calibration="h200_grouped", ilp_time_limit=60.0, crosscheck=True,
+      calibration="h200_grouped", ilp_time_limit=60.0, bound_lp_max_cells=100_000,
+      crosscheck=True,
       crosscheck_methods=("uniform_ep", "greedy_local", "dancemoe"), crosscheck_steps=4,
       crosscheck_repeats=3, extension_rows=True, substitution_threshold=0.2,
       budget_remote_choices=1.0, extension_calib_requests=8,

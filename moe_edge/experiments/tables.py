@@ -361,7 +361,13 @@ def format_markdown(cfg: ExperimentConfig, rows: Sequence[dict], command: str = 
   for ours in ours_present(rows):
     out += [format_headline(headline(rows, ours=ours)), ""]
     if ours == "latency_search" and any("planned_request_ms" in r for r in ok):
-      out += ["Issue 18's goals for the latency search (moe_edge/experiments/gaps.py):", "",
+      lp = (f"the larger of the coupled bound and the facility-location LP "
+            f"(placement/lp_bound.py) on settings of at most {cfg.bound_lp_max_cells:,} LP "
+            f"routing variables N (N - 1) L E, whose rounded hosting is also a best_known start"
+            if cfg.bound_lp_max_cells else "the coupled bound (the LP is off: "
+            "bound_lp_max_cells = 0)")
+      out += ["Issue 18's goals for the latency search (moe_edge/experiments/gaps.py; lower "
+              f"bound: placement/bounds.py, {lp}):", "",
               format_goals(rows, ours, base), "",
               "Per setting (latency_search's reduction on the evaluation trace; the bound's "
               "largest possible reduction and 'unreachable (bound)' on planned values):", "",

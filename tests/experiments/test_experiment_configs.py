@@ -54,3 +54,11 @@ def test_experiment_presets_are_config_dicts():
     build_experiment(cfg)
   with pytest.raises(ConfigError, match="unknown ExperimentConfig fields"):
     build_experiment(dict(_preset("demo").to_dict(), colour="red"))
+
+
+@pytest.mark.parametrize("value", [-1, 2.5])
+def test_a_bad_lp_bound_size_limit_is_refused(value):
+  cfg = _preset("edge_tables")
+  assert build_experiment(cfg).bound_lp_max_cells == 100_000
+  with pytest.raises(ConfigError, match="bound_lp_max_cells must be an integer >= 0"):
+    build_experiment(dict(cfg.to_dict(), bound_lp_max_cells=value))
