@@ -5,6 +5,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import moe_edge  # noqa: E402,F401  (first: pins OpenBLAS' kernel before numpy loads, _blas.py)
+
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
