@@ -320,13 +320,19 @@ def _maximise(dual, n: int, top: float, steps: int, upper: float | None) -> floa
   return float(best)
 
 
+def phase_choices(freq: np.ndarray, batch: np.ndarray) -> np.ndarray:
+  """``x [N, L, E]``: expected token-choices per step of one phase with ``batch [N]`` tokens per
+  server (what :func:`phase_bound` and best_known's LP start solve the LP on, so they share it)."""
+  return np.asarray(batch, dtype=np.float64)[:, None, None] * freq
+
+
 def phase_bound(hw, freq: np.ndarray, batch: np.ndarray, capacity: np.ndarray,
                 upper: float | None = None, lp_max_cells: int = 0) -> PhaseBound:
   """:class:`PhaseBound` of one phase with ``batch [N]`` tokens per server and step;
   ``upper``: a known step time (caps the multipliers' model; any value keeps the bound valid);
   ``lp_max_cells``: also solve the facility-location LP (``lp_bound.py``) when the problem has
   at most this many routing variables (:func:`lp_cells`) and keep the larger bound."""
-  x = np.asarray(batch, dtype=np.float64)[:, None, None] * freq
+  x = phase_choices(freq, batch)
   dense = float(hw.dense_time(np.asarray(batch, dtype=np.float64)))
   comp, exact = compute_bound(hw, x)
   up = None if upper is None else upper - dense

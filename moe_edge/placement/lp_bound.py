@@ -62,12 +62,13 @@ from scipy import sparse
 from scipy.optimize import linprog
 
 from moe_edge.core.errors import PlacementError
+from moe_edge.placement.common import greedy_assign
 
 # Relative margin under the LP's reported optimum (HiGHS' optimality tolerance is 1e-7).
 _MARGIN = 1e-6
 _METHOD = "highs-ipm"
 # solved LPs by the digest of their inputs (the tables' best_known and lower bound share one)
-_SOLVED: dict[str, tuple[float, np.ndarray | None, dict | None]] = {}
+_SOLVED: dict[str, tuple[float, dict | None]] = {}
 _SOLVED_MAX = 8
 
 
@@ -85,16 +86,14 @@ def rounded_hosts(h: np.ndarray, capacity: np.ndarray) -> np.ndarray:
   [N]`` holds every expert once."""
   n, l, e = h.shape
   flat = h.reshape(n, -1)                                                # [N, K]
+  if np.sum(capacity) < flat.shape[1]:
+    raise PlacementError(f"LP start: capacities {np.asarray(capacity).tolist()} cannot hold "
+                         f"the {l * e} experts once; give the servers more expert memory.")
   room = np.asarray(capacity, dtype=np.int64).copy()
+  owner = greedy_assign(-flat.T, np.argsort(-flat.max(axis=0), kind="stable"), room)
   hosts = np.zeros(flat.shape, dtype=bool)
-  for k in np.argsort(-flat.max(axis=0), kind="stable"):
-    pref = np.argsort(-flat[:, k], kind="stable")
-    m = pref[np.argmax(room[pref] > 0)]
-    if room[m] <= 0:
-      raise PlacementError(f"LP start: capacities {np.asarray(capacity).tolist()} cannot hold "
-                           f"the {l * e} experts once; give the servers more expert memory.")
-    hosts[m, k] = True
-    room[m] -= 1
+  hosts[owner, np.arange(flat.shape[1])] = True
+  room -= hosts.sum(axis=1)
   for idx in np.argsort(-flat.ravel(), kind="stable"):
     m, k = divmod(int(idx), flat.shape[1])
     if flat[m, k] < 0.5:
@@ -342,24 +341,22 @@ def _solve(hw, x: np.ndarray, capacity, comp, top_experts: int, time_limit: floa
   s_tot = x.sum(axis=2)                                                  # [N, L]
   with np.errstate(divide="ignore", invalid="ignore"):
     slope = np.where(s_tot > 0, -np.expm1(-s_tot) / s_tot, 0.0)          # used >= slope C
-  order = np.argsort(-x, axis=2, kind="stable")[:, :, :top_experts]       # [N, L, q]
+  order_all = np.argsort(-x, axis=2, kind="stable")                      # [N, L, E]
   top = np.zeros((n, k), bool)
-  top[np.arange(n)[:, None, None], np.arange(l)[None, :, None] * e + order] = True
+  top[np.arange(n)[:, None, None],
+      np.arange(l)[None, :, None] * e + order_all[:, :, :top_experts]] = True
   top &= xf > 0
   ztop = top[src, zk]
   # greedy weights of each source's choices in a layer, largest first (``_greedy_weights``)
-  order_all = np.argsort(-x, axis=2, kind="stable")
   wlink = np.zeros_like(x)
   np.put_along_axis(wlink, order_all, _greedy_weights(np.take_along_axis(x, order_all, axis=2)),
                     axis=2)
   wlink = wlink.reshape(n, k)
   # dispatch by sender n (link lat[n, m]), combine by receiver m (results back, lat[m, n])
-  for side, (own, other, tot_id, lat_id) in enumerate(((src, dst, d_id, ld_id),
-                                                       (dst, src, c_id, lc_id))):
+  for own, other, tot_id, lat_id in ((src, dst, d_id, ld_id), (dst, src, c_id, lc_id)):
     # bytes plus the latency term of each sender (dispatch) / receiver (combine)
     r = ub.new(n * l).reshape(n, l)
-    wire = per_byte[src, dst] if side == 0 else per_byte[dst, src]
-    ub.add(r[own, zl], z_id, wire * zx)
+    ub.add(r[own, zl], z_id, per_byte[own, other] * zx)
     ub.add(r, lat_id, 1.0)
     ub.add(r, tot_id[None, :], -1.0)
     b_ub.append(np.zeros(n * l))

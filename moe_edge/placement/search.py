@@ -52,7 +52,7 @@ from moe_edge.placement import registry
 from moe_edge.placement.anneal import AnnealOptions, anneal
 from moe_edge.placement.common import finish
 from moe_edge.placement.judged import judged_choice
-from moe_edge.placement.bounds import compute_bound
+from moe_edge.placement.bounds import compute_bound, phase_choices
 from moe_edge.placement.layer_state import LayerState
 from moe_edge.placement.lp_bound import lp_cells, lp_phase_bound, rounded_hosts
 from moe_edge.placement.registry import PlacementContext, WorkloadSummary, register
@@ -546,7 +546,7 @@ def lp_start(problem: PlacementProblem, context, reference: Placement) -> Placem
   st = LayerState.build(hw, problem.freq, np.stack(batches), reference.hosts, reference.route)
   step = st.step_times()
   phase = int(np.argmax(objective_weights(step, workload) * step))
-  x = np.asarray(batches[phase], dtype=np.float64)[:, None, None] * problem.freq
+  x = phase_choices(problem.freq, batches[phase])
   _, sol = lp_phase_bound(hw, x, problem.capacity, compute_bound(hw, x)[0], solution=True)
   if sol is None:
     return None
