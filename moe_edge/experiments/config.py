@@ -68,7 +68,8 @@ class ExperimentConfig:
     ilp_time_limit: seconds HiGHS may search per ILP instance.
     bound_lp_max_cells: the lower bound also solves the facility-location LP
       (``placement/lp_bound.py``) on settings of at most this many routing variables ``N (N -
-      1) L E`` (0: never; about a minute per 5 x 10^4 on two cores).
+      1) L E`` (0: never; about 2-3 s per 10^3 of them on two cores: 2.5 min for OLMoE on 8
+      servers, 57,344).
     request_duration_s, request_rate, request_output_tokens: the request-level columns
       (``request_rows.py``): every placement also serves ``request_duration_s`` seconds of
       Poisson arrivals at ``request_rate`` per server (prompts of ``request_len``, outputs of

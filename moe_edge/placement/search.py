@@ -30,8 +30,8 @@ layer on exact per-layer times and combines them through the objective.
 Deterministic for ``context.seed``; never worse than its start. ``best_known`` (role oracle) is
 the same search, longer (more candidates and rounds), continued from the fast search's result and
 run from every start method's placement and, where ``lp_start_max_cells`` allows, from the
-facility-location LP's rounded hosting (``lp_bound.py``; on OLMoE / edge_hetero_8 it reached a
-placement 1.4% better than the other runs' best), the best result kept, then **annealed**
+facility-location LP's rounded hosting (``lp_bound.py``; in the tables it made best_known 1.2-4.0%
+better on OLMoE, DeepSeek-V2-Lite and Qwen with 8 servers), the best result kept, then **annealed**
 (``anneal.py``: simulated annealing over single changes of hosts *and* routes, a different
 family of optimiser that can leave the rounds' local optima; on the tables' settings best_known
 fell 0.2-2.7% with it and the wider fast search it continues from): the reference the fast
